@@ -1,0 +1,3 @@
+from promethean.cli import main
+
+main()

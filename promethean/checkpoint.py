@@ -1,0 +1,163 @@
+"""Checkpoints are directories: `model.safetensors`, `config.json` and `tokenizer.json`.
+
+Nothing is ever unpickled, and a checkpoint is written to a temporary directory that is renamed
+into place, so a crash mid-save leaves the previous checkpoint intact. Loading checks every tensor
+against the config and names the first one that does not fit.
+(Training state files are added beside these by the trainer; this module is what every layer that
+only needs a model — inference, serving, interop — reads.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from promethean.config import ModelConfig, parse_model_config
+from promethean.errors import CheckpointError
+from promethean.files import atomic_directory
+from promethean.model import Transformer
+from promethean.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FORMAT = "promethean-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def stored_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds: tied weights once (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    return {name: t.detach().cpu().contiguous() for name, t in stored_state(model).items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    directory = Path(directory)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(
+            f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but the model's "
+            f"vocabulary is only {model.config.vocab_size}."
+        )
+    with atomic_directory(directory) as scratch:
+        save_file(model_tensors(model), str(scratch / MODEL_FILE), metadata={"format": "pt"})
+        record = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model": model.config.model_dump(mode="json"),
+            "metadata": metadata or {},
+        }
+        (scratch / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        tokenizer.save(scratch)
+    return directory
+
+
+def read_checkpoint_record(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and metadata of a checkpoint, without touching its tensors."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist.")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing.")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a Promethean checkpoint config.")
+    if record.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {record.get('version')!r}; this Promethean reads "
+            f"version {CHECKPOINT_VERSION}."
+        )
+    config = parse_model_config(record.get("model"), source=f"the model config in {path}")
+    return config, record.get("metadata") or {}
+
+
+def _read_tensors(path: Path, expected: dict[str, torch.Size], device: torch.device):
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} is missing {MODEL_FILE}.")
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as reader:
+            names = set(reader.keys())
+            for name, shape in expected.items():
+                if name not in names:
+                    raise CheckpointError(
+                        f"{path} is missing tensor '{name}' that the config requires."
+                    )
+                found = reader.get_slice(name).get_shape()
+                if tuple(found) != tuple(shape):
+                    raise CheckpointError(
+                        f"tensor '{name}' in {path} has shape {tuple(found)} but the config "
+                        f"needs {tuple(shape)}."
+                    )
+            for name in sorted(names - set(expected)):
+                raise CheckpointError(
+                    f"{path} has tensor '{name}' that the config does not describe."
+                )
+            for name in expected:
+                tensors[name] = reader.get_tensor(name)
+    except SafetensorError as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({error}).") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor '{name}' in {path} holds NaN or infinite values.")
+    return tensors
+
+
+def load_checkpoint(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Checkpoint:
+    directory = Path(directory)
+    config, metadata = read_checkpoint_record(directory)
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{directory} is missing {TOKENIZER_FILE}.")
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(
+            f"{directory} pairs a {tokenizer.kind} tokenizer of {tokenizer.vocab_size} ids with a "
+            f"model vocabulary of only {config.vocab_size}."
+        )
+    device = torch.device(device)
+    # Build on the meta device so the weights exist once in memory: the loaded tensors are
+    # assigned in place of the meta ones rather than copied into a freshly initialised model.
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: t.shape for name, t in stored_state(model).items()}
+    tensors = _read_tensors(directory / MODEL_FILE, expected, device)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    if dtype is not None:
+        model.to(dtype)
+    return Checkpoint(model=model.eval(), tokenizer=tokenizer, metadata=metadata)
+

@@ -1,0 +1,257 @@
+"""The `promethean` command. Each verb is a thin call into the modules that own the logic.
+
+Bad input raises PrometheanError somewhere below; `main()` prints its sentence and exits 1, so
+no user ever sees a traceback for a mistake of theirs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from promethean.errors import PrometheanError
+
+app = typer.Typer(
+    help="Train, adapt, remember and serve small language models on one modest machine.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+model_app = typer.Typer(help="Inspect and create models.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert to and from Hugging Face transformers layouts.",
+                          no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(convert_app, name="convert")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DeviceOption = Annotated[
+    Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best available).")
+]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")]
+
+
+def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int = 0):
+    """A checkpoint directory, or a preset name (random weights, said so on stderr)."""
+    import torch
+
+    from promethean.checkpoint import load_checkpoint
+    from promethean.config import load_preset
+    from promethean.device import resolve_device, resolve_dtype
+    from promethean.model import Transformer
+    from promethean.tokenizer import get_tokenizer
+
+    device = resolve_device(device_name)
+    dtype = resolve_dtype(dtype_name, device)
+    if Path(source).is_dir():
+        checkpoint = load_checkpoint(source, device=device, dtype=dtype)
+        return checkpoint.model, checkpoint.tokenizer
+    preset = load_preset(source)
+    err_console.print(
+        f"[yellow]note:[/] '{source}' is a preset, not a checkpoint: the weights are random."
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(preset.model)
+    return model.to(dtype).eval(), get_tokenizer(preset.tokenizer)
+
+
+@model_app.command("list")
+def model_list() -> None:
+    """List the presets."""
+    from promethean.config import list_presets
+
+    for name in list_presets():
+        console.print(name)
+
+
+@model_app.command("info")
+def model_info(source: Annotated[str, typer.Argument(help="Preset name, preset .toml or checkpoint.")]) -> None:
+    """Print a model's architecture and parameter counts."""
+    import torch
+
+    from promethean.checkpoint import read_checkpoint_record
+    from promethean.config import load_preset
+    from promethean.model import Transformer
+
+    if Path(source).is_dir():
+        config, _ = read_checkpoint_record(source)
+    else:
+        config = load_preset(source).model
+    with torch.device("meta"):  # counting needs shapes, not memory
+        model = Transformer(config)
+    table = Table(title=f"{config.name}", show_header=False)
+    sliding = sum(config.is_sliding_layer(i) for i in range(config.n_layer))
+    rows = [
+        ("layers", f"{config.n_layer} ({sliding} sliding-window, {config.n_layer - sliding} global)"),
+        ("width", str(config.n_embd)),
+        ("heads", f"{config.n_head} query / {config.kv_heads} key-value, head size {config.head_size}"),
+        ("mlp", f"{config.mlp}, {config.d_ff}"),
+        ("norm", f"{config.norm}{' (sandwich)' if config.sandwich_norm else ''}"),
+        ("positions", config.position),
+        ("context", str(config.context_length)),
+        ("vocabulary", str(config.vocab_size)),
+        ("total parameters", f"{model.num_parameters():,}"),
+        ("non-embedding parameters", f"{model.num_non_embedding_parameters():,}"),
+        ("embedding parameters", f"{model.num_embedding_parameters():,}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+
+
+@model_app.command("init")
+def model_init(
+    preset: Annotated[str, typer.Argument(help="Preset name or .toml file.")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Write a checkpoint with freshly initialised weights."""
+    import torch
+
+    from promethean.checkpoint import save_checkpoint
+    from promethean.config import load_preset
+    from promethean.model import Transformer
+    from promethean.tokenizer import get_tokenizer
+
+    chosen = load_preset(preset)
+    torch.manual_seed(seed)
+    model = Transformer(chosen.model)
+    save_checkpoint(out, model, get_tokenizer(chosen.tokenizer), {"preset": chosen.name, "seed": seed})
+    console.print(f"wrote {out} ({model.num_parameters():,} parameters)")
+
+
+@app.command()
+def generate(
+    source: Annotated[str, typer.Argument(help="Checkpoint directory or preset name.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeat for a batch).")],
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to add.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 200,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass.")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats.")] = 1.0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    stop_at_end_of_text: Annotated[bool, typer.Option(help="Stop at <|endoftext|>.")] = True,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling (and preset weights).")] = None,
+    crop: Annotated[bool, typer.Option(help="Keep only the most recent tokens of a long prompt.")] = False,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "fp32",
+) -> None:
+    """Generate text from a checkpoint (or a randomly initialised preset)."""
+    from promethean.inference.generate import SamplingParams, generate_text, stream
+
+    model, tokenizer = _load_model(source, device, dtype, seed=seed or 0)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_token_ids=(tokenizer.eot_id,) if stop_at_end_of_text else (),
+        stop_strings=tuple(stop or ()),
+        seed=seed,
+    )
+    if len(prompt) == 1:
+        sys.stdout.write(prompt[0])
+        for piece in stream(model, tokenizer, prompt[0], params, crop=crop):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for text, completion in zip(prompt, generate_text(model, tokenizer, prompt, params, crop=crop)):
+        console.rule(f"finish: {completion.finish_reason}")
+        sys.stdout.write(text + completion.text + "\n")
+
+
+@convert_app.command("from-hf")
+def convert_from_hf(
+    source: Annotated[Path, typer.Argument(help="A transformers model directory (safetensors).")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer to store with it (gpt2 or bytes).")] = "gpt2",
+) -> None:
+    """Import a GPT2LMHeadModel, LlamaForCausalLM or Gemma3ForCausalLM directory."""
+    from promethean.checkpoint import save_checkpoint
+    from promethean.interop.hf import import_hf
+    from promethean.model import Transformer
+    from promethean.tokenizer import get_tokenizer
+
+    import torch
+
+    config, state = import_hf(source)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    save_checkpoint(out, model, get_tokenizer(tokenizer), {"imported_from": str(source)})
+    console.print(f"wrote {out} ({model.num_parameters():,} parameters)")
+
+
+@convert_app.command("to-hf")
+def convert_to_hf(
+    checkpoint: Annotated[Path, typer.Argument(help="A Promethean checkpoint directory.")],
+    out: Annotated[Path, typer.Option("--out", help="transformers directory to write.")],
+) -> None:
+    """Export a checkpoint to the matching transformers layout."""
+    from promethean.checkpoint import load_checkpoint
+    from promethean.interop.hf import export_hf
+
+    export_hf(load_checkpoint(checkpoint).model, out)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Where to write the demo checkpoint.")] = Path("runs/quickstart"),
+    device: DeviceOption = None,
+) -> None:
+    """Build a tiny model, save and reload it, and generate from it (no training yet)."""
+    import torch
+
+    from promethean.checkpoint import load_checkpoint, save_checkpoint
+    from promethean.config import load_preset
+    from promethean.device import resolve_device
+    from promethean.inference.generate import SamplingParams, stream
+    from promethean.model import Transformer
+    from promethean.tokenizer import get_tokenizer
+
+    preset = load_preset("tiny-gpt2")
+    torch.manual_seed(0)
+    model = Transformer(preset.model)
+    console.print(
+        f"[bold]1.[/] built [cyan]{preset.name}[/] ({model.num_parameters():,} parameters, "
+        f"{preset.model.n_layer} layers, context {preset.model.context_length})"
+    )
+    save_checkpoint(out, model, get_tokenizer(preset.tokenizer), {"preset": preset.name})
+    console.print(f"[bold]2.[/] saved it to {out}/ (model.safetensors, config.json, tokenizer.json)")
+    checkpoint = load_checkpoint(out, device=resolve_device(device))
+    console.print(f"[bold]3.[/] loaded it back on {next(checkpoint.model.parameters()).device}")
+    console.print("[bold]4.[/] generating 64 tokens (untrained weights, so expect noise):")
+    params = SamplingParams(max_new_tokens=64, temperature=0.8, top_k=200, seed=0)
+    started = time.perf_counter()
+    pieces = list(stream(checkpoint.model, checkpoint.tokenizer, "Once upon a time", params))
+    elapsed = time.perf_counter() - started
+    console.print("Once upon a time" + "".join(pieces), markup=False, highlight=False)
+    console.print(f"[bold]5.[/] done: {64 / elapsed:.0f} tokens/s. Next: promethean generate {out} -p 'Hello'")
+
+
+def main() -> None:
+    try:
+        app()
+    except PrometheanError as error:
+        # Plain write: one unwrapped line that scripts can match whatever the terminal width.
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Model configuration and named presets.
+
+An architecture is a config, not a class: GPT-2, LLaMA and Gemma-3 are presets of the one
+`Transformer`, differing only in the values below. Presets live in `presets/*.toml`; each has a
+top-level `tokenizer` key and a `[model]` table validated strictly by `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from promethean.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ModelConfig(BaseModel):
+    """Every knob of the Transformer. Unknown keys and impossible combinations are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = "custom"
+    vocab_size: int = Field(gt=0)
+    context_length: int = Field(gt=0)
+    n_layer: int = Field(gt=0)
+    n_embd: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+    # Key/value heads for grouped-query attention; None means one per query head (plain MHA).
+    n_kv_head: int | None = Field(default=None, gt=0)
+    # Width of one head; None means n_embd // n_head. Gemma-3 sets it wider than that.
+    head_dim: int | None = Field(default=None, gt=0)
+    d_ff: int = Field(gt=0)
+    mlp: Literal["gelu", "swiglu", "geglu_tanh"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = Field(default=1e-5, gt=0)
+    # Gemma-3 also normalises the output of each sublayer before it joins the residual stream.
+    sandwich_norm: bool = False
+    bias: bool = False
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = Field(default=10_000.0, gt=0)
+    # RoPE base for sliding-window layers when it differs from the global layers' (Gemma-3).
+    rope_local_theta: float | None = Field(default=None, gt=0)
+    sliding_window: int | None = Field(default=None, gt=0)
+    # With a sliding window, the layers (0-based) that still attend globally; the rest slide.
+    global_layers: tuple[int, ...] | None = None
+    qk_norm: bool = False
+    # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (default: head_dim).
+    query_pre_attn_scalar: float | None = Field(default=None, gt=0)
+    # Multiply token embeddings by sqrt(n_embd) (Gemma).
+    embedding_scale: bool = False
+    tie_embeddings: bool = True
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    init_std: float = Field(default=0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> ModelConfig:
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_head ({self.n_head}) must divide n_embd ({self.n_embd}) evenly, "
+                "or head_dim must be set explicitly"
+            )
+        if self.n_head % self.kv_heads != 0:
+            raise ValueError(
+                f"n_kv_head ({self.kv_heads}) must divide n_head ({self.n_head}) so that each "
+                "key/value head serves a whole group of query heads"
+            )
+        if self.sliding_window is not None and self.sliding_window > self.context_length:
+            raise ValueError(
+                f"sliding_window ({self.sliding_window}) cannot be larger than "
+                f"context_length ({self.context_length})"
+            )
+        if self.global_layers is not None:
+            if self.sliding_window is None:
+                raise ValueError("global_layers only makes sense together with sliding_window")
+            bad = [i for i in self.global_layers if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(
+                    f"global_layers {bad} are outside the model's layers 0..{self.n_layer - 1}"
+                )
+            if len(set(self.global_layers)) != len(self.global_layers):
+                raise ValueError("global_layers lists a layer more than once")
+        if self.position == "learned" and self.rope_local_theta is not None:
+            raise ValueError("rope_local_theta needs position = 'rope'")
+        if self.position == "rope" and self.head_size % 2 != 0:
+            raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+        return self
+
+    # Derived values, so that no caller repeats the defaulting rules above.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.global_layers is None or layer not in self.global_layers
+
+    def layer_window(self, layer: int) -> int | None:
+        return self.sliding_window if self.is_sliding_layer(layer) else None
+
+    def layer_rope_theta(self, layer: int) -> float:
+        if self.rope_local_theta is not None and self.is_sliding_layer(layer):
+            return self.rope_local_theta
+        return self.rope_theta
+
+    def with_overrides(self, **overrides: Any) -> ModelConfig:
+        """A copy with some values changed, validated as strictly as the original."""
+        return parse_model_config({**self.model_dump(), **overrides}, source="model config")
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
+def _describe_validation_error(error: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one sentence a user can act on."""
+    problems = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            known = ", ".join(ModelConfig.model_fields)
+            problems.append(f"'{location}' is not a known setting (known settings: {known})")
+        elif item["type"] == "missing":
+            problems.append(f"'{location}' is required but missing")
+        elif item["type"] == "value_error":
+            problems.append(str(item["ctx"]["error"]))
+        else:
+            problems.append(f"'{location}' {item['msg'].lower()} (got {item['input']!r})")
+    return f"{source} is invalid: " + "; ".join(problems) + "."
+
+
+def parse_model_config(data: Any, source: str = "model config") -> ModelConfig:
+    """Validate a mapping into a ModelConfig or raise ConfigError with one sentence."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a table of settings, got {type(data).__name__}.")
+    data = dict(data)
+    # TOML and JSON have no tuples; the frozen config stores global_layers as one.
+    if isinstance(data.get("global_layers"), list):
+        data["global_layers"] = tuple(data["global_layers"])
+    try:
+        return ModelConfig(**data)
+    except ValidationError as error:
+        raise ConfigError(_describe_validation_error(error, source)) from None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: a model config and the tokenizer it was sized for."""
+
+    name: str
+    model: ModelConfig
+    tokenizer: str
+
+
+def list_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.toml"))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}.") from None
+
+
+def load_preset_file(path: str | Path) -> Preset:
+    path = Path(path)
+    data = read_toml(path)
+    unknown = set(data) - {"tokenizer", "model"}
+    if unknown:
+        raise ConfigError(
+            f"{path} has unknown top-level keys {sorted(unknown)}; expected 'tokenizer' and [model]."
+        )
+    if "model" not in data:
+        raise ConfigError(f"{path} has no [model] table.")
+    model_table = {"name": path.stem, **data["model"]}
+    model = parse_model_config(model_table, source=f"[model] in {path.name}")
+    tokenizer = data.get("tokenizer", "bytes")
+    if not isinstance(tokenizer, str):
+        raise ConfigError(f"'tokenizer' in {path} must be a string.")
+    return Preset(name=path.stem, model=model, tokenizer=tokenizer)
+
+
+def load_preset(name: str) -> Preset:
+    """Load a preset by name (see `list_presets()`), or from a path to a .toml file."""
+    if name.endswith(".toml") or "/" in name:
+        return load_preset_file(name)
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(
+            f"unknown preset '{name}'; available presets: {', '.join(list_presets())}."
+        )
+    return load_preset_file(path)

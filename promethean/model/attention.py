@@ -1,0 +1,194 @@
+"""Causal self-attention for every architecture, and the KV cache that decoding keeps.
+
+One module covers multi-head and grouped-query attention, learned or rotary positions (with a
+per-layer base), QK-norm, and sliding-window layers. Masks are built from *slots*: the column a
+token occupies in the batch. Rows of a batch may be left-padded; a row's position is its slot
+minus its padding, so the causal and window conditions, which compare differences, can be
+written on slots directly and only the padding needs a per-row term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promethean.config import ModelConfig
+from promethean.model.layers import RMSNorm, apply_rotary
+
+
+class LayerKVCache:
+    """Keys and values one attention layer has seen.
+
+    Global layers keep every slot in a buffer that grows by doubling, so a decode step writes in
+    place instead of copying the whole history. Sliding-window layers keep only the last `window`
+    slots: their memory is bounded however long the generation runs.
+    """
+
+    def __init__(self, window: int | None, capacity: int) -> None:
+        self.window = window
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.first_slot = 0  # slot of keys[:, :, 0]
+        self.filled = 0  # valid slots held (global layers use a partly filled buffer)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new slots and return every key/value the new queries may attend to."""
+        new = keys.shape[2]
+        if self.window is None:
+            needed = self.filled + new
+            if self.keys is None or needed > self.keys.shape[2]:
+                size = max(needed, self.capacity, 2 * (0 if self.keys is None else self.keys.shape[2]))
+                shape = (*keys.shape[:2], size, keys.shape[3])
+                grown_keys = keys.new_empty(shape)
+                grown_values = values.new_empty(shape)
+                if self.keys is not None:
+                    grown_keys[:, :, : self.filled] = self.keys[:, :, : self.filled]
+                    grown_values[:, :, : self.filled] = self.values[:, :, : self.filled]
+                self.keys, self.values = grown_keys, grown_values
+            self.keys[:, :, self.filled : needed] = keys
+            self.values[:, :, self.filled : needed] = values
+            self.filled = needed
+            return self.keys[:, :, :needed], self.values[:, :, :needed]
+
+        if self.keys is not None:
+            keys = torch.cat((self.keys, keys), dim=2)
+            values = torch.cat((self.values, values), dim=2)
+        visible = keys, values
+        excess = keys.shape[2] - self.window
+        if excess > 0:
+            keys, values = keys[:, :, excess:], values[:, :, excess:]
+            self.first_slot += excess
+        self.keys, self.values = keys, values
+        self.filled = keys.shape[2]
+        return visible
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys = self.keys[rows]
+            self.values = self.values[rows]
+
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() * 2
+
+
+class KVCache:
+    """The decoding state of a whole model for a batch of sequences.
+
+    `left_padding[b]` is how many leading slots of row b are padding: those slots are never
+    attended to, and row b's positions count from its first real token.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int = 256,
+        left_padding: torch.Tensor | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.length = 0  # slots consumed so far, the same for every row
+        self.left_padding = left_padding
+        self.min_left_padding = 0 if left_padding is None else int(left_padding.min())
+        self.layers = [
+            LayerKVCache(config.layer_window(layer), capacity) for layer in range(config.n_layer)
+        ]
+
+    def first_key_slot(self, window: int | None) -> int:
+        """The slot of the oldest key still held by layers with this window."""
+        if window is None:
+            return 0
+        for layer in self.layers:
+            if layer.window == window:
+                return layer.first_slot
+        return 0
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only some sequences of the batch (e.g. drop finished ones)."""
+        for layer in self.layers:
+            layer.select_rows(rows)
+        if self.left_padding is not None:
+            self.left_padding = self.left_padding[rows]
+            self.min_left_padding = int(self.left_padding.min())
+        self.batch_size = int(rows.numel())
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+def attention_mask(
+    query_slots: torch.Tensor,
+    key_slots: torch.Tensor,
+    window: int | None,
+    left_padding: torch.Tensor | None,
+) -> torch.Tensor:
+    """Boolean mask (B or 1, 1, Tq, Tk): True where a query may attend to a key."""
+    allowed = key_slots[None, :] <= query_slots[:, None]
+    if window is not None:
+        allowed = allowed & (query_slots[:, None] - key_slots[None, :] < window)
+    if left_padding is None:
+        return allowed[None, None]
+    allowed = allowed[None] & (key_slots[None, None, :] >= left_padding[:, None, None])
+    # A padding query would otherwise see no key at all and SDPA would return NaN for it; let it
+    # see itself. Its output is never used and no real token attends to it.
+    allowed = allowed | (key_slots[None, None, :] == query_slots[None, :, None])
+    return allowed[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_size = config.head_size
+        self.window = config.layer_window(layer)
+        self.rope_theta = config.layer_rope_theta(layer) if config.position == "rope" else None
+        self.scale = (config.query_pre_attn_scalar or config.head_size) ** -0.5
+        self.dropout = config.dropout
+        inner = self.n_head * self.head_size
+        kv_inner = self.n_kv_head * self.head_size
+        self.q_proj = nn.Linear(config.n_embd, inner, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_inner, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_inner, bias=config.bias)
+        self.o_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.o_proj.is_residual_projection = True
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_size, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_size, config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        is_causal: bool,
+        layer_cache: LayerKVCache | None,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.n_head, self.head_size).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rotary is not None:
+            cos, sin = rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if layer_cache is not None:
+            k, v = layer_cache.append(k, v)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(batch, length, self.n_head * self.head_size)
+        return self.o_proj(y)

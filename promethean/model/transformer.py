@@ -1,0 +1,209 @@
+"""The one Transformer: token embeddings -> blocks -> final norm -> head.
+
+Every architecture (GPT-2, LLaMA, Gemma-3) is this class with a different `ModelConfig`. The model
+computes logits and the loss; deciding what to do with logits belongs to `promethean.inference`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promethean.config import ModelConfig
+from promethean.model.attention import Attention, KVCache, attention_mask
+from promethean.model.layers import MLP, make_norm, rotary_cos_sin, rotary_inverse_frequencies
+
+IGNORE_INDEX = -100
+
+
+class TransformerOutput(NamedTuple):
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; Gemma-3's sandwich norm also normalises each sublayer's output."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.attn_post_norm = make_norm(config) if config.sandwich_norm else None
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.mlp_post_norm = make_norm(config) if config.sandwich_norm else None
+
+    def forward(self, x, rotary, mask, is_causal, layer_cache):
+        h = self.attn(self.attn_norm(x), rotary, mask, is_causal, layer_cache)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.position == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
+        else:
+            self.position_embedding = None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- parameters
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections are scaled down by sqrt(2 * n_layer) so
+        that the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layer)
+                module_std = std * scale if getattr(module, "is_residual_projection", False) else std
+                nn.init.normal_(module.weight, mean=0.0, std=module_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+                nn.init.ones_(module.weight)  # norms
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config says so (again after any
+        load that assigned new tensors)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied tensors are counted once
+
+    def num_embedding_parameters(self) -> int:
+        """Vocabulary- and position-sized tables: token embeddings, learned positions, and the
+        output head when it is not tied to the embeddings."""
+        count = self.token_embedding.weight.numel()
+        if self.position_embedding is not None:
+            count += self.position_embedding.weight.numel()
+        if not self.config.tie_embeddings:
+            count += self.lm_head.weight.numel()
+        return count
+
+    def num_non_embedding_parameters(self) -> int:
+        return self.num_parameters() - self.num_embedding_parameters()
+
+    # ------------------------------------------------------------------------------- forward
+    def _rotary(self, theta: float, positions: torch.Tensor, dtype: torch.dtype):
+        key = (theta, positions.device)
+        if key not in self._rotary_frequencies:
+            frequencies = rotary_inverse_frequencies(self.config.head_size, theta)
+            self._rotary_frequencies[key] = frequencies.to(positions.device)
+        cos, sin = rotary_cos_sin(positions, self._rotary_frequencies[key])
+        # (B or 1, T, D) -> broadcast over heads
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_logits_only: bool = False,
+    ) -> TransformerOutput:
+        """Logits for token ids `idx` (B, T), and the mean cross-entropy when `targets` is given.
+
+        With a `cache`, `idx` continues the sequences the cache holds, and the cache is advanced.
+        `targets` entries equal to -100 are ignored by the loss.
+        """
+        batch, length = idx.shape
+        start = cache.length if cache is not None else 0
+        longest = start + length - (cache.min_left_padding if cache is not None else 0)
+        if longest > self.config.context_length:
+            raise ValueError(
+                f"a sequence of {longest} tokens is longer than the model's context "
+                f"({self.config.context_length})"
+            )
+        device = idx.device
+        slots = torch.arange(start, start + length, device=device)
+        left_padding = cache.left_padding if cache is not None else None
+        if left_padding is not None:
+            positions = (slots[None, :] - left_padding[:, None]).clamp(min=0)
+        else:
+            positions = slots[None, :]
+
+        x = self.token_embedding(idx)
+        if self.config.embedding_scale:
+            x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        x = self.dropout(x)
+
+        # Masks and rotary tables depend only on a layer's window and base: build each once.
+        masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
+        rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, block in enumerate(self.blocks):
+            window = block.attn.window
+            if window not in masks:
+                masks[window] = self._mask(slots, window, cache, left_padding)
+            rotary = None
+            theta = block.attn.rope_theta
+            if theta is not None:
+                if theta not in rotaries:
+                    rotaries[theta] = self._rotary(theta, positions, x.dtype)
+                rotary = rotaries[theta]
+            mask, is_causal = masks[window]
+            layer_cache = cache.layers[layer] if cache is not None else None
+            x = block(x, rotary, mask, is_causal, layer_cache)
+        if cache is not None:
+            cache.length += length
+
+        x = self.final_norm(x)
+        if last_logits_only and targets is None:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return TransformerOutput(logits, loss)
+
+    def _mask(self, slots, window, cache, left_padding) -> tuple[torch.Tensor | None, bool]:
+        """(mask, is_causal) for SDPA; the fast paths avoid materialising a mask at all."""
+        length = slots.numel()
+        if cache is None:
+            if window is None or window >= length:
+                return None, True
+            key_slots = slots
+        else:
+            key_start = cache.first_key_slot(window)
+            key_slots = torch.arange(key_start, int(slots[-1]) + 1, device=slots.device)
+            fits_window = window is None or int(slots[-1]) - key_start < window
+            if length == 1 and left_padding is None and fits_window:
+                return None, False  # one new token sees everything held
+        return attention_mask(slots, key_slots, window, left_padding), False
+
+    def new_cache(
+        self, batch_size: int, capacity: int | None = None, left_padding: torch.Tensor | None = None
+    ) -> KVCache:
+        return KVCache(
+            self.config,
+            batch_size,
+            capacity=capacity or min(self.config.context_length, 256),
+            left_padding=left_padding,
+        )
