@@ -1,0 +1,127 @@
+"""The command line as a user meets it: real processes, real exit codes, no tracebacks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd=None):
+    result = subprocess.run(
+        [sys.executable, "-m", "promethean", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def fails_with(result, sentence):
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr.strip() == f"error: {sentence}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    result = run("model", "init", "tiny-llama", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_model_info_prints_parameter_counts():
+    result = run("model", "info", "gpt2-small")
+    assert result.returncode == 0
+    assert "124,439,808" in result.stdout
+    assert "85,056,000" in result.stdout
+
+
+def test_model_info_reads_a_checkpoint(checkpoint):
+    result = run("model", "info", str(checkpoint))
+    assert result.returncode == 0 and "836,736" in result.stdout
+
+
+def test_generate_from_a_checkpoint_is_deterministic_when_greedy(checkpoint):
+    args = ("generate", str(checkpoint), "--prompt", "Hello", "--max-new-tokens", "12", "--temperature", "0")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.startswith("Hello") and first.stdout == second.stdout
+
+
+def test_generate_a_batch_of_prompts(checkpoint):
+    result = run("generate", str(checkpoint), "-p", "a", "-p", "bc", "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("finish: length") == 2
+
+
+def test_generate_from_a_preset_warns_that_weights_are_random():
+    result = run("generate", "tiny-gemma3", "-p", "Hi", "--max-new-tokens", "4")
+    assert result.returncode == 0
+    assert "is a preset, not a checkpoint: the weights are random" in result.stderr
+
+
+def test_unknown_preset():
+    fails_with(
+        run("model", "info", "gpt-9"),
+        "unknown preset 'gpt-9'; available presets: gemma3-270m, gpt2-small, llama-127m, "
+        "tiny-gemma3, tiny-gpt2, tiny-llama.",
+    )
+
+
+def test_malformed_toml(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text("[model]\nvocab_size = = 3\n")
+    result = run("model", "info", str(path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {path} is not valid TOML")
+
+
+def test_missing_checkpoint_file(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text())
+    (broken / "tokenizer.json").write_text((checkpoint / "tokenizer.json").read_text())
+    fails_with(run("generate", str(broken), "-p", "x"), f"{broken} is missing model.safetensors.")
+
+
+def test_mismatched_checkpoint_config(checkpoint, tmp_path):
+    broken = tmp_path / "mismatch"
+    broken.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (broken / name).write_bytes((checkpoint / name).read_bytes())
+    record = json.loads((checkpoint / "config.json").read_text())
+    record["model"]["d_ff"] = 64
+    (broken / "config.json").write_text(json.dumps(record))
+    fails_with(
+        run("generate", str(broken), "-p", "x"),
+        f"tensor 'blocks.0.mlp.gate_proj.weight' in {broken / 'model.safetensors'} has shape "
+        "(352, 128) but the config needs (64, 128).",
+    )
+
+
+def test_prompt_longer_than_the_context(checkpoint):
+    long_prompt = "x" * 300
+    fails_with(
+        run("generate", str(checkpoint), "-p", long_prompt, "--max-new-tokens", "3"),
+        "the prompt is 300 tokens but the model's context is 256; shorten it, or ask to crop it "
+        "to the most recent tokens (--crop).",
+    )
+    cropped = run("generate", str(checkpoint), "-p", long_prompt, "--max-new-tokens", "3", "--crop")
+    assert cropped.returncode == 0
+
+
+def test_unavailable_device():
+    fails_with(
+        run("generate", "tiny-gpt2", "-p", "x", "--device", "cuda"),
+        "device 'cuda' was requested but no CUDA GPU is available.",
+    )
+
+
+def test_bad_sampling_value(checkpoint):
+    fails_with(run("generate", str(checkpoint), "-p", "x", "--top-p", "0"), "top_p must be in (0, 1], got 0.0.")
+
+
+def test_quickstart_runs_offline(tmp_path):
+    result = run("quickstart", "--out", str(tmp_path / "qs"))
+    assert result.returncode == 0, result.stderr
+    assert "done:" in result.stdout
+    assert (tmp_path / "qs" / "model.safetensors").is_file()

@@ -1,0 +1,186 @@
+import pytest
+import torch
+
+from promethean.config import list_presets, load_preset
+from promethean.errors import PrometheanError
+from promethean.inference.generate import (
+    GREEDY,
+    SamplingParams,
+    generate,
+    generate_text,
+    process_logits,
+    stream,
+)
+from promethean.model import Transformer, TransformerOutput
+from promethean.tokenizer import ByteTokenizer
+from tests.conftest import build
+
+TOKENIZER = ByteTokenizer()
+
+
+def greedy(n: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, temperature=0.0, top_k=None, **kwargs)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_greedy_with_cache_equals_greedy_without_it_on_every_preset(preset):
+    full_size = not preset.startswith("tiny-")
+    config = load_preset(preset).model
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    prompt_length, new_tokens = (6, 6) if full_size else (40, 40)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (prompt_length,)).tolist()
+    cached = generate(model, [prompt], greedy(new_tokens))[0]
+    uncached = generate(model, [prompt], greedy(new_tokens), use_cache=False)[0]
+    assert len(cached.token_ids) == new_tokens
+    assert cached.token_ids == uncached.token_ids
+
+
+def test_a_batch_of_uneven_prompts_equals_each_prompt_alone(tiny_model):
+    prompts = [TOKENIZER.encode(text) for text in ["Hi", "The cat sat on the mat " * 3, "a"]]
+    batched = generate(tiny_model, prompts, greedy(45))
+    for prompt, completion in zip(prompts, batched):
+        alone = generate(tiny_model, [prompt], greedy(45), use_cache=False)[0]
+        assert completion.token_ids == alone.token_ids
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ():
+    model = build("tiny-gpt2")
+    params = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    first = generate(model, [[1, 2, 3]], params)[0].token_ids
+    assert first == generate(model, [[1, 2, 3]], params)[0].token_ids
+    other = SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50, top_p=0.95, seed=8)
+    assert first != generate(model, [[1, 2, 3]], other)[0].token_ids
+
+
+def test_top_k_of_one_is_greedy():
+    model = build("tiny-llama")
+    sampled = generate(model, [[5, 6]], SamplingParams(max_new_tokens=20, temperature=1.3, top_k=1, seed=0))
+    assert sampled[0].token_ids == generate(model, [[5, 6]], greedy(20))[0].token_ids
+
+
+def test_top_k_and_top_p_keep_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept_k = process_logits(logits, SamplingParams(temperature=1.0, top_k=2), None)
+    assert torch.isfinite(kept_k).tolist() == [[True, True, False, False]]
+    kept_p = process_logits(logits, SamplingParams(temperature=1.0, top_k=None, top_p=0.8), None)
+    assert torch.isfinite(kept_p).tolist() == [[True, True, False, False]]
+    kept_p = process_logits(logits, SamplingParams(temperature=1.0, top_k=None, top_p=0.81), None)
+    assert torch.isfinite(kept_p).tolist() == [[True, True, True, False]]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = process_logits(logits, SamplingParams(temperature=0, top_k=None, repetition_penalty=2.0), seen)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_repetition_penalty_changes_greedy_output():
+    model = build("tiny-gpt2")
+    plain = generate(model, [[1, 2]], greedy(40))[0].token_ids
+    penalised = generate(model, [[1, 2]], greedy(40, repetition_penalty=5.0))[0].token_ids
+    assert len(set(penalised)) > len(set(plain))
+
+
+def test_stop_token_ends_the_completion_and_is_not_returned():
+    model = build("tiny-gpt2")
+    reference = generate(model, [[1, 2, 3]], greedy(30))[0].token_ids
+    stop = reference[5]
+    first = reference.index(stop)
+    result = generate(model, [[1, 2, 3]], greedy(30, stop_token_ids=(stop,)))[0]
+    assert result.token_ids == reference[:first]
+    assert result.finish_reason == "stop"
+
+
+def test_stop_string_cuts_the_text_before_it():
+    model = build("tiny-llama")
+    prompt = "Once upon"
+    reference = generate_text(model, TOKENIZER, [prompt], greedy(40))[0]
+    assert reference.finish_reason == "length"
+    stop = reference.text[10:13]
+    result = generate_text(model, TOKENIZER, [prompt], greedy(40, stop_strings=(stop,)))[0]
+    assert result.finish_reason == "stop"
+    assert result.text == reference.text[: reference.text.find(stop)]
+
+
+def test_streaming_yields_the_same_text_as_generate():
+    model = build("tiny-gemma3")
+    params = greedy(60)
+    pieces = list(stream(model, TOKENIZER, "Hello", params))
+    assert len(pieces) > 1
+    assert "".join(pieces) == generate_text(model, TOKENIZER, ["Hello"], params)[0].text
+
+
+def test_streaming_never_shows_a_stop_string():
+    model = build("tiny-gemma3")
+    reference = generate_text(model, TOKENIZER, ["Hello"], greedy(60))[0].text
+    stop = reference[20:24]
+    pieces = list(stream(model, TOKENIZER, "Hello", greedy(60, stop_strings=(stop,))))
+    assert "".join(pieces) == reference[: reference.find(stop)]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model: its greedy choice at step i is script[i], whatever the input."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__()
+        self.config = load_preset("tiny-gpt2").model
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the loop a device to read
+        self.script = script
+        self.calls = 0
+
+    def new_cache(self, batch_size, capacity=None, left_padding=None):
+        return build("tiny-gpt2").new_cache(batch_size, capacity, left_padding)
+
+    def forward(self, idx, targets=None, cache=None, last_logits_only=False):
+        logits = torch.zeros(idx.shape[0], 1, self.config.vocab_size)
+        logits[:, :, self.script[self.calls]] = 1.0
+        self.calls += 1
+        return TransformerOutput(logits, None)
+
+
+def test_streaming_never_splits_a_utf8_character_or_shows_a_partial_stop_string():
+    script = list("é€ab<|x".encode()) + list(b"yz")
+    pieces = list(stream(ScriptedModel(script), TOKENIZER, "q", greedy(len(script), stop_strings=("<|x",))))
+    assert pieces == ["é", "€", "a", "b"]
+
+
+def test_prompt_longer_than_context_is_refused_unless_cropped():
+    model = build("tiny-gpt2")
+    prompt = list(range(100)) * 3  # 300 > 256
+    with pytest.raises(PrometheanError) as error:
+        generate(model, [prompt], greedy(5))
+    assert str(error.value) == (
+        "the prompt is 300 tokens but the model's context is 256; shorten it, or ask to crop it "
+        "to the most recent tokens (--crop)."
+    )
+    cropped = generate(model, [prompt], greedy(5), crop=True)[0]
+    assert cropped.token_ids == generate(model, [prompt[-255:]], greedy(5))[0].token_ids
+
+
+def test_generation_stops_when_the_context_is_full():
+    model = build("tiny-gpt2")
+    result = generate(model, [list(range(250))], greedy(50))[0]
+    assert len(result.token_ids) == 6
+    assert result.finish_reason == "length"
+
+
+def test_bad_sampling_parameters_are_refused():
+    with pytest.raises(PrometheanError, match=r"top_p must be in \(0, 1\], got 1.5."):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(PrometheanError, match="temperature must be 0 or more, got -1"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(PrometheanError, match="stop strings need a tokenizer"):
+        generate(build("tiny-gpt2"), [[1]], greedy(3, stop_strings=("x",)))
+
+
+def test_zero_new_tokens_returns_nothing():
+    assert generate(build("tiny-gpt2"), [[1, 2]], greedy(0))[0].token_ids == []
+
+
+def test_greedy_default_is_deterministic():
+    model = build("tiny-gpt2")
+    assert GREEDY.greedy
+    assert generate(model, [[3]], GREEDY) == generate(model, [[3]], GREEDY)
