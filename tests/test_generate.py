@@ -10,6 +10,7 @@ from promethean.inference.generate import (
     generate_text,
     process_logits,
     stream,
+    stream_tokens,
 )
 from promethean.model import Transformer, TransformerOutput
 from promethean.tokenizer import ByteTokenizer
@@ -184,3 +185,10 @@ def test_greedy_default_is_deterministic():
     model = build("tiny-gpt2")
     assert GREEDY.greedy
     assert generate(model, [[3]], GREEDY) == generate(model, [[3]], GREEDY)
+
+
+def test_token_stream_yields_the_generated_ids_one_by_one():
+    model = build("tiny-llama")
+    streamed = stream_tokens(model, [4, 5, 6], greedy(25))
+    first = next(streamed)
+    assert [first, *streamed] == generate(model, [[4, 5, 6]], greedy(25))[0].token_ids

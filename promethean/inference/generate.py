@@ -297,6 +297,23 @@ def _generate_without_cache(model, prompt, params, tokenizer, crop) -> Completio
 
 
 @torch.inference_mode()
+def stream_tokens(
+    model: Transformer,
+    prompt: list[int],
+    params: SamplingParams = GREEDY,
+    tokenizer: Tokenizer | None = None,
+    crop: bool = False,
+) -> Iterator[int]:
+    """Yield the ids of one prompt's completion as they are chosen (a stop token is not yielded;
+    stop strings need `tokenizer`, and the token that completes one is the last yielded)."""
+    yielded = 0
+    for rows in _decode_loop(model, [prompt], params, tokenizer, crop):
+        new_ids = rows[0].token_ids[yielded:]
+        yield from new_ids
+        yielded += len(new_ids)
+
+
+@torch.inference_mode()
 def stream(
     model: Transformer,
     tokenizer: Tokenizer,
