@@ -177,17 +177,17 @@ def convert_from_hf(
     tokenizer: Annotated[str, typer.Option(help="Tokenizer to store with it (gpt2 or bytes).")] = "gpt2",
 ) -> None:
     """Import a GPT2LMHeadModel, LlamaForCausalLM or Gemma3ForCausalLM directory."""
+    import torch
+
     from promethean.checkpoint import save_checkpoint
     from promethean.interop.hf import import_hf
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
 
-    import torch
-
     config, state = import_hf(source)
     with torch.device("meta"):
         model = Transformer(config)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
     save_checkpoint(out, model, get_tokenizer(tokenizer), {"imported_from": str(source)})
     console.print(f"wrote {out} ({model.num_parameters():,} parameters)")

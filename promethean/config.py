@@ -92,6 +92,8 @@ class ModelConfig(BaseModel):
                 raise ValueError("global_layers lists a layer more than once")
         if self.position == "learned" and self.rope_local_theta is not None:
             raise ValueError("rope_local_theta needs position = 'rope'")
+        if self.rope_local_theta is not None and self.sliding_window is None:
+            raise ValueError("rope_local_theta applies to sliding-window layers, so it needs sliding_window")
         if self.position == "rope" and self.head_size % 2 != 0:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
         return self

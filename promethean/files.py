@@ -5,35 +5,44 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside `final`; on success it replaces `final`.
+    """Yield an empty staging directory beside `final`; on success it replaces `final`.
 
-    On error the temporary directory is removed and `final` is untouched. Replacing an existing
-    directory takes two renames (old aside, new in); the old copy is deleted only once the new one
-    is in place, so a crash between them leaves `<final>.old-*` holding the previous version.
+    Renames within one filesystem are atomic, so readers see the old directory or the complete
+    new one, never a partial write. A directory cannot be renamed over a non-empty one, so an
+    existing `final` is moved aside first, put back if the new one cannot take its place, and
+    deleted only once it has. On error the staging directory is removed and `final` is untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # A plain mkdir rather than tempfile.mkdtemp, whose 0700 mode the result would keep.
+    staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
-        yield scratch
-        _fsync_tree(scratch)
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.rename(final, retired / final.name)
-            os.rename(scratch, final)
-            shutil.rmtree(retired, ignore_errors=True)
+        yield staging
+        _fsync_tree(staging)
+        if final.exists() and (not final.is_dir() or any(final.iterdir())):
+            previous = final.parent / f".{final.name}.previous-{uuid.uuid4().hex}"
+            os.replace(final, previous)
+            try:
+                os.replace(staging, final)
+            except BaseException:
+                os.replace(previous, final)
+                raise
+            if previous.is_dir():
+                shutil.rmtree(previous)
+            else:
+                previous.unlink()
         else:
-            os.rename(scratch, final)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+            os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:

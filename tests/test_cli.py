@@ -125,3 +125,21 @@ def test_quickstart_runs_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "done:" in result.stdout
     assert (tmp_path / "qs" / "model.safetensors").is_file()
+
+
+def test_convert_to_hf_and_back_keeps_the_model(checkpoint, tmp_path):
+    exported, imported = tmp_path / "hf", tmp_path / "back"
+    assert run("convert", "to-hf", str(checkpoint), "--out", str(exported)).returncode == 0
+    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors"]
+    result = run("convert", "from-hf", str(exported), "--out", str(imported), "--tokenizer", "bytes")
+    assert result.returncode == 0, result.stderr
+    args = ("-p", "Hello", "--max-new-tokens", "10", "--temperature", "0")
+    assert run("generate", str(imported), *args).stdout == run("generate", str(checkpoint), *args).stdout
+
+
+def test_convert_from_a_pickled_checkpoint_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    result = run("convert", "from-hf", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "safetensors" in result.stderr and result.stderr.count("\n") == 1
