@@ -105,6 +105,18 @@ def process_logits(
     return logits
 
 
+def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The random stream for sampling: seeded when asked, fresh otherwise; none for greedy."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is not None:
+        generator.manual_seed(params.seed)
+    else:
+        generator.seed()
+    return generator
+
+
 def pick_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
@@ -173,13 +185,7 @@ def _decode_loop(
         yield rows
         return
     device = next(model.parameters()).device
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.seed()
+    generator = sampling_generator(params, device)
     stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
 
     longest = max(len(p) for p in prompts)
@@ -270,10 +276,7 @@ def _generate_without_cache(model, prompt, params, tokenizer, crop) -> Completio
     watcher = _StopWatcher(tokenizer, params.stop_strings)
     row = _Row(len(prompt), min(params.max_new_tokens, config.context_length - len(prompt)))
     device = next(model.parameters()).device
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    generator = sampling_generator(params, device)
     sequence = list(prompt)
     while len(row.token_ids) < row.budget:
         ids = torch.tensor([sequence], device=device)

@@ -60,7 +60,10 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # A tied head is the embedding: build it on the meta device so that its vocab x width
+        # matrix is never allocated (154 MB at GPT-2 size) only to be replaced by tie_weights().
+        head_device = "meta" if config.tie_embeddings else None
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device=head_device)
         self.tie_weights()
         self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
         self.reset_parameters()

@@ -1,0 +1,558 @@
+"""Decode speed and peak memory of GPT-2 small (124M, random weights), ours against transformers.
+
+    python benchmarks/decode.py [--new-tokens 128] [--repeats 3] [--write docs/BENCHMARKS.md]
+
+What it measures, all in one run so that every figure has a peer measured under the same noise:
+
+* tokens/s of a greedy, batch-1 generation of exactly --new-tokens tokens after a 16-token random
+  prompt, for promethean's `generate` and `transformers`' `GPT2LMHeadModel.generate` (same config,
+  random weights, KV cache), in fp32 and bf16. The clock covers the whole `generate` call, the
+  16-token prefill included. One warm-up per engine, then --repeats rounds; each round runs every
+  engine once, in an order that rotates from round to round, so that noise hits all alike. Ratios
+  are taken within a round and the median over rounds is reported.
+* the memory-bandwidth bound: just before and just after each round, reading an fp32 buffer as
+  large as the weights is timed with `torch.sum` and with `torch.mv` (bytes read / seconds; the
+  faster counts). At batch 1 every weight is read once per token, so weight bytes / bandwidth is
+  the least possible time per token.
+* peak RSS (getrusage ru_maxrss) of "import + build model + one generation", each engine and dtype
+  in its own fresh subprocess, --repeats times, median. These run first, while this parent process
+  is still small: Linux carries the parent's high-water mark into a child across vfork+exec, which
+  would otherwise inflate them.
+
+With --write FILE the results replace the part of FILE between `<!-- decode:start -->` and
+`<!-- decode:end -->` (appended if absent); the rest of the file is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRESET = "gpt2-small"
+PROMPT_LENGTH = 16
+SEED = 0
+START, END = "<!-- decode:start -->", "<!-- decode:end -->"
+DTYPE_NAMES = ("fp32", "bf16")
+ENGINES = ("ours", "transformers")
+# Peak-RSS runs: (label, engine, dtype, whether a model is built and run).
+RSS_RUNS = (
+    ("ours-fp32", "ours", "fp32", True),
+    ("transformers-fp32", "transformers", "fp32", True),
+    ("ours-bf16", "ours", "bf16", True),
+    ("transformers-bf16", "transformers", "bf16", True),
+    ("ours-import", "ours", "fp32", False),
+    ("transformers-import", "transformers", "fp32", False),
+)
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def prompt_ids() -> list[int]:
+    import torch
+
+    generator = torch.Generator().manual_seed(SEED)
+    return torch.randint(0, 50257, (PROMPT_LENGTH,), generator=generator).tolist()
+
+
+# ---------------------------------------------------------------------------------- engines
+def build_ours(dtype_name: str):
+    """promethean's Transformer with random weights, built directly in the dtype (as
+    transformers' bf16 build below is), so no fp32 copy exists on the way."""
+    import torch
+
+    from promethean.config import load_preset
+    from promethean.model import Transformer
+
+    config = load_preset(PRESET).model
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    torch.manual_seed(SEED)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = Transformer(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def generate_ours(model, prompt: list[int], new_tokens: int) -> int:
+    from promethean.inference.generate import SamplingParams, generate
+
+    params = SamplingParams(temperature=0.0, top_k=None, max_new_tokens=new_tokens)
+    completion = generate(model, [prompt], params)[0]
+    return len(completion.token_ids)
+
+
+def build_theirs(dtype_name: str):
+    import torch
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257
+    )
+    torch.manual_seed(SEED)
+    if dtype_name == "bf16":  # built in bf16 directly: no fp32 copy on the way
+        model = transformers.GPT2LMHeadModel._from_config(config, dtype=torch.bfloat16)
+    else:
+        model = transformers.GPT2LMHeadModel(config)
+    return model.eval()
+
+
+def generate_theirs(model, prompt: list[int], new_tokens: int) -> int:
+    import torch
+
+    ids = torch.tensor([prompt])
+    eos = model.config.vocab_size - 1
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            use_cache=True,
+        )
+    return out.shape[1] - len(prompt)
+
+
+BUILD = {"ours": build_ours, "transformers": build_theirs}
+GENERATE = {"ours": generate_ours, "transformers": generate_theirs}
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights a batch-1 decode step reads: every distinct parameter (a tied head counts
+    once), except the position table, of which only one row is read."""
+    seen, total = set(), 0
+    for name, parameter in model.named_parameters(remove_duplicate=True):
+        if id(parameter) in seen or "position" in name or name.endswith("wpe.weight"):
+            continue
+        seen.add(id(parameter))
+        total += parameter.numel() * parameter.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------- peak RSS
+def rss_child(label: str, new_tokens: int) -> None:
+    """Runs in a fresh subprocess: import, build, generate, print the peak RSS as JSON."""
+    _, engine, dtype_name, builds_model = next(run for run in RSS_RUNS if run[0] == label)
+    import torch
+
+    torch.set_num_threads(cores())
+    if engine == "ours":
+        import promethean.inference.generate  # noqa: F401
+        import promethean.model  # noqa: F401
+    else:
+        import transformers  # noqa: F401
+        from transformers import GPT2LMHeadModel  # noqa: F401
+    produced = None
+    if builds_model:
+        if engine == "ours":
+            model = build_ours(dtype_name)
+        else:
+            model = build_theirs(dtype_name)
+        produced = GENERATE[engine](model, prompt_ids(), new_tokens)
+        if produced != new_tokens:
+            raise SystemExit(f"{label} produced {produced} tokens, expected {new_tokens}")
+    hwm = None
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(
+        json.dumps({"label": label, "ru_maxrss_kib": peak, "vm_hwm_kib": hwm, "tokens": produced})
+    )
+
+
+def measure_rss(new_tokens: int, repeats: int) -> dict[str, dict]:
+    results: dict[str, list[dict]] = {label: [] for label, *_ in RSS_RUNS}
+    for repeat in range(repeats):
+        for label, *_ in RSS_RUNS:
+            command = [sys.executable, str(Path(__file__).resolve()), "--rss-child", label]
+            command += ["--new-tokens", str(new_tokens)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"peak-RSS run {label} failed:\n{done.stderr[-3000:]}")
+            record = json.loads(done.stdout.strip().splitlines()[-1])
+            results[label].append(record)
+            print(
+                f"  rss round {repeat + 1}/{repeats} {label:22s} "
+                f"{record['ru_maxrss_kib'] * 1024 / 1e6:7.1f} MB",
+                flush=True,
+            )
+    summary = {}
+    for label, records in results.items():
+        summary[label] = {
+            "mb": statistics.median(r["ru_maxrss_kib"] for r in records) * 1024 / 1e6,
+            "hwm_mb": statistics.median(r["vm_hwm_kib"] for r in records) * 1024 / 1e6,
+            "all_mb": [round(r["ru_maxrss_kib"] * 1024 / 1e6) for r in records],
+        }
+    return summary
+
+
+# ---------------------------------------------------------------------------------- speed
+BANDWIDTH_WIDTH = 3072
+
+
+def read_bandwidth(matrix, vector, passes: int = 3) -> dict[str, float]:
+    """Bytes/s of reading `matrix` once, two ways: torch.sum, and torch.mv (a matrix-vector
+    product, the very access pattern of a batch-1 decode step). Median of `passes` each."""
+    results = {}
+    for name, read in (("sum", lambda: matrix.sum()), ("mv", lambda: matrix.mv(vector))):
+        read()
+        times = []
+        for _ in range(passes):
+            start = time.perf_counter()
+            read()
+            times.append(time.perf_counter() - start)
+        results[name] = matrix.numel() * matrix.element_size() / statistics.median(times)
+    return results
+
+
+def measure_speed(new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    torch.set_num_threads(cores())
+    prompt = prompt_ids()
+    keys = [(engine, dtype) for engine in ENGINES for dtype in DTYPE_NAMES]
+    models = {key: BUILD[key[0]](key[1]) for key in keys}
+    weights = {key: weight_bytes_per_token(model) for key, model in models.items()}
+    # fp32 buffers as large as each dtype's weights (fp32 reads run at full speed on every CPU;
+    # what matters is how many bytes come from memory).
+    buffers = {
+        dtype: torch.ones(weights[("ours", dtype)] // (4 * BANDWIDTH_WIDTH), BANDWIDTH_WIDTH)
+        for dtype in DTYPE_NAMES
+    }
+    vector = torch.ones(BANDWIDTH_WIDTH)
+    for key in keys:  # warm-up, and a check that nobody stops early
+        produced = GENERATE[key[0]](models[key], prompt, new_tokens)
+        if produced != new_tokens:
+            raise SystemExit(f"{key} produced {produced} tokens, expected {new_tokens}")
+        print(f"  warm-up {key[0]} {key[1]} done", flush=True)
+    seconds: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
+    # bandwidth[dtype] holds one dict {"sum": B/s, "mv": B/s} before and one after each round.
+    bandwidth: dict[str, list[dict[str, float]]] = {dtype: [] for dtype in DTYPE_NAMES}
+    for repeat in range(repeats):
+        order = keys[repeat % len(keys) :] + keys[: repeat % len(keys)]
+        for dtype in DTYPE_NAMES:
+            bandwidth[dtype].append(read_bandwidth(buffers[dtype], vector))
+        for key in order:
+            start = time.perf_counter()
+            GENERATE[key[0]](models[key], prompt, new_tokens)
+            seconds[key].append(time.perf_counter() - start)
+        for dtype in DTYPE_NAMES:
+            bandwidth[dtype].append(read_bandwidth(buffers[dtype], vector))
+        line = "  ".join(f"{k[0]} {k[1]} {new_tokens / seconds[k][-1]:6.2f} tok/s" for k in keys)
+        print(f"  round {repeat + 1}/{repeats}: {line}", flush=True)
+    attention = getattr(models[("transformers", "fp32")].config, "_attn_implementation", "?")
+    return {
+        "seconds": seconds,
+        "bandwidth": bandwidth,
+        "weights": weights,
+        "attn_implementation": attention,
+    }
+
+
+# ---------------------------------------------------------------------------------- report
+def machine() -> dict:
+    import psutil
+    import torch
+    import transformers
+
+    model_name = platform.processor() or "unknown CPU"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name") and model_name in ("unknown CPU", "x86_64"):
+                    model_name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    features = [
+        name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags
+    ]
+    l3 = None
+    l3_path = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    if l3_path.exists():
+        l3 = l3_path.read_text().strip()
+        if l3.endswith("K") and l3[:-1].isdigit():
+            l3 = f"{int(l3[:-1]) / 1024:.0f} MiB"
+    return {
+        "cpu": model_name,
+        "features": features,
+        "cores": cores(),
+        "l3": l3,
+        "ram_gib": psutil.virtual_memory().total / 2**30,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def ratios(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of a ratio taken within each round."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+
+
+def round_bandwidth(samples: list[dict[str, float]], rounds: int) -> list[float]:
+    """Per round: the faster of torch.sum and torch.mv, averaged over the samples taken just
+    before and just after the round. The faster reader is the better estimate of what the
+    memory system can deliver, so the bound built on it is the stricter one."""
+    best = [max(sample.values()) for sample in samples]
+    return [(best[2 * r] + best[2 * r + 1]) / 2 for r in range(rounds)]
+
+
+def summarise(speed: dict, new_tokens: int) -> dict:
+    seconds, weights = speed["seconds"], speed["weights"]
+    tps = {key: [new_tokens / s for s in values] for key, values in seconds.items()}
+    rounds = len(seconds[("ours", "fp32")])
+    bandwidth = {dtype: round_bandwidth(speed["bandwidth"][dtype], rounds) for dtype in DTYPE_NAMES}
+    bound_tps = {
+        dtype: [bw / weights[("ours", dtype)] for bw in bandwidth[dtype]] for dtype in DTYPE_NAMES
+    }
+    return {"tps": tps, "bandwidth": bandwidth, "bound_tps": bound_tps}
+
+
+def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list[str]]:
+    tps, bandwidth, bound_tps = summary["tps"], summary["bandwidth"], summary["bound_tps"]
+    weights = speed["weights"]
+    med = {key: statistics.median(values) for key, values in tps.items()}
+    code = f"`{command}`"
+    rows = []
+
+    def speed_row(what, key, peer_key):
+        dtype = key[1]
+        rows.append(
+            [
+                what,
+                f"{med[key]:.1f} tok/s",
+                f"{med[peer_key]:.1f} tok/s ({peer_key[0]} {peer_key[1]})",
+                f"**{ratios(tps[key], tps[peer_key]):.2f}x**",
+                f"≤ {statistics.median(bound_tps[dtype]):.0f} tok/s, so ≤ "
+                f"{ratios(bound_tps[dtype], tps[peer_key]):.2f}x "
+                f"({weights[key] / 1e6:.0f} MB of {dtype} weights read per token)",
+                code,
+            ]
+        )
+
+    ours32, ours16 = ("ours", "fp32"), ("ours", "bf16")
+    theirs32, theirs16 = ("transformers", "fp32"), ("transformers", "bf16")
+    speed_row("decode tok/s, ours fp32 vs transformers fp32", ours32, theirs32)
+    speed_row("decode tok/s, ours bf16 vs transformers fp32", ours16, theirs32)
+    speed_row("decode tok/s, transformers bf16 vs transformers fp32", theirs16, theirs32)
+    speed_row("decode tok/s, ours bf16 vs transformers bf16", ours16, theirs16)
+    speed_row("decode tok/s, ours bf16 vs ours fp32", ours16, ours32)
+
+    def ms_per_token(values: list[float]) -> float:
+        return statistics.median(1e3 / value for value in values)
+
+    for dtype in DTYPE_NAMES:
+        mine, theirs = ("ours", dtype), ("transformers", dtype)
+        ours_fraction = ratios(tps[mine], bound_tps[dtype])
+        theirs_fraction = ratios(tps[theirs], bound_tps[dtype])
+        gb_per_s = statistics.median(bandwidth[dtype]) / 1e9
+        rows.append(
+            [
+                f"fraction of the memory-bandwidth bound, {dtype}",
+                f"{ours_fraction:.0%} ({ms_per_token(tps[mine]):.1f} ms/token)",
+                f"{theirs_fraction:.0%} (transformers {dtype}, "
+                f"{ms_per_token(tps[theirs]):.1f} ms/token)",
+                f"{ratios(tps[mine], tps[theirs]):.2f}x",
+                f"100% = {ms_per_token(bound_tps[dtype]):.1f} ms/token = "
+                f"{weights[mine] / 1e6:.0f} MB / {gb_per_s:.1f} GB/s",
+                code,
+            ]
+        )
+
+    def gbs(samples: list[dict[str, float]], kind: str) -> str:
+        values = [sample[kind] / 1e9 for sample in samples]
+        return f"{statistics.median(values):.1f} GB/s (range {min(values):.1f}–{max(values):.1f})"
+
+    for dtype in DTYPE_NAMES:
+        samples = speed["bandwidth"][dtype]
+        size = weights[("ours", dtype)] / 1e6
+        rows.append(
+            [
+                f"memory read bandwidth, {size:.0f} MB fp32 buffer (= {dtype} weight bytes)",
+                f"torch.mv {gbs(samples, 'mv')}",
+                f"torch.sum {gbs(samples, 'sum')}",
+                "—",
+                "the bound uses the faster reader, per round: "
+                f"{statistics.median(bandwidth[dtype]) / 1e9:.1f} GB/s",
+                code,
+            ]
+        )
+
+    floor = {"ours": rss["ours-import"]["mb"], "transformers": rss["transformers-import"]["mb"]}
+
+    def rss_row(what, label, peer_label, engine, dtype):
+        mine, peer = rss[label]["mb"], rss[peer_label]["mb"]
+        weights_mb = weights[(engine, dtype)] / 1e6
+        rows.append(
+            [
+                what,
+                f"{mine:.0f} MB",
+                f"{peer:.0f} MB ({peer_label})",
+                f"**{mine / peer:.2f}x**",
+                f"≥ {floor[engine] + weights_mb:.0f} MB = imports {floor[engine]:.0f} MB "
+                f"+ weights {weights_mb:.0f} MB",
+                code,
+            ]
+        )
+
+    rss_row(
+        "peak RSS of import + build + generate, ours fp32",
+        "ours-fp32",
+        "transformers-fp32",
+        "ours",
+        "fp32",
+    )
+    rss_row("peak RSS, ours bf16", "ours-bf16", "transformers-bf16", "ours", "bf16")
+    rows.append(
+        [
+            "peak RSS of the imports alone (torch + the engine)",
+            f"{rss['ours-import']['mb']:.0f} MB",
+            f"{rss['transformers-import']['mb']:.0f} MB (transformers)",
+            f"{rss['ours-import']['mb'] / rss['transformers-import']['mb']:.2f}x",
+            "—",
+            code,
+        ]
+    )
+    return rows
+
+
+def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
+    header = ["what", "ours", "peer, same run", "ratio", "physical limit", "command"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    tps = summary["tps"]
+    per_round = "; ".join(
+        f"{k[0]} {k[1]} " + ", ".join(f"{t:.1f}" for t in v) for k, v in tps.items()
+    )
+    rss_all = "; ".join(f"{label} {', '.join(map(str, r['all_mb']))}" for label, r in rss.items())
+    mismatched = [label for label, r in rss.items() if abs(r["hwm_mb"] - r["mb"]) > 0.02 * r["mb"]]
+    cross_check = (
+        "ru_maxrss agrees with /proc/self/status VmHWM within 2% for every run."
+        if not mismatched
+        else f"ru_maxrss and VmHWM differ by more than 2% for {', '.join(mismatched)}."
+    )
+    speed_x = {
+        dtype: ratios(tps[("ours", dtype)], tps[("transformers", "fp32")]) for dtype in DTYPE_NAMES
+    }
+    ceiling = ratios(summary["bound_tps"]["fp32"], tps[("transformers", "fp32")])
+    peak = rss["ours-fp32"]["mb"]
+    floor = rss["ours-import"]["mb"] + speed["weights"][("ours", "fp32")] / 1e6
+    meets = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    features = ", ".join(info["features"]) or "no AVX-512/AMX"
+    return "\n".join(
+        [
+            f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on "
+            f"{info['cores']} cores of an {info['cpu']} ({features}, L3 {info['l3']}), "
+            f"{info['ram_gib']:.0f} GiB RAM; "
+            f"torch {info['torch']}, transformers {info['transformers']} "
+            f"(attention: {speed['attn_implementation']}), Python {info['python']}.",
+            "",
+            f"Setup: `{PRESET}` (124M parameters, random weights) and "
+            "`transformers.GPT2LMHeadModel` on the same config; batch 1, a "
+            f"{PROMPT_LENGTH}-token random prompt, greedy, exactly {args.new_tokens} new tokens, "
+            f"KV cache on; `torch.set_num_threads({info['cores']})` for both. tok/s = "
+            f"{args.new_tokens} / seconds of the whole `generate` call (prefill included). "
+            f"Medians of {args.repeats} rounds; each ratio is taken within a round, then the "
+            "median is reported. MB = 10^6 bytes.",
+            "",
+            *lines,
+            "",
+            f"Targets: ours ≥ 3x transformers fp32 tok/s: {meets(speed_x['fp32'] >= 3)} in fp32 "
+            f"({speed_x['fp32']:.2f}x; the bandwidth bound allows at most {ceiling:.2f}x), "
+            f"{meets(speed_x['bf16'] >= 3)} in bf16 ({speed_x['bf16']:.2f}x). "
+            f"Peak RSS of a 124M fp32 generation (ours) ≤ 600 MB: {meets(peak <= 600)} "
+            f"({peak:.0f} MB; imports + fp32 weights alone are {floor:.0f} MB).",
+            "",
+            f"Per-round tok/s: {per_round}.",
+            f"Per-round peak RSS (MB): {rss_all}. {cross_check}",
+            f"Load average at start / end: {args.load_start} / "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
+            "",
+            "How the models are built: ours `Transformer(config)` with the default dtype set to "
+            "the run's dtype (a tied head is never allocated on its own); transformers "
+            "`GPT2LMHeadModel(config)`, and `GPT2LMHeadModel._from_config(config, "
+            "dtype=torch.bfloat16)` for bf16. The physical limit of a peak RSS is the imports-only "
+            "run plus the weights; that of a decode speed is weight bytes / measured read "
+            "bandwidth.",
+        ]
+    )
+
+
+def write_section(path: Path, body: str) -> None:
+    section = f"{START}\n{body}\n{END}"
+    if path.exists():
+        text = path.read_text()
+    else:
+        text = ""
+    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_child:
+        rss_child(args.rss_child, args.new_tokens)
+        return
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be at least 1")
+
+    command = f"python benchmarks/decode.py --new-tokens {args.new_tokens} --repeats {args.repeats}"
+    if args.write:
+        command += f" --write {shlex.quote(str(args.write))}"
+    started = datetime.datetime.now(datetime.timezone.utc)
+    args.load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    clock = time.perf_counter()
+    print(f"peak RSS, {len(RSS_RUNS)} subprocesses x {args.repeats} rounds", flush=True)
+    rss = measure_rss(args.new_tokens, args.repeats)  # first: this process is still small
+    print(f"decode speed, 4 engines x ({args.repeats} rounds + 1 warm-up)", flush=True)
+    speed = measure_speed(args.new_tokens, args.repeats)
+    info = machine()
+    summary = summarise(speed, args.new_tokens)
+    rows = build_rows(speed, rss, summary, command)
+    body = render(rows, info, speed, rss, summary, args, started, time.perf_counter() - clock)
+    print()
+    print(body)
+    if args.write:
+        write_section(args.write, body)
+        print(f"\nwrote the decode section of {args.write}")
+
+
+if __name__ == "__main__":
+    main()
