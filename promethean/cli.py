@@ -26,8 +26,12 @@ app = typer.Typer(
 model_app = typer.Typer(help="Inspect and create models.", no_args_is_help=True)
 convert_app = typer.Typer(help="Convert to and from Hugging Face transformers layouts.",
                           no_args_is_help=True)
+data_app = typer.Typer(help="Corpora and their preparation into token files.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(convert_app, name="convert")
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -204,6 +208,12 @@ def convert_to_hf(
 
     export_hf(load_checkpoint(checkpoint).model, out)
     console.print(f"wrote {out}")
+
+
+# ------------------------------------------------------------------------- tokenizer commands
+
+
+# ------------------------------------------------------------------------------ data commands
 
 
 @app.command()

@@ -1,0 +1,1 @@
+"""Data layer: corpora, tokenised memory-mapped shards, batches. Knows nothing of training."""
