@@ -44,6 +44,9 @@ class ModelConfig(BaseModel):
     mlp: Literal["gelu", "swiglu", "geglu_tanh"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(default=1e-5, gt=0)
+    # Gemma's RMSNorm multiplies by (1 + weight) with the weight initialised to 0. Storing the
+    # offset form keeps the gain exact in bf16, where 1 + small would round to steps of 2^-7.
+    norm_unit_offset: bool = False
     # Gemma-3 also normalises the output of each sublayer before it joins the residual stream.
     sandwich_norm: bool = False
     bias: bool = False
@@ -90,6 +93,8 @@ class ModelConfig(BaseModel):
                 )
             if len(set(self.global_layers)) != len(self.global_layers):
                 raise ValueError("global_layers lists a layer more than once")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            raise ValueError("norm_unit_offset applies to norm = 'rmsnorm' only")
         if self.position == "learned" and self.rope_local_theta is not None:
             raise ValueError("rope_local_theta needs position = 'rope'")
         if self.rope_local_theta is not None and self.sliding_window is None:

@@ -411,6 +411,27 @@ def test_export_loads_in_transformers_with_the_same_logits(preset, overrides, tm
     assert all(torch.equal(state[name], tensor) for name, tensor in ours.state_dict().items())
 
 
+def test_gemma_norms_stored_as_plain_gains_are_shifted_on_export(tmp_path):
+    # A Gemma-shaped config whose norms hold the gain itself (not gain - 1) exports exactly too.
+    config = load_preset("tiny-gemma3").model.with_overrides(norm_unit_offset=False)
+    ours = random_ours(config)
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        export_hf(ours, tmp_path / "export"), attn_implementation="eager"
+    ).eval()
+    ids = random_ids(config.vocab_size)
+    assert_same_logits(our_logits(ours, ids), hf_logits(hf_model, ids))
+
+
+def test_gemma_imported_in_bf16_keeps_its_small_norm_gains_exact(tmp_path):
+    hf_model = random_hf_model("tiny-gemma3")
+    hf_model.save_pretrained(tmp_path)
+    ours = load_ours(tmp_path)
+    hf_norm = hf_model.model.layers[0].input_layernorm.weight
+    ours_norm = ours.blocks[0].attn_norm.weight
+    # Stored as HF stores it (gain - 1), so a cast to bf16 rounds the same small number HF rounds.
+    assert torch.equal(ours_norm.to(torch.bfloat16), hf_norm.detach().to(torch.bfloat16))
+
+
 def test_export_of_a_config_and_state_dict_in_bfloat16(tmp_path):
     config = load_preset("tiny-gemma3").model
     ours = random_ours(config)

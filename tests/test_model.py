@@ -107,3 +107,19 @@ def test_a_few_training_steps_lower_the_loss(tiny_model):
         loss.backward()
         optimizer.step()
     assert loss.item() < first - 1.0
+
+
+def test_unit_offset_rmsnorm_keeps_a_small_gain_exact_in_bf16():
+    from promethean.model.layers import RMSNorm
+
+    plain, offset = RMSNorm(4, 1e-6), RMSNorm(4, 1e-6, unit_offset=True)
+    with torch.no_grad():
+        plain.weight.fill_(1.001)  # rounds to 1.0 in bf16
+        offset.weight.fill_(0.001)  # the same gain, stored as gain - 1
+    x = torch.ones(1, 4)
+    assert offset(x)[0, 0].item() == pytest.approx(1.001, abs=1e-6)
+    plain.to(torch.bfloat16)
+    offset.to(torch.bfloat16)
+    # The gain each applies (in float32) once its weight is held in bf16:
+    assert plain.weight.float()[0].item() == 1.0
+    assert offset.weight.float()[0].item() + 1.0 == pytest.approx(1.001, abs=1e-5)

@@ -318,6 +318,7 @@ def _gemma3_fields(text_config: Mapping[str, Any]) -> dict[str, Any]:
         "norm": "rmsnorm",
         "norm_eps": float(c["rms_norm_eps"]),
         "sandwich_norm": True,
+        "norm_unit_offset": True,
         "bias": False,
         "position": "rope",
         "rope_theta": global_theta,
@@ -398,6 +399,7 @@ def _problems_for(config: ModelConfig, family: str) -> list[str]:
     elif family == "llama":
         require(config.mlp != "gelu", "an ungated GELU MLP with RoPE (LLaMA's MLP is gated)")
         require(config.norm == "rmsnorm", "norm = 'layernorm' (LLaMA uses RMSNorm)")
+        require(not config.norm_unit_offset, "(1 + weight) norms (LLaMA's gain is the weight)")
         require(config.sliding_window is None, "a sliding window without Gemma-3's other features")
         require(default_scale, "query_pre_attn_scalar != head size")
     else:
@@ -568,7 +570,8 @@ def _gpt2_links(config: ModelConfig) -> list[TensorLink]:
 
 
 def _gated_links(config: ModelConfig, gemma: bool) -> list[TensorLink]:
-    norm = "unit_offset_norm" if gemma else "copy"
+    # Gemma stores (gain - 1); a config already in that form copies its norms unchanged.
+    norm = "unit_offset_norm" if gemma and not config.norm_unit_offset else "copy"
     kinds = ("weight", "bias") if config.bias else ("weight",)
     links = [TensorLink("model.embed_tokens.weight", ("token_embedding.weight",))]
     for i in range(config.n_layer):

@@ -156,8 +156,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.o_proj.is_residual_projection = True
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_size, config.norm_eps)
-            self.k_norm = RMSNorm(self.head_size, config.norm_eps)
+            self.q_norm = RMSNorm(self.head_size, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_size, config.norm_eps, config.norm_unit_offset)
         else:
             self.q_norm = self.k_norm = None
 

@@ -10,17 +10,21 @@ from promethean.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 for stability and cast back."""
+    """Root-mean-square norm, computed in float32 for stability and cast back.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    With `unit_offset` the gain is (1 + weight), weight starting at 0 (Gemma's form)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        gain = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        return (normed * gain).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -39,7 +43,7 @@ class LayerNorm(nn.Module):
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or config.n_embd
     if config.norm == "rmsnorm":
-        return RMSNorm(dim, config.norm_eps)
+        return RMSNorm(dim, config.norm_eps, config.norm_unit_offset)
     return LayerNorm(dim, config.norm_eps, bias=config.bias)
 
 

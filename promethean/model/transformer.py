@@ -83,7 +83,11 @@ class Transformer(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
-                nn.init.ones_(module.weight)  # norms
+                # Norms: a gain of one, which the unit-offset form stores as zero.
+                if getattr(module, "unit_offset", False):
+                    nn.init.zeros_(module.weight)
+                else:
+                    nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
