@@ -4,47 +4,132 @@
 - `gpt2`: the GPT-2 BPE through tiktoken. The ranks file is found offline: an explicit path,
   `PROMETHEAN_GPT2_RANKS`, tiktoken's own cache (`TIKTOKEN_CACHE_DIR`), our user cache, or else
   extracted from the pinned `openai-whisper` sdist on PyPI (fetched with pip, checked by sha256).
+- `bpe`: a byte-level BPE trained with Hugging Face `tokenizers` on any texts (`train_bpe`).
+- `char`: one id per frequent character with a UTF-8 byte fallback, for tiny experiments
+  (`train_char`).
 
-A tokenizer saves itself as `tokenizer.json` in a checkpoint directory and loads back from it.
+Every kind encodes any unicode string and decodes it back unchanged, and encodes `<|endoftext|>`
+in the text as its single `eot_id` (`encode_ordinary` keeps it as plain characters instead). Each
+has a `fingerprint`, the sha256 of what defines its id mapping, so that token files prepared with
+one tokenizer are never read with another.
+
+A tokenizer saves itself into a directory (a checkpoint's, or one of its own) as `tokenizer.json`,
+our small record {"kind", "vocab_size", "fingerprint"}; trained kinds add the file that defines
+them (`bpe.json`, the Hugging Face tokenizer; `char.json`, the learned characters), named in the
+record. `load_tokenizer(directory)` reads it back; `resolve_tokenizer(spec)` takes a kind that needs
+no training or such a directory.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import tarfile
-import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from promethean.archives import ArchiveReader, PinnedArchive, cache_dir, fetch_archive, sha256_of_file
 from promethean.errors import PrometheanError
+from promethean.files import atomic_directory
+
+if TYPE_CHECKING:  # imported where used: only the bpe kind needs the library
+    import tokenizers
 
 END_OF_TEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
+BPE_FILE = "bpe.json"
+CHAR_FILE = "char.json"
+
+# Both trained kinds start from the 256 byte values and add <|endoftext|>.
+BYTE_IDS = 256
+SMALLEST_TRAINED_VOCAB = BYTE_IDS + 1
+DEFAULT_BPE_VOCAB_SIZE = 8000  # the MiniMacLLM card's BPE
+# 255 learned characters make 512 ids in all: the vocabulary of the tiny-* presets.
+DEFAULT_CHAR_MAX_CHARS = 255
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
-GPT2_RANKS_ARCHIVE = "openai-whisper==20250625"
+GPT2_RANKS_ARCHIVE = PinnedArchive(
+    requirement="openai-whisper==20250625",
+    filename="openai_whisper-20250625.tar.gz",
+    sha256="37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96",
+)
 GPT2_RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
 # tiktoken names its cache files by the sha1 of the download address.
 TIKTOKEN_R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 GPT2_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
+# The byte tokenizer's mapping is defined by this code alone, so a fixed description of it stands
+# in for the content that the other kinds hash. Change it only together with the mapping.
+BYTES_FINGERPRINT = hashlib.sha256(
+    b"promethean bytes: UTF-8 bytes 0-255, <|endoftext|> 256"
+).hexdigest()
 
 
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
     eot_id: int
+    fingerprint: str
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Like `encode`, but `<|endoftext|>` in the text is ordinary characters: data
+        preparation encodes documents this way, so that its eot ids are document boundaries."""
+        ...
 
     def decode(self, ids: list[int]) -> str: ...
 
     def save(self, directory: Path) -> None: ...
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _write_record(
+    directory: Path, tokenizer: Tokenizer, definition_file: str | None = None
+) -> None:
+    record = {
+        "kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "fingerprint": tokenizer.fingerprint,
+    }
+    if definition_file is not None:
+        record["file"] = definition_file
+    text = json.dumps(record, indent=2) + "\n"
+    (Path(directory) / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+
+
+def _encode_around_end_of_text(
+    text: str, encode_ordinary: Callable[[str], list[int]], eot_id: int
+) -> list[int]:
+    ids: list[int] = []
+    for index, piece in enumerate(text.split(END_OF_TEXT)):
+        if index:
+            ids.append(eot_id)
+        ids.extend(encode_ordinary(piece))
+    return ids
+
+
+def _decode_bytes_and_symbols(ids: list[int], symbols: Mapping[int, str]) -> str:
+    """Ids below 256 are raw UTF-8 bytes, decoded a run at a time so that a character split over
+    several ids comes back whole; other ids are looked up in `symbols`. Ids in neither (a model's
+    vocabulary is often padded beyond its tokenizer's) decode to nothing."""
+    out, pending = [], bytearray()
+    for token in ids:
+        if 0 <= token < BYTE_IDS:
+            pending.append(token)
+            continue
+        out.append(pending.decode("utf-8", errors="replace"))
+        pending.clear()
+        out.append(symbols.get(token, ""))
+    out.append(pending.decode("utf-8", errors="replace"))
+    return "".join(out)
 
 
 class ByteTokenizer:
@@ -53,29 +138,19 @@ class ByteTokenizer:
     kind = "bytes"
     vocab_size = 257
     eot_id = 256
+    fingerprint = BYTES_FINGERPRINT
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for index, piece in enumerate(text.split(END_OF_TEXT)):
-            if index:
-                ids.append(self.eot_id)
-            ids.extend(piece.encode("utf-8"))
-        return ids
+        return _encode_around_end_of_text(text, self.encode_ordinary, self.eot_id)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
 
     def decode(self, ids: list[int]) -> str:
-        out, pending = [], bytearray()
-        for token in ids:
-            if token < 256:
-                pending.append(token)
-                continue
-            out.append(pending.decode("utf-8", errors="replace"))
-            pending.clear()
-            out.append(END_OF_TEXT if token == self.eot_id else "")
-        out.append(pending.decode("utf-8", errors="replace"))
-        return "".join(out)
+        return _decode_bytes_and_symbols(ids, {self.eot_id: END_OF_TEXT})
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / TOKENIZER_FILE).write_text(json.dumps({"kind": self.kind}) + "\n")
+        _write_record(directory, self)
 
 
 class GPT2Tokenizer:
@@ -84,6 +159,7 @@ class GPT2Tokenizer:
     kind = "gpt2"
     vocab_size = 50257
     eot_id = 50256
+    fingerprint = GPT2_RANKS_SHA256
 
     def __init__(self, ranks_path: str | Path | None = None) -> None:
         import tiktoken
@@ -100,27 +176,151 @@ class GPT2Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode(text, allowed_special={END_OF_TEXT})
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids, errors="replace")
 
     def save(self, directory: Path) -> None:
-        record = {"kind": self.kind, "ranks_sha256": GPT2_RANKS_SHA256}
-        (Path(directory) / TOKENIZER_FILE).write_text(json.dumps(record) + "\n")
+        _write_record(directory, self)
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("PROMETHEAN_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "promethean"
-    )
-    return Path(base)
+class BPETokenizer:
+    """A byte-level BPE, GPT-2's scheme, trained on your own corpus with Hugging Face `tokenizers`.
+
+    Text is split by GPT-2's pattern, each piece's UTF-8 bytes are mapped to 256 printable byte
+    symbols, and the learned merges join those; so every string encodes, with no unknown token.
+    `<|endoftext|>` is id 0, then come the 256 byte symbols, then the merges in the order learned.
+    `bpe.json` is the Hugging Face tokenizer itself, loadable by `tokenizers.Tokenizer.from_file`.
+    """
+
+    kind = "bpe"
+    definition_file = BPE_FILE
+
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        self.eot_id = hf_tokenizer.token_to_id(END_OF_TEXT)
+        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        # The library's own serialisation is canonical: loading it and serialising again gives
+        # the same text, so a saved and reloaded tokenizer keeps its fingerprint.
+        self.fingerprint = _sha256_text(hf_tokenizer.to_str())
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._ordinary_tokenizer.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _ordinary_tokenizer(self) -> tokenizers.Tokenizer:
+        """The same tokenizer without `<|endoftext|>` as an added token, so that nothing cuts it
+        out of the text. Nor can merges rebuild it: the pre-tokenizer always splits the string
+        into `<|`, `endoftext` and `|>` before any merging."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        definition = json.loads(self.hf_tokenizer.to_str())
+        definition["added_tokens"] = []
+        return HFTokenizer.from_str(json.dumps(definition))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: Path) -> None:
+        definition = self.hf_tokenizer.to_str()
+        (Path(directory) / self.definition_file).write_text(definition, encoding="utf-8")
+        _write_record(directory, self, self.definition_file)
+
+    @classmethod
+    def load(cls, path: Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        text = _read_definition(path)
+        try:
+            hf_tokenizer = HFTokenizer.from_str(text)
+        except Exception as error:  # the library raises a bare Exception for any malformed file
+            raise PrometheanError(
+                f"{path} is not a Hugging Face tokenizers file ({error})."
+            ) from None
+        if hf_tokenizer.token_to_id(END_OF_TEXT) is None:
+            raise PrometheanError(f"{path} has no {END_OF_TEXT} token.")
+        return cls(hf_tokenizer)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+class CharTokenizer:
+    """One id per character learned from a corpus, and raw UTF-8 bytes for every other character.
+
+    Ids 0..255 are byte values: a character outside the learned set is encoded as its UTF-8 bytes,
+    so any string round-trips however small the vocabulary. Id 256 is `<|endoftext|>`. Ids 257
+    onwards are the learned characters, most frequent first. `char.json` holds just that list, as
+    {"characters": [...]}.
+    """
+
+    kind = "char"
+    definition_file = CHAR_FILE
+    eot_id = BYTE_IDS
+
+    def __init__(self, characters: Iterable[str]) -> None:
+        self.characters = tuple(characters)
+        self.id_of_character = {
+            character: SMALLEST_TRAINED_VOCAB + index
+            for index, character in enumerate(self.characters)
+        }
+        self.symbol_of_id = {token: character for character, token in self.id_of_character.items()}
+        self.symbol_of_id[self.eot_id] = END_OF_TEXT
+        self.vocab_size = SMALLEST_TRAINED_VOCAB + len(self.characters)
+        self.fingerprint = _sha256_text(self._definition())
+
+    def _definition(self) -> str:
+        return json.dumps({"characters": list(self.characters)}, ensure_ascii=False) + "\n"
+
+    def encode(self, text: str) -> list[int]:
+        return _encode_around_end_of_text(text, self.encode_ordinary, self.eot_id)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for character in text:
+            token = self.id_of_character.get(character)
+            if token is None:
+                ids.extend(character.encode("utf-8"))
+            else:
+                ids.append(token)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return _decode_bytes_and_symbols(ids, self.symbol_of_id)
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / self.definition_file).write_text(self._definition(), encoding="utf-8")
+        _write_record(directory, self, self.definition_file)
+
+    @classmethod
+    def load(cls, path: Path) -> CharTokenizer:
+        try:
+            characters = json.loads(_read_definition(path))["characters"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            characters = None
+        valid = (
+            isinstance(characters, list)
+            and all(isinstance(character, str) and len(character) == 1 for character in characters)
+            and len(set(characters)) == len(characters)
+        )
+        if not valid:
+            raise PrometheanError(
+                f"{path} is not a char tokenizer file (a list of distinct characters)."
+            )
+        return cls(characters)
+
+
+def _read_definition(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PrometheanError(
+            f"{path} is missing; {TOKENIZER_FILE} beside it refers to it."
+        ) from None
+    except UnicodeDecodeError:
+        raise PrometheanError(f"{path} is not UTF-8 text.") from None
 
 
 def find_gpt2_ranks(explicit: str | Path | None = None) -> Path:
@@ -129,7 +329,7 @@ def find_gpt2_ranks(explicit: str | Path | None = None) -> Path:
         path = Path(explicit or os.environ["PROMETHEAN_GPT2_RANKS"])
         if not path.is_file():
             raise PrometheanError(f"GPT-2 ranks file {path} does not exist.")
-        if _sha256(path) != GPT2_RANKS_SHA256:
+        if sha256_of_file(path) != GPT2_RANKS_SHA256:
             raise PrometheanError(f"{path} is not the GPT-2 ranks file (sha256 mismatch).")
         return path
     candidates = [cache_dir() / "gpt2.tiktoken"]
@@ -137,56 +337,198 @@ def find_gpt2_ranks(explicit: str | Path | None = None) -> Path:
         url_key = hashlib.sha1(TIKTOKEN_R50K_URL.encode()).hexdigest()
         candidates.append(Path(os.environ["TIKTOKEN_CACHE_DIR"]) / url_key)
     for path in candidates:
-        if path.is_file() and _sha256(path) == GPT2_RANKS_SHA256:
+        if path.is_file() and sha256_of_file(path) == GPT2_RANKS_SHA256:
             return path
-    return _fetch_gpt2_ranks(candidates[0])
+    return _extract_gpt2_ranks(candidates[0])
 
 
-def _fetch_gpt2_ranks(destination: Path) -> Path:
-    """Extract the ranks from the pinned sdist. The package itself is never installed: it would
+def _extract_gpt2_ranks(destination: Path) -> Path:
+    """Take the ranks out of the pinned sdist. The package itself is never installed: it would
     pull in triton and a CUDA stack for one 1.6 MB file."""
+    try:
+        archive_path = fetch_archive(GPT2_RANKS_ARCHIVE)
+    except PrometheanError as error:
+        raise PrometheanError(
+            f"{str(error).rstrip('.')}; or set PROMETHEAN_GPT2_RANKS to a local gpt2.tiktoken file."
+        ) from None
+    with ArchiveReader(archive_path) as reader:
+        member = next(name for name in reader.names() if name.endswith(GPT2_RANKS_MEMBER))
+        with reader.open(member) as handle:
+            ranks = handle.read()
+    if hashlib.sha256(ranks).hexdigest() != GPT2_RANKS_SHA256:
+        raise PrometheanError(f"the GPT-2 ranks in {archive_path.name} failed the sha256 check.")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=destination.parent) as scratch:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--quiet", "--dest", scratch, GPT2_RANKS_ARCHIVE]
-        result = subprocess.run(command, capture_output=True, text=True)
-        archives = list(Path(scratch).glob("*.tar.gz"))
-        if result.returncode != 0 or not archives:
-            raise PrometheanError(
-                f"the GPT-2 vocabulary is not cached and could not be fetched ({GPT2_RANKS_ARCHIVE} "
-                "from PyPI); connect to a package index once, or set PROMETHEAN_GPT2_RANKS to a "
-                "local gpt2.tiktoken file."
-            )
-        with tarfile.open(archives[0]) as archive:
-            member = next(m for m in archive.getmembers() if m.name.endswith(GPT2_RANKS_MEMBER))
-            extracted = Path(scratch) / "gpt2.tiktoken"
-            extracted.write_bytes(archive.extractfile(member).read())
-        if _sha256(extracted) != GPT2_RANKS_SHA256:
-            raise PrometheanError(f"the GPT-2 ranks in {GPT2_RANKS_ARCHIVE} failed the sha256 check.")
-        os.replace(extracted, destination)
+    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
+    partial.write_bytes(ranks)
+    os.replace(partial, destination)
     return destination
 
 
-TOKENIZER_KINDS = ("bytes", "gpt2")
+class _TrainingTexts:
+    """The training texts cut at `<|endoftext|>`, a document boundary and never text to learn
+    from; counts what it yields so that an empty corpus is refused rather than trained on."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts = texts
+        self.characters_seen = 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            for piece in text.split(END_OF_TEXT):
+                self.characters_seen += len(piece)
+                yield piece
+
+    def require_some(self) -> None:
+        if not self.characters_seen:
+            raise PrometheanError("the corpus holds no text to train a tokenizer on.")
 
 
-def get_tokenizer(kind: str) -> Tokenizer:
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "gpt2":
-        return GPT2Tokenizer()
+def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
+    """Learn a byte-level BPE of at most `vocab_size` ids, `<|endoftext|>` included.
+
+    The same texts always give the same tokenizer. A corpus with too few distinct pairs to merge
+    gives a smaller vocabulary: read the result's `vocab_size`.
+    """
+    if vocab_size < SMALLEST_TRAINED_VOCAB:
+        raise PrometheanError(
+            f"a bpe vocabulary needs at least {SMALLEST_TRAINED_VOCAB} ids (256 bytes and "
+            f"{END_OF_TEXT}); got {vocab_size}."
+        )
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    hf_tokenizer = HFTokenizer(models.BPE())
+    # No prefix space: GPT-2 adds none, and adding one would break decode(encode(s)) == s.
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        # All 256 bytes, seen in the corpus or not, so that any text encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = _TrainingTexts(texts)
+    hf_tokenizer.train_from_iterator(texts, trainer)
+    texts.require_some()
+    return BPETokenizer(hf_tokenizer)
+
+
+def train_char(texts: Iterable[str], max_chars: int = DEFAULT_CHAR_MAX_CHARS) -> CharTokenizer:
+    """Learn the `max_chars` most frequent characters; ties go to the lower code point, so the
+    same texts always give the same tokenizer."""
+    if max_chars < 1:
+        raise PrometheanError(
+            f"a char tokenizer must learn at least one character; got max_chars {max_chars}."
+        )
+    counts: Counter[str] = Counter()
+    texts = _TrainingTexts(texts)
+    for piece in texts:
+        counts.update(piece)
+    texts.require_some()
+    ranked = sorted(counts, key=lambda character: (-counts[character], character))
+    return CharTokenizer(ranked[:max_chars])
+
+
+DEFAULT_VOCAB_SIZES = {
+    "bpe": DEFAULT_BPE_VOCAB_SIZE,
+    "char": SMALLEST_TRAINED_VOCAB + DEFAULT_CHAR_MAX_CHARS,
+}
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+    """Train a `bpe` or `char` tokenizer of at most `vocab_size` ids in all, `<|endoftext|>`
+    included (by default `DEFAULT_VOCAB_SIZES[kind]`)."""
+    if kind not in DEFAULT_VOCAB_SIZES:
+        raise PrometheanError(
+            f"cannot train a '{kind}' tokenizer; the kinds trained on a corpus are bpe and char."
+        )
+    if vocab_size is None:
+        vocab_size = DEFAULT_VOCAB_SIZES[kind]
+    if kind == "bpe":
+        return train_bpe(texts, vocab_size)
+    if vocab_size <= SMALLEST_TRAINED_VOCAB:
+        raise PrometheanError(
+            f"a char vocabulary needs at least {SMALLEST_TRAINED_VOCAB + 1} ids (256 bytes, "
+            f"{END_OF_TEXT} and one character); got {vocab_size}."
+        )
+    return train_char(texts, vocab_size - SMALLEST_TRAINED_VOCAB)
+
+
+_BUILTIN_TOKENIZERS = {"bytes": ByteTokenizer, "gpt2": GPT2Tokenizer}
+_TRAINED_TOKENIZERS = {"bpe": BPETokenizer, "char": CharTokenizer}
+
+
+def resolve_tokenizer(spec: str | Path) -> Tokenizer:
+    """`bytes` or `gpt2` by name, or the tokenizer saved in a directory (a trained tokenizer's or
+    a checkpoint's). A name wins over a directory of the same name: write ./gpt2 for the folder."""
+    if isinstance(spec, str) and spec in _BUILTIN_TOKENIZERS:
+        return _BUILTIN_TOKENIZERS[spec]()
+    if Path(spec).is_dir():
+        return load_tokenizer(spec)
+    if spec in _TRAINED_TOKENIZERS:
+        raise PrometheanError(
+            f"a {spec} tokenizer is trained on a corpus first: run `promethean tokenizer train "
+            f"CORPUS --kind {spec} --out DIR` and pass DIR instead of '{spec}'."
+        )
     raise PrometheanError(
-        f"unknown tokenizer '{kind}'; available tokenizers: {', '.join(TOKENIZER_KINDS)}."
+        f"unknown tokenizer '{spec}'; use bytes, gpt2 or the directory of a trained bpe or char "
+        "tokenizer."
     )
 
 
+# The first name of resolve_tokenizer, which presets and several commands call it by.
+get_tokenizer = resolve_tokenizer
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
-    path = Path(directory) / TOKENIZER_FILE
+    """The tokenizer that `save` wrote into `directory`, checked against its fingerprint."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_FILE
     try:
-        record = json.loads(path.read_text())
-        kind = record["kind"]
-    except FileNotFoundError:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
         raise PrometheanError(f"{directory} has no {TOKENIZER_FILE}.") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise PrometheanError(f"{path} is not a valid tokenizer file.") from None
-    return get_tokenizer(kind)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        raise PrometheanError(f"{path} is not a valid tokenizer file.")
+    kind = record["kind"]
+    if kind in _BUILTIN_TOKENIZERS:
+        tokenizer = _BUILTIN_TOKENIZERS[kind]()
+    elif kind in _TRAINED_TOKENIZERS:
+        trained = _TRAINED_TOKENIZERS[kind]
+        tokenizer = trained.load(directory / str(record.get("file", trained.definition_file)))
+    else:
+        raise PrometheanError(
+            f"{path} names tokenizer kind '{kind}', which is none of bytes, gpt2, bpe or char."
+        )
+    # Records written before fingerprints existed have none to check.
+    recorded = record.get("fingerprint")
+    if recorded is not None and recorded != tokenizer.fingerprint:
+        raise PrometheanError(
+            f"the {kind} tokenizer in {directory} does not match the fingerprint in its "
+            f"{TOKENIZER_FILE}; its files were edited or mixed up."
+        )
+    return tokenizer
+
+
+def write_tokenizer_directory(tokenizer: Tokenizer, directory: str | Path) -> Path:
+    """Save `tokenizer` as the whole of `directory`, atomically. A directory that holds anything
+    else (a checkpoint, say) is refused rather than replaced."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise PrometheanError(f"{directory} is a file, not a directory.")
+    if directory.is_dir():
+        tokenizer_files = {TOKENIZER_FILE, BPE_FILE, CHAR_FILE}
+        others = sorted(
+            path.name for path in directory.iterdir() if path.name not in tokenizer_files
+        )
+        if others:
+            raise PrometheanError(
+                f"{directory} holds files that are not a tokenizer's ({', '.join(others[:3])}); "
+                "choose a new or empty directory."
+            )
+    with atomic_directory(directory) as staging:
+        tokenizer.save(staging)
+    return directory
