@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from promethean.errors import PrometheanError
+from promethean.tokenizer import END_OF_TEXT, Tokenizer
+
 HUMAN_PREFIX = "Human: "
 ASSISTANT_PREFIX = "Assistant: "
 ROLE_PREFIXES = {"human": HUMAN_PREFIX, "assistant": ASSISTANT_PREFIX}
@@ -34,3 +37,59 @@ def render_conversation(turns: list[Turn]) -> str:
 def assistant_prompt(turns: list[Turn]) -> str:
     """The prompt that asks the model for the next assistant turn."""
     return render_conversation(turns) + ASSISTANT_PREFIX.rstrip(" ")
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+TRAIN_ON = ("assistant", "all")
+
+
+def conversation_segments(turns: list[Turn]) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into `(text, is_assistant_reply)` pieces, end-of-text last.
+
+    Joined, the pieces are exactly `render_conversation(turns) + "<|endoftext|>"`. An assistant
+    turn is cut after `Assistant:`, not after `Assistant: `: `assistant_prompt` ends at the colon,
+    so the space is the first thing the model must produce, and with GPT-2's BPE it belongs to the
+    first word's token (" Hi"), which also makes the cut fall where BPE would split anyway.
+    The final end-of-text counts as the reply's when the conversation ends with the assistant:
+    it is how the model learns to stop.
+    """
+    prompt_end = ASSISTANT_PREFIX.rstrip(" ")
+    segments: list[tuple[str, bool]] = []
+    for turn in turns:
+        line = render_turn(turn)
+        if turn.role == "assistant":
+            segments.append((prompt_end, False))
+            segments.append((line[len(prompt_end):], True))
+        else:
+            segments.append((line, False))
+    ends_with_reply = bool(turns) and turns[-1].role == "assistant"
+    segments.append((END_OF_TEXT, ends_with_reply))
+    return segments
+
+
+def encode_conversation(
+    turns: list[Turn], tokenizer: Tokenizer, train_on: str = "assistant"
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation (ending with end-of-text) and a same-length loss mask.
+
+    With `train_on="assistant"` the mask is True exactly on the assistant replies' tokens: the
+    text after `Assistant:` (its leading space included, see `conversation_segments`), the newline
+    ending the turn, and the final end-of-text when the assistant speaks last. Human turns and the
+    `Assistant:` prompts are False. With `train_on="all"` every token is True.
+
+    Each segment is tokenised on its own so the mask boundaries are exact. For the bytes tokenizer
+    the ids are identical to tokenising the whole text; for a BPE they can differ in rare places
+    (a merge across a cut, e.g. an empty reply), which is harmless for training: the ids still
+    decode to exactly the rendered conversation.
+    """
+    if train_on not in TRAIN_ON:
+        raise PrometheanError(f"train_on must be one of {', '.join(TRAIN_ON)}, not '{train_on}'.")
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, is_reply in conversation_segments(turns):
+        # The end-of-text is added by id: a tokenizer need not parse special tokens in text.
+        piece = [tokenizer.eot_id] if text == END_OF_TEXT else tokenizer.encode(text)
+        ids.extend(piece)
+        mask.extend([is_reply or train_on == "all"] * len(piece))
+    return ids, mask
