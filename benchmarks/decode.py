@@ -29,8 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import resource
 import shlex
 import statistics
@@ -42,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import cores, cpu_description, ratios, write_section  # noqa: E402
 
 PRESET = "gpt2-small"
 PROMPT_LENGTH = 16
@@ -58,10 +58,6 @@ RSS_RUNS = (
     ("ours-import", "ours", "fp32", False),
     ("transformers-import", "transformers", "fp32", False),
 )
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def prompt_ids() -> list[int]:
@@ -274,46 +270,10 @@ def measure_speed(new_tokens: int, repeats: int) -> dict:
 
 # ---------------------------------------------------------------------------------- report
 def machine() -> dict:
-    import psutil
     import torch
     import transformers
 
-    model_name = platform.processor() or "unknown CPU"
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name") and model_name in ("unknown CPU", "x86_64"):
-                    model_name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    features = [
-        name for flag, name in (("avx512f", "AVX-512"), ("amx_bf16", "AMX-BF16")) if flag in flags
-    ]
-    l3 = None
-    l3_path = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
-    if l3_path.exists():
-        l3 = l3_path.read_text().strip()
-        if l3.endswith("K") and l3[:-1].isdigit():
-            l3 = f"{int(l3[:-1]) / 1024:.0f} MiB"
-    return {
-        "cpu": model_name,
-        "features": features,
-        "cores": cores(),
-        "l3": l3,
-        "ram_gib": psutil.virtual_memory().total / 2**30,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def ratios(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of a ratio taken within each round."""
-    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+    return {**cpu_description(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def round_bandwidth(samples: list[dict[str, float]], rounds: int) -> list[float]:
@@ -505,21 +465,6 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
     )
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = ""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -550,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, START, END, body)
         print(f"\nwrote the decode section of {args.write}")
 
 

@@ -33,8 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import shlex
 import shutil
 import statistics
@@ -48,6 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import cores, cpu_description, ratios, write_section  # noqa: E402
+
 START, END = "<!-- prepare:start -->", "<!-- prepare:end -->"
 PEER_SCRIPT = """
 import sys, time
@@ -59,37 +59,11 @@ print(tokens)
 """
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0))
-
-
 def machine() -> dict:
     import numpy
     import tiktoken
 
-    model_name = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
-        "cpu": model_name,
-        "cores": cores(),
-        "ram_gib": total / 2**30,
-        "python": platform.python_version(),
-        "tiktoken": tiktoken.__version__,
-        "numpy": numpy.__version__,
-    }
-
-
-def ratios(numerator: list[float], denominator: list[float]) -> float:
-    """Median over rounds of a ratio taken within each round."""
-    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
+    return {**cpu_description(), "tiktoken": tiktoken.__version__, "numpy": numpy.__version__}
 
 
 # ----------------------------------------------------------------------------- contenders
@@ -300,22 +274,12 @@ def render(result: dict, info: dict, args, command: str, started, elapsed: float
     ])
 
 
-def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        heading = (
-            "## Preparation: GPT-2 tokens/s of `data prepare`\n\n"
-            "`benchmarks/prepare.py`: `prepare` with one worker process per core against the "
-            "simplest fast alternative, one process running tiktoken's `encode_ordinary` over the "
-            "same documents, in memory and end to end from the command line.\n\n"
-        )
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + heading + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+HEADING = (
+    "## Preparation: GPT-2 tokens/s of `data prepare`\n\n"
+    "`benchmarks/prepare.py`: `prepare` with one worker process per core against the "
+    "simplest fast alternative, one process running tiktoken's `encode_ordinary` over the "
+    "same documents, in memory and end to end from the command line.\n\n"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(body)
     if args.write:
-        write_section(args.write, body)
+        write_section(args.write, START, END, body, heading=HEADING)
         print(f"\nwrote the prepare section of {args.write}")
 
 

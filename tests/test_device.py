@@ -4,7 +4,6 @@ import torch
 from promethean.device import resolve_device, resolve_dtype
 from promethean.errors import PrometheanError
 from promethean.inference.generate import SamplingParams, generate
-from tests.conftest import build
 
 
 def test_auto_picks_cuda_then_mps_then_cpu():
