@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from promethean.config import ModelConfig
 from promethean.model.attention import Attention, KVCache, attention_mask
@@ -52,6 +53,9 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        # Set by the trainer: keep only each block's input during training and recompute the
+        # block's activations in the backward pass (about one extra forward of compute).
+        self.gradient_checkpointing = False
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.position_embedding = nn.Embedding(config.context_length, config.n_embd)
@@ -135,7 +139,7 @@ class Transformer(nn.Module):
         With a `cache`, `idx` continues the sequences the cache holds, and the cache is advanced.
         `targets` entries equal to -100 are ignored by the loss.
         """
-        batch, length = idx.shape
+        _batch, length = idx.shape
         start = cache.length if cache is not None else 0
         longest = start + length - (cache.min_left_padding if cache is not None else 0)
         if longest > self.config.context_length:
@@ -172,8 +176,11 @@ class Transformer(nn.Module):
                     rotaries[theta] = self._rotary(theta, positions, x.dtype)
                 rotary = rotaries[theta]
             mask, is_causal = masks[window]
-            layer_cache = cache.layers[layer] if cache is not None else None
-            x = block(x, rotary, mask, is_causal, layer_cache)
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rotary, mask, is_causal, None, use_reentrant=False)
+            else:
+                layer_cache = cache.layers[layer] if cache is not None else None
+                x = block(x, rotary, mask, is_causal, layer_cache)
         if cache is not None:
             cache.length += length
 
