@@ -324,6 +324,60 @@ def data_list() -> None:
     console.print(table)
 
 
+SetOption = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a setting: key=value, the value a TOML literal (repeatable).")]
+ResumeOption = Annotated[Optional[Path], typer.Option(
+    "--resume", help="A training checkpoint (out/step-XXXXXX) to continue exactly.")]
+
+
+def _run_training(config, resume: Path | None) -> None:
+    from promethean.train.trainer import train
+
+    result = train(config, resume=resume)
+    best = "" if result.best_val_loss is None else f"; best val loss {result.best_val_loss:.4f} in {result.best_checkpoint}"
+    skipped = f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""
+    typer.echo(f"{result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens): "
+               f"checkpoint {result.final_checkpoint}{best}{skipped}")
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Path, typer.Argument(help="Training config (.toml); see TrainConfig.")],
+    set_: SetOption = None,
+    resume: ResumeOption = None,
+) -> None:
+    """Train a model (a preset, or a checkpoint to continue from) on prepared token data."""
+    from promethean.train.config import load_train_config
+
+    _run_training(load_train_config(config, set_ or []), resume)
+
+
+@app.command()
+def finetune(
+    config: Annotated[Path, typer.Argument(help="Training config (.toml); its `model` is ignored.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The checkpoint to fine-tune.")],
+    set_: SetOption = None,
+    resume: ResumeOption = None,
+) -> None:
+    """Fine-tune every weight of a checkpoint on prepared token data."""
+    from promethean.checkpoint import read_checkpoint_record
+    from promethean.train.config import load_train_config
+
+    read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
+    _run_training(load_train_config(config, [*(set_ or []), f"model={str(checkpoint)!r}"]), resume)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A training run directory (holds metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN_DIR/metrics.png).")] = None,
+) -> None:
+    """Draw a run's train/validation loss and learning rate as a PNG."""
+    from promethean.train.plot import plot_run
+
+    console.print(f"wrote {plot_run(run_dir, out)}")
+
+
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where to write the demo checkpoint.")] = Path("runs/quickstart"),

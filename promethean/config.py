@@ -133,13 +133,15 @@ class ModelConfig(BaseModel):
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
-def _describe_validation_error(error: ValidationError, source: str) -> str:
-    """Turn pydantic's report into one sentence a user can act on."""
+def describe_validation_error(
+    error: ValidationError, source: str, settings: type[BaseModel]
+) -> str:
+    """Turn pydantic's report on a `settings` model into one sentence a user can act on."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            known = ", ".join(ModelConfig.model_fields)
+            known = ", ".join(settings.model_fields)
             problems.append(f"'{location}' is not a known setting (known settings: {known})")
         elif item["type"] == "missing":
             problems.append(f"'{location}' is required but missing")
@@ -161,7 +163,7 @@ def parse_model_config(data: Any, source: str = "model config") -> ModelConfig:
     try:
         return ModelConfig(**data)
     except ValidationError as error:
-        raise ConfigError(_describe_validation_error(error, source)) from None
+        raise ConfigError(describe_validation_error(error, source, ModelConfig)) from None
 
 
 @dataclass(frozen=True)

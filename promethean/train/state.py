@@ -1,0 +1,211 @@
+"""Training checkpoints: a model checkpoint plus everything an exact resume needs.
+
+Beside `model.safetensors`, `config.json` and the tokenizer (written by
+`promethean.checkpoint.save_checkpoint`), a training checkpoint holds
+
+- `train_state.safetensors`: the optimizer's tensors (`optimizer.<param>.<name>`) and the torch
+  RNG states (`rng.torch`, `rng.cuda.<i>`) as uint8 tensors;
+- `train_state.json`: the step, token count, optimizer hyper-parameters per group, the grad
+  scaler, numpy and Python RNG states, the data sampler's position, the best validation loss and
+  the early-stopping counter.
+
+The whole directory is written through `promethean.files.atomic_directory`, so a crash mid-save
+leaves the previous checkpoint of that name intact. Nothing is pickled, and no non-finite tensor
+is ever written: a model or optimizer holding NaN or infinity is refused with a sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from promethean.checkpoint import model_tensors, save_checkpoint
+from promethean.errors import CheckpointError
+from promethean.files import atomic_directory
+
+STATE_TENSORS_FILE = "train_state.safetensors"
+STATE_JSON_FILE = "train_state.json"
+STATE_FORMAT = "promethean-train-state"
+STATE_VERSION = 1
+
+
+@dataclass
+class Progress:
+    """The trainer's own counters, saved in train_state.json."""
+
+    step: int = 0  # optimizer steps taken (skipped ones included)
+    tokens: int = 0  # training tokens consumed
+    elapsed: float = 0.0  # seconds of training across all resumed legs
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ RNG states
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = state
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    record = {
+        "numpy": [kind, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss_next],
+    }
+    return tensors, record
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted(
+        (k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1])
+    )
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    kind, keys, position, has_gauss, cached = record["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss_next = record["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# ------------------------------------------------------------------------------- optimizer
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], record: dict) -> dict:
+    entries: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            entries.setdefault(int(index), {})[name] = tensor
+    for index, values in record["scalars"].items():
+        entries.setdefault(int(index), {}).update(values)
+    groups = []
+    for group in record["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": entries, "param_groups": groups}
+
+
+# ------------------------------------------------------------------------------ save / load
+
+
+def _refuse_nonfinite(tensors: dict[str, torch.Tensor], what: str, directory: Path) -> None:
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"refusing to write {directory}: {what} tensor '{name}' holds NaN or infinite "
+                "values."
+            )
+
+
+def save_training_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    tokenizer,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    progress: Progress,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Model, tokenizer and training state in one atomically written directory."""
+    directory = Path(directory)
+    _refuse_nonfinite(model_tensors(model), "model", directory)
+    optimizer_tensors, optimizer_record = _optimizer_parts(optimizer)
+    _refuse_nonfinite(optimizer_tensors, "optimizer", directory)
+    rng_tensors, rng_record = rng_state()
+    record = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "progress": asdict(progress),
+        "optimizer": optimizer_record,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": rng_record,
+    }
+    with atomic_directory(directory) as scratch:
+        # save_checkpoint writes its own staging directory and renames it over the (empty)
+        # scratch one; the state files then join it before the whole is renamed into place.
+        save_checkpoint(scratch, model, tokenizer, metadata)
+        save_file(
+            {**optimizer_tensors, **rng_tensors},
+            str(scratch / STATE_TENSORS_FILE),
+            metadata={"format": "pt"},
+        )
+        (scratch / STATE_JSON_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+@dataclass
+class TrainingState:
+    progress: Progress
+    optimizer: dict  # for optimizer.load_state_dict
+    scaler: dict | None
+    rng_tensors: dict[str, torch.Tensor]
+    rng_record: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        set_rng_state(self.rng_tensors, self.rng_record)
+
+
+def load_training_state(directory: str | Path) -> TrainingState:
+    """The training state beside a checkpoint's model files (checked, not yet applied)."""
+    directory = Path(directory)
+    json_path, tensors_path = directory / STATE_JSON_FILE, directory / STATE_TENSORS_FILE
+    if not json_path.is_file() or not tensors_path.is_file():
+        raise CheckpointError(
+            f"{directory} holds no training state ({STATE_JSON_FILE} and {STATE_TENSORS_FILE}); "
+            "it can be fine-tuned from but not resumed."
+        )
+    try:
+        record = json.loads(json_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{json_path} is not valid JSON ({error}).") from None
+    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{json_path} is not a Promethean training state.")
+    if record.get("version") != STATE_VERSION:
+        raise CheckpointError(
+            f"{json_path} has training-state version {record.get('version')!r}; this Promethean "
+            f"reads version {STATE_VERSION}."
+        )
+    try:
+        tensors = load_file(str(tensors_path))
+    except SafetensorError as error:
+        raise CheckpointError(
+            f"{tensors_path} is not a readable safetensors file ({error})."
+        ) from None
+    if "rng.torch" not in tensors:
+        raise CheckpointError(f"{tensors_path} is missing the torch RNG state.")
+    try:
+        progress = Progress(**record["progress"])
+        optimizer = _optimizer_state(tensors, record["optimizer"])
+        rng_record = record["rng"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{json_path} is incomplete or malformed ({error}).") from None
+    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    return TrainingState(progress, optimizer, record.get("scaler"), rng_tensors, rng_record)

@@ -1,0 +1,436 @@
+"""The training loop: `train(config) -> TrainResult`, pre-training and full fine-tuning alike.
+
+One optimizer step is `grad_accum` micro-batches from a `WindowSampler` (each loss divided by
+`grad_accum`), under autocast for bf16/fp16 (a GradScaler for fp16), gradients clipped, the
+learning rate set from `schedule.lr_at(step)`. Around it:
+
+- evaluation every `eval_interval` steps and at the end (exact loss, perplexity, bits per byte);
+  `out/best` is rewritten whenever the validation loss improves by more than `min_delta`, and
+  `early_stopping_patience` evaluations without such an improvement end the run;
+- checkpoints `out/step-XXXXXX` every `checkpoint_interval` steps and at the end, the last
+  `keep_last` kept; each carries the training state, so `train(config, resume=dir)` continues
+  exactly where the run was (same batches, same RNG, same optimizer moments, same schedule);
+- a non-finite loss or gradient skips the optimizer step (counted as `skipped_steps`);
+  `max_nonfinite_in_a_row` of them in a row stop the run with a sentence;
+- SIGINT/SIGTERM set a flag: the loop saves a checkpoint at the next step boundary and returns;
+- metrics as JSON lines in `out/metrics.jsonl`, and a rich progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promethean.errors import CheckpointError, PrometheanError
+from promethean.train.config import TrainConfig
+from promethean.train.optim import build_optimizer
+from promethean.train.schedule import lr_at
+from promethean.train.state import Progress, load_training_state, save_training_checkpoint
+
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+STEP_PREFIX = "step-"
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken in all (resumed legs included)
+    tokens: int
+    stopped: str  # "max_steps", "early_stopping", "interrupted" or "until_step"
+    final_checkpoint: Path
+    best_checkpoint: Path | None
+    best_val_loss: float | None
+    skipped_steps: int
+    # (step, train loss) of every step this call ran; nan for skipped steps.
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:06d}"
+
+
+# ---------------------------------------------------------------------------------- setup
+
+
+def _load_model(source: str, device: torch.device, seed: int):
+    """(model, tokenizer, origin) from a checkpoint directory or a preset (random weights)."""
+    from promethean.checkpoint import load_checkpoint
+    from promethean.config import load_preset
+    from promethean.model import Transformer
+    from promethean.tokenizer import get_tokenizer
+
+    if Path(source).is_dir():
+        checkpoint = load_checkpoint(source, device=device)
+        return checkpoint.model, checkpoint.tokenizer, {"checkpoint": str(source)}
+    preset = load_preset(source)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(preset.model)
+    return model, get_tokenizer(preset.tokenizer), {"preset": preset.name}
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it at each step boundary."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+
+        def handler(number, frame):
+            if self.signal_name is not None and number == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
+            self.signal_name = signal.Signals(number).name
+
+        previous = {
+            number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield self
+        finally:
+            for number, old in previous.items():
+                signal.signal(number, old)
+
+
+def _memory_stats_function():
+    """`promethean.train.memory.get_memory_stats` when that module exists, else None."""
+    try:
+        from promethean.train.memory import get_memory_stats
+    except ModuleNotFoundError as error:
+        if error.name != "promethean.train.memory":
+            raise
+        return None
+    return get_memory_stats
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become null so every metrics line is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _json_safe(dataclasses.asdict(value))
+    return value
+
+
+def _progress_bar(config: TrainConfig, enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]step {task.completed}/{task.total}"),
+        BarColumn(),
+        TextColumn("{task.fields[tokens_per_second]:,.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("lr {task.fields[lr]:.2e}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+def train(
+    config: TrainConfig,
+    resume: str | Path | None = None,
+    *,
+    until_step: int | None = None,
+) -> TrainResult:
+    """Train as `config` says; with `resume`, continue exactly from that training checkpoint.
+
+    `until_step` stops after that step as an interruption would (checkpoint saved), without
+    changing the schedule, which still runs to `max_steps`.
+    """
+    from promethean.data.batches import (
+        TokenDataset,
+        WindowSampler,
+        bits_per_byte,
+        exact_loss,
+        perplexity,
+    )
+    from promethean.device import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    amp_dtype = resolve_dtype(config.dtype, device)
+    out = Path(config.out)
+
+    state = None
+    if resume is not None:
+        state = load_training_state(resume)  # checked before the model is loaded
+        model, tokenizer, origin = _load_model(str(resume), device, config.seed)
+        origin = {"resumed_from": str(resume)}
+    else:
+        model, tokenizer, origin = _load_model(config.model, device, config.seed)
+    model.train()
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing"):
+            raise PrometheanError("this model does not support gradient checkpointing.")
+        model.gradient_checkpointing = True
+
+    block_size = config.block_size or model.config.context_length
+    if block_size > model.config.context_length:
+        raise PrometheanError(
+            f"block_size ({block_size}) is longer than the model's context "
+            f"({model.config.context_length})."
+        )
+    dataset = TokenDataset(config.data, tokenizer)
+    if dataset.vocab_size > model.config.vocab_size:
+        raise PrometheanError(
+            f"{config.data} has {dataset.vocab_size} token ids but the model's vocabulary is only "
+            f"{model.config.vocab_size}."
+        )
+    val_meta = dataset.split_meta("val")
+    if val_meta["tokens"] == 0:
+        raise PrometheanError(
+            f"the 'val' split of {config.data} is empty; training needs one to evaluate on."
+        )
+    sampler = WindowSampler(
+        dataset, config.batch_size, block_size, "train", seed=config.seed, device=device
+    )
+
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    use_scaler = amp_dtype is torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
+    progress = Progress()
+    if state is not None:
+        # How the update runs (fused kernel, foreach) belongs to this machine, not the saved one.
+        runtime = [
+            {key: group[key] for key in ("fused", "foreach", "capturable") if key in group}
+            for group in optimizer.param_groups
+        ]
+        try:
+            optimizer.load_state_dict(state.optimizer)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise CheckpointError(
+                f"the optimizer state in {resume} does not fit this model ({error})."
+            ) from None
+        for group, flags in zip(optimizer.param_groups, runtime, strict=True):
+            group.update(flags)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        sampler.load_state_dict(state.progress.sampler)
+        progress = state.progress
+        state.restore_rng()
+
+    forward_model = torch.compile(model) if config.compile else model
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=amp_dtype))
+        if amp_dtype is not torch.float32
+        else contextlib.nullcontext
+    )
+    memory_stats = _memory_stats_function()
+    tokens_per_step = config.batch_size * config.grad_accum * block_size
+    metadata = {**origin, "train_config": config.model_dump(mode="json")}
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / METRICS_FILE
+    last_step = min(config.max_steps, until_step) if until_step is not None else config.max_steps
+
+    def evaluate_val() -> dict[str, float]:
+        batches = dataset.iter_eval_batches("val", config.batch_size, block_size, device)
+        if config.eval_batches is not None:
+            batches = itertools.islice(batches, config.eval_batches)
+        with autocast():
+            total = exact_loss(forward_model, batches)
+        return {
+            "val_loss": total.mean,
+            "val_perplexity": perplexity(total.mean),
+            "val_bits_per_byte": bits_per_byte(total.mean, val_meta),
+        }
+
+    def save(directory: Path) -> Path:
+        progress.sampler = sampler.state_dict()
+        return save_training_checkpoint(
+            directory, model, tokenizer, optimizer, scaler, progress, metadata
+        )
+
+    def save_step_checkpoint() -> Path:
+        path = save(out / step_dir_name(progress.step))
+        existing = sorted(
+            p
+            for p in out.glob(f"{STEP_PREFIX}*")
+            if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit()
+        )
+        for old in existing[: -config.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    losses: list[tuple[int, float]] = []
+    stopped = "max_steps"
+    final_checkpoint: Path | None = None
+    started = time.perf_counter()
+    elapsed_before = progress.elapsed
+    window_started, window_tokens = time.perf_counter(), 0
+    stop_flag = _StopFlag()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+
+    with (
+        stop_flag.installed(),
+        open(metrics_path, "a") as metrics,
+        _progress_bar(config, config.progress) as bar,
+    ):
+        task = bar.add_task(
+            "train",
+            total=config.max_steps,
+            completed=progress.step,
+            tokens_per_second=0.0,
+            loss=float("nan"),
+            lr=0.0,
+        )
+        while progress.step < last_step:
+            step = progress.step
+            lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            step_loss = 0.0
+            for _ in range(config.grad_accum):
+                inputs, targets = sampler.next_batch()
+                with autocast():
+                    _, loss = forward_model(inputs, targets)
+                loss = loss / config.grad_accum
+                step_loss += float(loss.detach())
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(
+                    parameters, config.grad_clip if config.grad_clip is not None else math.inf
+                )
+            )
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            if scaler is not None and math.isfinite(step_loss):
+                # fp16 overflow in the gradients is routine: the scaler skips and lowers its scale.
+                scaler.step(optimizer)
+                scaler.update()
+                if not finite:
+                    progress.skipped_steps += 1
+                progress.nonfinite_in_a_row = 0
+            elif finite:
+                optimizer.step()
+                progress.nonfinite_in_a_row = 0
+            else:
+                progress.skipped_steps += 1
+                progress.nonfinite_in_a_row += 1
+                if scaler is not None:
+                    scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            progress.step += 1
+            progress.tokens += tokens_per_step
+            window_tokens += tokens_per_step
+            progress.elapsed = elapsed_before + (time.perf_counter() - started)
+            losses.append((progress.step, step_loss if math.isfinite(step_loss) else math.nan))
+
+            if progress.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
+                raise PrometheanError(
+                    f"training stopped at step {progress.step}: {progress.nonfinite_in_a_row} steps "
+                    "in a row had a NaN or infinite loss or gradient; lower the learning rate, use "
+                    f"bf16 or fp32, or resume from the last good checkpoint in {out}."
+                )
+
+            now = time.perf_counter()
+            tokens_per_second = window_tokens / max(now - window_started, 1e-9)
+            is_last = progress.step >= last_step
+            record: dict[str, Any] = {}
+            if progress.step % config.log_interval == 0 or is_last:
+                record.update(train_loss=step_loss, grad_norm=grad_norm)
+            do_eval = progress.step % config.eval_interval == 0 or progress.step == config.max_steps
+            if do_eval:
+                record.update(evaluate_val())
+                val_loss = record["val_loss"]
+                best = progress.best_val_loss
+                if best is None or best - val_loss > config.early_stopping_min_delta:
+                    progress.best_val_loss = val_loss
+                    progress.evals_without_improvement = 0
+                    save(out / BEST_DIR)
+                else:
+                    progress.evals_without_improvement += 1
+            if record:
+                record = {
+                    "step": progress.step,
+                    "tokens": progress.tokens,
+                    **record,
+                    "lr": lr,
+                    "tokens_per_second": tokens_per_second,
+                    "elapsed": progress.elapsed,
+                    "skipped_steps": progress.skipped_steps,
+                }
+                if memory_stats is not None:
+                    record["memory"] = memory_stats(device)
+                metrics.write(json.dumps(_json_safe(record)) + "\n")
+                metrics.flush()
+                window_started, window_tokens = time.perf_counter(), 0
+            bar.update(
+                task,
+                completed=progress.step,
+                tokens_per_second=tokens_per_second,
+                loss=step_loss,
+                lr=lr,
+            )
+
+            patience = config.early_stopping_patience
+            if patience is not None and progress.evals_without_improvement >= patience:
+                stopped = "early_stopping"
+            elif stop_flag:
+                stopped = "interrupted"
+            elif (
+                until_step is not None
+                and progress.step >= until_step
+                and progress.step < config.max_steps
+            ):
+                stopped = "until_step"
+            elif (
+                config.checkpoint_interval
+                and progress.step % config.checkpoint_interval == 0
+                and not is_last
+            ):
+                save_step_checkpoint()
+            if stopped != "max_steps":
+                break
+        final_checkpoint = save_step_checkpoint()
+
+    best_dir = out / BEST_DIR
+    return TrainResult(
+        steps=progress.step,
+        tokens=progress.tokens,
+        stopped=stopped,
+        final_checkpoint=final_checkpoint,
+        best_checkpoint=best_dir if best_dir.is_dir() else None,
+        best_val_loss=progress.best_val_loss,
+        skipped_steps=progress.skipped_steps,
+        losses=losses,
+    )

@@ -1,0 +1,390 @@
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from promethean.checkpoint import load_checkpoint
+from promethean.config import load_preset
+from promethean.data.prepare import prepare
+from promethean.errors import CheckpointError, ConfigError, PrometheanError
+from promethean.model import Transformer
+from promethean.tokenizer import ByteTokenizer
+from promethean.train.config import (
+    TrainConfig,
+    load_train_config,
+    parse_override,
+    parse_train_config,
+)
+from promethean.train.optim import build_optimizer, parameter_groups
+from promethean.train.schedule import lr_at
+from promethean.train.state import STATE_JSON_FILE, STATE_TENSORS_FILE, load_training_state
+from promethean.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[1]
+# Subprocesses train tiny models: one thread each keeps them quick on a busy 2-core machine.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _documents(count: int = 60) -> list[str]:
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "cat"]
+    return [
+        " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + f" {i}."
+        for i in range(count)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one thread is as fast, and does not thrash when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    prepare(
+        _documents(),
+        ByteTokenizer(),
+        out,
+        source_name="generated",
+        source_sha256="0" * 64,
+        workers=1,
+        val_fraction=0.1,
+        progress=False,
+    )
+    return out
+
+
+def make_config(data_dir, out, **overrides) -> TrainConfig:
+    settings = {
+        "model": "tiny-gpt2",
+        "data": str(data_dir),
+        "out": str(out),
+        "batch_size": 2,
+        "grad_accum": 2,
+        "block_size": 32,
+        "max_steps": 12,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 3,
+        "eval_interval": 4,
+        "eval_batches": 2,
+        "log_interval": 1,
+        "progress": False,
+        "device": "cpu",
+        "seed": 1,
+    }
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_config_from_toml_with_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('model = "tiny-llama"\ndata = "d"\nout = "o"\nmax_steps = 50\nlr = 1e-3\n')
+    config = load_train_config(
+        path, ["max_steps=7", "dtype='bf16'", "eval_batches=3", "out=runs/x"]
+    )
+    assert config.max_steps == 7 and config.dtype == "bf16" and config.eval_batches == 3
+    assert config.out == "runs/x" and config.lr == 1e-3
+    assert config.beta2 == 0.95 and config.grad_clip == 0.5 and config.early_stopping_patience == 5
+
+
+def test_config_errors_are_sentences(tmp_path):
+    with pytest.raises(ConfigError, match="'max_step' is not a known setting"):
+        parse_override("max_step=3")
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_override("max_steps")
+    with pytest.raises(ConfigError, match="'max_steps' input should be a valid integer"):
+        load_train_config(None, ["model='a'", "data='b'", "out='c'", "max_steps='ten'"])
+    with pytest.raises(ConfigError, match="'batchsize' is not a known setting"):
+        parse_train_config({"model": "a", "data": "b", "out": "c", "batchsize": 2})
+    with pytest.raises(ConfigError, match=r"min_lr \(0.1\) cannot be larger than lr"):
+        load_train_config(None, ["model='a'", "data='b'", "out='c'", "lr=0.01", "min_lr=0.1"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(tmp_path / "missing.toml")
+
+
+# ------------------------------------------------------------------------- optim / schedule
+
+
+def test_weight_decay_only_on_matrices_that_are_not_embeddings():
+    for preset in ("tiny-gpt2", "tiny-llama"):
+        torch.manual_seed(0)
+        model = Transformer(load_preset(preset).model)
+        decay, no_decay = parameter_groups(model, 0.1)
+        decay_ids = {id(p) for p in decay["params"]}
+        assert id(model.token_embedding.weight) not in decay_ids
+        assert all(p.ndim >= 2 for p in decay["params"])
+        assert id(model.blocks[0].mlp_norm.weight) not in decay_ids
+        counted = len(decay["params"]) + len(no_decay["params"])
+        assert counted == len(list(model.parameters()))  # a tied head counted once
+        if model.config.tie_embeddings:
+            assert id(model.lm_head.weight) not in decay_ids
+        else:
+            assert id(model.lm_head.weight) in decay_ids
+        optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+        assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    rates = [lr_at(step, 1.0, 0.1, 4, 20) for step in range(25)]
+    assert rates[0] == pytest.approx(0.2) and rates[3] == pytest.approx(0.8)
+    assert rates[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(rates[4:]))
+    assert rates[20] == rates[24] == 0.1
+
+
+# ----------------------------------------------------------------------------------- train
+
+
+def test_training_lowers_loss_and_writes_metrics_and_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(make_config(data_dir, out, max_steps=16, checkpoint_interval=4, keep_last=2))
+    assert result.stopped == "max_steps" and result.steps == 16
+    lines = read_metrics(out)
+    assert [line["step"] for line in lines] == list(range(1, 17))
+    first, last = lines[0], lines[-1]
+    assert {
+        "step",
+        "tokens",
+        "train_loss",
+        "lr",
+        "tokens_per_second",
+        "elapsed",
+        "skipped_steps",
+    } <= set(first)
+    assert last["tokens"] == 16 * 2 * 2 * 32
+    evals = [line for line in lines if "val_loss" in line]
+    assert [line["step"] for line in evals] == [4, 8, 12, 16]
+    assert {"val_perplexity", "val_bits_per_byte"} <= set(evals[0])
+    assert evals[0]["val_perplexity"] == pytest.approx(math.exp(evals[0]["val_loss"]))
+    assert last["train_loss"] < first["train_loss"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    try:
+        import promethean.train.memory  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        assert "memory" in first
+    # Periodic checkpoints, the last two kept; the final one carries the training state.
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000012", "step-000016"]
+    assert result.final_checkpoint == out / "step-000016"
+    assert (result.final_checkpoint / STATE_JSON_FILE).is_file()
+    assert (result.final_checkpoint / STATE_TENSORS_FILE).is_file()
+    assert load_training_state(result.final_checkpoint).progress.step == 16
+    best = load_checkpoint(result.best_checkpoint)
+    assert result.best_val_loss == pytest.approx(min(line["val_loss"] for line in evals))
+    assert best.config.name == "tiny-gpt2"
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+    straight = train(make_config(data_dir, tmp_path / "a", model="tiny-llama"))
+    first_leg = train(make_config(data_dir, tmp_path / "b", model="tiny-llama"), until_step=6)
+    assert first_leg.stopped == "until_step" and first_leg.steps == 6
+    resumed = train(
+        make_config(data_dir, tmp_path / "b", model="tiny-llama"), resume=first_leg.final_checkpoint
+    )
+    assert resumed.steps == 12
+    assert [s for s, _ in resumed.losses] == list(range(7, 13))
+    joined = first_leg.losses + resumed.losses
+    for (step_a, loss_a), (step_b, loss_b) in zip(straight.losses, joined, strict=True):
+        assert step_a == step_b
+        assert abs(loss_a - loss_b) < 1e-6, (step_a, loss_a, loss_b)
+    final_a = load_checkpoint(straight.final_checkpoint).model.state_dict()
+    final_b = load_checkpoint(resumed.final_checkpoint).model.state_dict()
+    for name, tensor in final_a.items():
+        torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=1e-6)
+    # The metrics file was appended to, not restarted.
+    assert [line["step"] for line in read_metrics(tmp_path / "b")] == list(range(1, 13))
+
+
+def test_resume_needs_training_state(data_dir, tmp_path):
+    from promethean.checkpoint import save_checkpoint
+
+    bare = save_checkpoint(
+        tmp_path / "bare", Transformer(load_preset("tiny-gpt2").model), ByteTokenizer()
+    )
+    with pytest.raises(CheckpointError, match="no training state"):
+        train(make_config(data_dir, tmp_path / "r"), resume=bare)
+
+
+def test_bf16_autocast_runs_on_cpu(data_dir, tmp_path):
+    result = train(
+        make_config(data_dir, tmp_path / "bf16", dtype="bf16", max_steps=4, eval_interval=4)
+    )
+    assert result.steps == 4 and math.isfinite(result.best_val_loss)
+
+
+def test_finetuning_starts_from_a_checkpoint(data_dir, tmp_path):
+    pre = train(make_config(data_dir, tmp_path / "pre", max_steps=8))
+    tuned = train(
+        make_config(
+            data_dir,
+            tmp_path / "tuned",
+            model=str(pre.best_checkpoint),
+            max_steps=4,
+            eval_interval=4,
+        )
+    )
+    assert tuned.steps == 4
+    assert (
+        read_metrics(tmp_path / "tuned")[0]["train_loss"]
+        < read_metrics(tmp_path / "pre")[0]["train_loss"]
+    )
+
+
+def test_early_stopping_after_patience_evaluations(data_dir, tmp_path):
+    # A learning rate of ~0 cannot improve validation loss by min_delta.
+    result = train(
+        make_config(
+            data_dir,
+            tmp_path / "es",
+            lr=1e-9,
+            min_lr=0.0,
+            max_steps=40,
+            eval_interval=2,
+            early_stopping_patience=2,
+            early_stopping_min_delta=0.5,
+        )
+    )
+    assert result.stopped == "early_stopping"
+    assert result.steps == 6  # eval at 2 is the best; 4 and 6 do not improve
+
+
+# ------------------------------------------------------------------------ non-finite guard
+
+
+def _poison_forward(monkeypatch, bad_calls):
+    original = Transformer.forward
+    calls = {"training": 0}
+
+    def forward(self, idx, targets=None, *args, **kwargs):
+        output = original(self, idx, targets, *args, **kwargs)
+        if self.training and targets is not None:
+            calls["training"] += 1
+            if bad_calls(calls["training"]):
+                return type(output)(output.logits, output.loss * float("nan"))
+        return output
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def test_a_nan_loss_skips_the_step(data_dir, tmp_path, monkeypatch):
+    _poison_forward(monkeypatch, lambda call: call in (5, 6))  # step 3's two micro-batches
+    result = train(make_config(data_dir, tmp_path / "nan", max_steps=6, eval_interval=6))
+    assert result.skipped_steps == 1 and result.steps == 6
+    lines = read_metrics(tmp_path / "nan")
+    assert lines[2]["train_loss"] is None and lines[2]["skipped_steps"] == 1
+    model = load_checkpoint(result.final_checkpoint).model
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nan_in_a_row_stops_with_a_sentence(data_dir, tmp_path, monkeypatch):
+    _poison_forward(monkeypatch, lambda call: call > 2)
+    with pytest.raises(PrometheanError, match="3 steps in a row had a NaN or infinite loss"):
+        train(make_config(data_dir, tmp_path / "nan", max_nonfinite_in_a_row=3))
+
+
+def test_nonfinite_weights_are_never_saved(data_dir, tmp_path):
+    from promethean.train.optim import build_optimizer
+    from promethean.train.state import Progress, save_training_checkpoint
+
+    model = Transformer(load_preset("tiny-gpt2").model)
+    with torch.no_grad():
+        model.blocks[0].mlp_norm.weight[0] = float("inf")
+    optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        save_training_checkpoint(
+            tmp_path / "bad", model, ByteTokenizer(), optimizer, None, Progress()
+        )
+    assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------- signals and the CLI
+
+
+def _cli(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "promethean", *args],
+        check=False,
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        **kwargs,
+    )
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
+    out = tmp_path / "sig"
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "tiny-gpt2"\ndata = "{data_dir}"\nout = "{out}"\nbatch_size = 2\n'
+        "block_size = 32\nmax_steps = 100000\nlog_interval = 1\neval_interval = 100000\n"
+        'eval_batches = 1\ndevice = "cpu"\nprogress = false\nwarmup_steps = 2\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "promethean", "pretrain", str(config)],
+        env=SUBPROCESS_ENV,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "interrupted" in stdout
+    saved = sorted(out.glob("step-*"))
+    assert len(saved) == 1
+    step = load_training_state(saved[0]).progress.step
+    assert step >= 1
+    resumed = _cli(
+        "pretrain", str(config), "--set", f"max_steps={step + 2}", "--resume", str(saved[0])
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_training_state(out / f"step-{step + 2:06d}").progress.step == step + 2
+
+
+def test_cli_bad_config_is_one_sentence(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('model = "tiny-gpt2"\ndata = "d"\nout = "o"\nlearning_rate = 1.0\n')
+    result = _cli("pretrain", str(config))
+    assert result.returncode == 1
+    assert (
+        result.stderr.startswith("error: training config")
+        and "'learning_rate' is not a known setting" in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    result = _cli(
+        "finetune",
+        str(config),
+        "--checkpoint",
+        str(tmp_path / "nowhere"),
+        "--set",
+        "learning_rate=1",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
