@@ -6,8 +6,8 @@ no user ever sees a traceback for a mistake of theirs.
 
 from __future__ import annotations
 
+import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -330,10 +330,27 @@ ResumeOption = Annotated[Optional[Path], typer.Option(
     "--resume", help="A training checkpoint (out/step-XXXXXX) to continue exactly.")]
 
 
-def _run_training(config, resume: Path | None) -> None:
+BudgetOption = Annotated[Optional[str], typer.Option(
+    "--memory-budget", help="Memory to fit in (8GB, 512MB): micro-batch and accumulation are "
+    "chosen to fit, keeping batch_size x grad_accum sequences per step; refused before training "
+    "if nothing fits.")]
+
+
+def _run_training(config, resume: Path | None, memory_budget: str | None = None) -> None:
     from promethean.train.trainer import train
 
+    if memory_budget is not None:
+        from promethean.train.memory import fit_to_budget
+
+        config, estimate = fit_to_budget(config, memory_budget)
+        typer.echo(
+            f"memory budget {memory_budget}: micro-batch {config.batch_size} x {config.grad_accum} "
+            f"accumulation ({config.batch_size * config.grad_accum} sequences a step), "
+            f"estimated peak {estimate.describe()}", err=True,
+        )
     result = train(config, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 alone reports
     best = "" if result.best_val_loss is None else f"; best val loss {result.best_val_loss:.4f} in {result.best_checkpoint}"
     skipped = f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""
     typer.echo(f"{result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens): "
@@ -342,14 +359,20 @@ def _run_training(config, resume: Path | None) -> None:
 
 @app.command()
 def pretrain(
-    config: Annotated[Path, typer.Argument(help="Training config (.toml); see TrainConfig.")],
+    config: Annotated[Optional[Path], typer.Argument(
+        help="Training config (.toml); see TrainConfig. Optional when --preset/--set give "
+        "model, data and out.")] = None,
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="Model preset to train (short for --set model=NAME).")] = None,
     set_: SetOption = None,
     resume: ResumeOption = None,
+    memory_budget: BudgetOption = None,
 ) -> None:
     """Train a model (a preset, or a checkpoint to continue from) on prepared token data."""
     from promethean.train.config import load_train_config
 
-    _run_training(load_train_config(config, set_ or []), resume)
+    overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or [])]
+    _run_training(load_train_config(config, overrides), resume, memory_budget)
 
 
 @app.command()
@@ -358,13 +381,15 @@ def finetune(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The checkpoint to fine-tune.")],
     set_: SetOption = None,
     resume: ResumeOption = None,
+    memory_budget: BudgetOption = None,
 ) -> None:
     """Fine-tune every weight of a checkpoint on prepared token data."""
     from promethean.checkpoint import read_checkpoint_record
     from promethean.train.config import load_train_config
 
     read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
-    _run_training(load_train_config(config, [*(set_ or []), f"model={str(checkpoint)!r}"]), resume)
+    _run_training(load_train_config(config, [*(set_ or []), f"model={str(checkpoint)!r}"]), resume,
+                  memory_budget)
 
 
 @app.command()
@@ -380,37 +405,16 @@ def plot(
 
 @app.command()
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Where to write the demo checkpoint.")] = Path("runs/quickstart"),
+    out: Annotated[Path, typer.Option(help="Where everything goes (corpus split, tokenizer, data, run, "
+                                      "checkpoint, plot).")] = Path("runs/quickstart"),
+    minutes: Annotated[float, typer.Option(help="Wall time for the training itself.")] = 5.0,
     device: DeviceOption = None,
+    steps: Annotated[Optional[int], typer.Option(hidden=True, help="Fixed step count (tests).")] = None,
 ) -> None:
-    """Build a tiny model, save and reload it, and generate from it (no training yet)."""
-    import torch
+    """Train a small Shakespeare model from scratch in a few minutes, offline, and sample from it."""
+    from promethean.quickstart import run_quickstart
 
-    from promethean.checkpoint import load_checkpoint, save_checkpoint
-    from promethean.config import load_preset
-    from promethean.device import resolve_device
-    from promethean.inference.generate import SamplingParams, stream
-    from promethean.model import Transformer
-    from promethean.tokenizer import get_tokenizer
-
-    preset = load_preset("tiny-gpt2")
-    torch.manual_seed(0)
-    model = Transformer(preset.model)
-    console.print(
-        f"[bold]1.[/] built [cyan]{preset.name}[/] ({model.num_parameters():,} parameters, "
-        f"{preset.model.n_layer} layers, context {preset.model.context_length})"
-    )
-    save_checkpoint(out, model, get_tokenizer(preset.tokenizer), {"preset": preset.name})
-    console.print(f"[bold]2.[/] saved it to {out}/ (model.safetensors, config.json, tokenizer.json)")
-    checkpoint = load_checkpoint(out, device=resolve_device(device))
-    console.print(f"[bold]3.[/] loaded it back on {next(checkpoint.model.parameters()).device}")
-    console.print("[bold]4.[/] generating 64 tokens (untrained weights, so expect noise):")
-    params = SamplingParams(max_new_tokens=64, temperature=0.8, top_k=200, seed=0)
-    started = time.perf_counter()
-    pieces = list(stream(checkpoint.model, checkpoint.tokenizer, "Once upon a time", params))
-    elapsed = time.perf_counter() - started
-    console.print("Once upon a time" + "".join(pieces), markup=False, highlight=False)
-    console.print(f"[bold]5.[/] done: {64 / elapsed:.0f} tokens/s. Next: promethean generate {out} -p 'Hello'")
+    run_quickstart(out, minutes=minutes, device=device, steps=steps)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

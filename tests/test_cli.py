@@ -120,13 +120,6 @@ def test_bad_sampling_value(checkpoint):
     fails_with(run("generate", str(checkpoint), "-p", "x", "--top-p", "0"), "top_p must be in (0, 1], got 0.0.")
 
 
-def test_quickstart_runs_offline(tmp_path):
-    result = run("quickstart", "--out", str(tmp_path / "qs"))
-    assert result.returncode == 0, result.stderr
-    assert "done:" in result.stdout
-    assert (tmp_path / "qs" / "model.safetensors").is_file()
-
-
 def test_convert_to_hf_and_back_keeps_the_model(checkpoint, tmp_path):
     exported, imported = tmp_path / "hf", tmp_path / "back"
     assert run("convert", "to-hf", str(checkpoint), "--out", str(exported)).returncode == 0

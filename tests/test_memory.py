@@ -181,7 +181,7 @@ def test_plan_says_what_would_fit_when_nothing_does():
         plan_batch(config, 1024, 2 * GB, 8, "fp32", False)
     message = str(error.value)
     assert message.startswith("gpt2-small needs about ") and "at micro-batch 1, block 1024" in message
-    assert "the budget is 2.0 GB; try --gradient-checkpointing or a shorter block." in message
+    assert "the budget is 2.0 GB; try --set gradient_checkpointing=true or a shorter block." in message
 
 
 @pytest.mark.parametrize("text, size", [("8GB", 8 * GB), ("512MB", 512 * MB), ("1.5GiB", int(1.5 * GB)),

@@ -63,6 +63,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, ge=0)
     max_nonfinite_in_a_row: int = Field(default=5, gt=0)
     progress: bool = True  # a rich progress bar on stderr
+    # Under torchrun: DistributedDataParallel, or FSDP (fully_shard; CUDA only). Ignored in one
+    # process. See promethean.train.distributed for how ranks share the batches.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:

@@ -271,7 +271,7 @@ def plan_batch(
     if not fits(1):
         smallest = estimate_peak_memory(model_config, 1, block_size, dtype, gradient_checkpointing, optimizer)
         advice = ("try a shorter block or a smaller model" if gradient_checkpointing
-                  else "try --gradient-checkpointing or a shorter block")
+                  else "try --set gradient_checkpointing=true or a shorter block")
         raise PrometheanError(
             f"{model_config.name} needs {smallest.describe()} at micro-batch 1, block {block_size}; "
             f"the budget is {format_bytes(budget_bytes)}; {advice}."
@@ -284,3 +284,40 @@ def plan_batch(
         else:
             high = middle - 1
     return low, math.ceil(sequences / low)
+
+
+# ------------------------------------------------------------------ a training run under a budget
+
+
+def model_config_for(source: str) -> ModelConfig:
+    """The model config that a training run's `model` names (a checkpoint directory, a preset name
+    or a preset .toml), read without building or loading any weights."""
+    from pathlib import Path
+
+    if Path(source).is_dir():
+        from promethean.checkpoint import read_checkpoint_record
+
+        return read_checkpoint_record(source)[0]
+    from promethean.config import load_preset
+
+    return load_preset(source).model
+
+
+def fit_to_budget(config, budget: str | int):
+    """`config` (a TrainConfig) with batch_size x grad_accum re-planned to fit `budget` ("8GB" or
+    bytes): the largest micro-batch that fits and divides the effective batch, so the effective
+    batch (batch_size x grad_accum sequences per optimizer step) stays exactly what was asked.
+    Refuses with plan_batch's sentence when even micro-batch 1 does not fit.
+
+    Returns (new config, MemoryEstimate of its peak)."""
+    budget_bytes = parse_memory_size(budget) if isinstance(budget, str) else int(budget)
+    model_config = model_config_for(config.model)
+    block_size = config.block_size or model_config.context_length
+    target = config.batch_size * config.grad_accum
+    largest, _ = plan_batch(model_config, block_size, budget_bytes, target, config.dtype,
+                            config.gradient_checkpointing)
+    micro = max(d for d in range(1, largest + 1) if target % d == 0)
+    planned = config.with_overrides(batch_size=micro, grad_accum=target // micro)
+    estimate = estimate_peak_memory(model_config, micro, block_size, config.dtype,
+                                    config.gradient_checkpointing)
+    return planned, estimate

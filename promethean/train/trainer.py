@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from promethean.errors import CheckpointError, PrometheanError
+from promethean.train import distributed
 from promethean.train.config import TrainConfig
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
@@ -158,6 +160,79 @@ def _progress_bar(config: TrainConfig, enabled: bool):
     )
 
 
+# ------------------------------------------------------------------------------ pre-flight
+
+
+def preflight(config: TrainConfig, resume: str | Path | None = None) -> None:
+    """Refuse a run that cannot work, with one sentence, before any weight is loaded or step run.
+
+    Reads only small files (the model's config, the data's meta.json, the resume checkpoint's
+    config.json): a data tokenizer larger than the model's vocabulary, data prepared with another
+    tokenizer than the checkpoint being fine-tuned, and a resume checkpoint from a different model
+    or batch shape. (Unreadable checkpoint files are refused where they are read.)
+    """
+    from promethean.checkpoint import read_checkpoint_record
+    from promethean.data.prepare import read_meta, tokenizer_record
+    from promethean.tokenizer import resolve_tokenizer
+    from promethean.train.memory import model_config_for
+
+    model_config = model_config_for(config.model)
+    prepared = read_meta(config.data)["tokenizer"]
+    if prepared["vocab_size"] > model_config.vocab_size:
+        raise PrometheanError(
+            f"{config.data} was prepared with a {prepared['kind']} tokenizer of "
+            f"{prepared['vocab_size']:,} ids but the model's vocabulary is only "
+            f"{model_config.vocab_size:,}; prepare the data with the model's tokenizer or give the "
+            "model a larger vocab_size."
+        )
+    if Path(config.model).is_dir():
+        own = tokenizer_record(resolve_tokenizer(config.model))
+        if own["fingerprint"] != prepared["fingerprint"]:
+            raise PrometheanError(
+                f"{config.data} was prepared with a {prepared['kind']} tokenizer (fingerprint "
+                f"{prepared['fingerprint'][:12]}) but the checkpoint {config.model} uses a "
+                f"{own['kind']} tokenizer (fingerprint {own['fingerprint'][:12]}); prepare the data "
+                f"with --tokenizer {config.model}."
+            )
+    if resume is None:
+        return
+    saved_model, metadata = read_checkpoint_record(resume)
+    here, there = model_config.model_dump(exclude={"name"}), saved_model.model_dump(exclude={"name"})
+    differing = [key for key in here if here[key] != there.get(key)]
+    if differing:
+        key = differing[0]
+        raise PrometheanError(
+            f"{resume} was trained with a different model than {config.model} ({key} is "
+            f"{there.get(key)!r} there, {here[key]!r} here); resume with the config that started it."
+        )
+    saved = metadata.get("train_config")
+    if not isinstance(saved, dict):
+        return
+    # What an exact resume needs is the same micro-batches per optimizer step across the whole
+    # job: grad_accum x world size, so a run may resume on a different number of processes.
+    world_size_here = int(os.environ.get("WORLD_SIZE", "1"))
+    saved_accum = saved.get("grad_accum")
+    shape_here = {
+        "batch_size": config.batch_size,
+        "grad_accum x processes": config.grad_accum * world_size_here,
+        "block_size": config.block_size or model_config.context_length,
+    }
+    shape_there = {
+        "batch_size": saved.get("batch_size"),
+        "grad_accum x processes": (
+            None if saved_accum is None else saved_accum * int(metadata.get("world_size", 1))
+        ),
+        "block_size": saved.get("block_size") or saved_model.context_length,
+    }
+    for key, value in shape_here.items():
+        if shape_there[key] is not None and shape_there[key] != value:
+            raise PrometheanError(
+                f"{resume} was trained with {key} {shape_there[key]} but this run asks for "
+                f"{value}; an exact resume needs the same batch_size, grad_accum x processes "
+                "and block_size."
+            )
+
+
 # ----------------------------------------------------------------------------------- train
 
 
@@ -171,7 +246,26 @@ def train(
 
     `until_step` stops after that step as an interruption would (checkpoint saved), without
     changing the schedule, which still runs to `max_steps`.
+
+    Under `torchrun` (WORLD_SIZE > 1) every rank runs this same function on its share of the
+    batches, with the model in DDP (or FSDP, `config.distributed`); rank 0 alone writes. See
+    `promethean.train.distributed` for how that run relates to a one-process one.
     """
+    preflight(config, resume)  # one sentence before anything is loaded
+    from promethean.device import resolve_device
+
+    with distributed.session(resolve_device(config.device)) as dist_context:
+        return _train(config, resume, until_step=until_step, dist_context=dist_context)
+
+
+def _train(
+    config: TrainConfig,
+    resume: str | Path | None,
+    *,
+    until_step: int | None,
+    dist_context: distributed.DistributedContext,
+) -> TrainResult:
+    """`train` inside its distributed session (a one-process context when not distributed)."""
     from promethean.data.batches import (
         TokenDataset,
         WindowSampler,
@@ -181,7 +275,8 @@ def train(
     )
     from promethean.device import resolve_device, resolve_dtype
 
-    device = resolve_device(config.device)
+    device = dist_context.device if dist_context.enabled else resolve_device(config.device)
+    is_main = dist_context.is_main
     amp_dtype = resolve_dtype(config.dtype, device)
     out = Path(config.out)
 
@@ -215,9 +310,18 @@ def train(
         raise PrometheanError(
             f"the 'val' split of {config.data} is empty; training needs one to evaluate on."
         )
-    sampler = WindowSampler(
-        dataset, config.batch_size, block_size, "train", seed=config.seed, device=device
-    )
+    if dist_context.enabled:
+        # Rank r draws global micro-batches r, r + W, ...: see promethean.train.distributed.
+        sampler = distributed.ShardedWindowSampler(
+            dataset, config.batch_size, block_size, "train", seed=config.seed,
+            rank=dist_context.rank, world_size=dist_context.world_size, device=device,
+        )
+    else:
+        sampler = WindowSampler(
+            dataset, config.batch_size, block_size, "train", seed=config.seed, device=device
+        )
+    # DDP wraps the model; FSDP shards it in place (so before the optimizer sees its parameters).
+    train_model = distributed.wrap_model(model, config.distributed, dist_context)
 
     optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
     use_scaler = amp_dtype is torch.float16
@@ -243,16 +347,23 @@ def train(
         progress = state.progress
         state.restore_rng()
 
-    forward_model = torch.compile(model) if config.compile else model
+    forward_model = torch.compile(train_model) if config.compile else train_model
+    # Every rank evaluates the whole split itself (DDP: on the plain model, no collectives).
+    eval_model = model if dist_context.enabled else forward_model
     autocast = (
         (lambda: torch.autocast(device.type, dtype=amp_dtype))
         if amp_dtype is not torch.float32
         else contextlib.nullcontext
     )
     memory_stats = _memory_stats_function()
-    tokens_per_step = config.batch_size * config.grad_accum * block_size
-    metadata = {**origin, "train_config": config.model_dump(mode="json")}
-    out.mkdir(parents=True, exist_ok=True)
+    tokens_per_step = config.batch_size * config.grad_accum * block_size * dist_context.world_size
+    metadata = {
+        **origin,
+        "train_config": config.model_dump(mode="json"),
+        "world_size": dist_context.world_size,
+    }
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS_FILE
     last_step = min(config.max_steps, until_step) if until_step is not None else config.max_steps
 
@@ -261,15 +372,25 @@ def train(
         if config.eval_batches is not None:
             batches = itertools.islice(batches, config.eval_batches)
         with autocast():
-            total = exact_loss(forward_model, batches)
+            total = exact_loss(eval_model, batches)
+        mean = distributed.broadcast_float(total.mean)  # identical everywhere; rank 0's decides
         return {
-            "val_loss": total.mean,
-            "val_perplexity": perplexity(total.mean),
-            "val_bits_per_byte": bits_per_byte(total.mean, val_meta),
+            "val_loss": mean,
+            "val_perplexity": perplexity(mean),
+            "val_bits_per_byte": bits_per_byte(mean, val_meta),
         }
 
     def save(directory: Path) -> Path:
         progress.sampler = sampler.state_dict()
+        if dist_context.enabled:
+            # Rank 0 writes the plain model's state (so load_checkpoint reads it); others wait.
+            save_model, save_optimizer = distributed.full_state(model, optimizer, config)
+            if is_main:
+                save_training_checkpoint(
+                    directory, save_model, tokenizer, save_optimizer, scaler, progress, metadata
+                )
+            distributed.barrier()
+            return directory
         return save_training_checkpoint(
             directory, model, tokenizer, optimizer, scaler, progress, metadata
         )
@@ -281,7 +402,7 @@ def train(
             for p in out.glob(f"{STEP_PREFIX}*")
             if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit()
         )
-        for old in existing[: -config.keep_last]:
+        for old in existing[: -config.keep_last] if is_main else ():
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -296,8 +417,8 @@ def train(
 
     with (
         stop_flag.installed(),
-        open(metrics_path, "a") as metrics,
-        _progress_bar(config, config.progress) as bar,
+        (open(metrics_path, "a") if is_main else contextlib.nullcontext()) as metrics,
+        _progress_bar(config, config.progress and is_main) as bar,
     ):
         task = bar.add_task(
             "train",
@@ -314,19 +435,22 @@ def train(
                 group["lr"] = lr
 
             step_loss = 0.0
-            for _ in range(config.grad_accum):
+            for micro_step in range(config.grad_accum):
                 inputs, targets = sampler.next_batch()
-                with autocast():
-                    _, loss = forward_model(inputs, targets)
-                loss = loss / config.grad_accum
-                step_loss += float(loss.detach())
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
+                with distributed.gradient_sync(train_model, micro_step == config.grad_accum - 1):
+                    with autocast():
+                        _, loss = forward_model(inputs, targets)
+                    loss = loss / config.grad_accum
+                    step_loss += float(loss.detach())
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+            step_loss = distributed.all_reduce_mean(step_loss)  # the mean over ranks
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm = float(
+            grad_norm = distributed.as_float(
                 torch.nn.utils.clip_grad_norm_(
                     parameters, config.grad_clip if config.grad_clip is not None else math.inf
                 )
@@ -391,8 +515,9 @@ def train(
                 }
                 if memory_stats is not None:
                     record["memory"] = memory_stats(device)
-                metrics.write(json.dumps(_json_safe(record)) + "\n")
-                metrics.flush()
+                if is_main:
+                    metrics.write(json.dumps(_json_safe(record)) + "\n")
+                    metrics.flush()
                 window_started, window_tokens = time.perf_counter(), 0
             bar.update(
                 task,
@@ -405,7 +530,7 @@ def train(
             patience = config.early_stopping_patience
             if patience is not None and progress.evals_without_improvement >= patience:
                 stopped = "early_stopping"
-            elif stop_flag:
+            elif distributed.any_rank(bool(stop_flag)):  # every rank stops at the same step
                 stopped = "interrupted"
             elif (
                 until_step is not None
