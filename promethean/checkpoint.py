@@ -78,6 +78,22 @@ def save_checkpoint(
     return directory
 
 
+def read_versioned_record(path: Path, record_format: str, version: int, kind: str) -> dict:
+    """A JSON record that names its format and version, or a CheckpointError sentence."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
+    if not isinstance(record, dict) or record.get("format") != record_format:
+        raise CheckpointError(f"{path} is not a Promethean {kind}.")
+    if record.get("version") != version:
+        raise CheckpointError(
+            f"{path} has {kind} version {record.get('version')!r}; this Promethean reads "
+            f"version {version}."
+        )
+    return record
+
+
 def read_checkpoint_record(directory: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """The model config and metadata of a checkpoint, without touching its tensors."""
     directory = Path(directory)
@@ -86,17 +102,7 @@ def read_checkpoint_record(directory: str | Path) -> tuple[ModelConfig, dict[str
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a checkpoint: {CONFIG_FILE} is missing.")
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}).") from None
-    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a Promethean checkpoint config.")
-    if record.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint version {record.get('version')!r}; this Promethean reads "
-            f"version {CHECKPOINT_VERSION}."
-        )
+    record = read_versioned_record(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "checkpoint config")
     config = parse_model_config(record.get("model"), source=f"the model config in {path}")
     return config, record.get("metadata") or {}
 

@@ -18,9 +18,7 @@ import pytest
 import torch
 
 from promethean.checkpoint import load_checkpoint
-from promethean.data.prepare import prepare
 from promethean.errors import PrometheanError
-from promethean.tokenizer import ByteTokenizer
 from promethean.train.config import TrainConfig
 from promethean.train.distributed import DistributedContext, ShardedWindowSampler, wrap_model
 from promethean.train.trainer import train
@@ -44,30 +42,6 @@ SETTINGS = {
     "device": "cpu",
     "seed": 1,
 }
-
-
-def _documents(count: int = 60) -> list[str]:
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "cat"]
-    return [
-        " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + f" {i}."
-        for i in range(count)
-    ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(
-        _documents(),
-        ByteTokenizer(),
-        out,
-        source_name="generated",
-        source_sha256="0" * 64,
-        workers=1,
-        val_fraction=0.1,
-        progress=False,
-    )
-    return out
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ import torch
 
 from promethean.checkpoint import load_checkpoint
 from promethean.config import load_preset
-from promethean.data.prepare import prepare
 from promethean.errors import CheckpointError, ConfigError, PrometheanError
 from promethean.model import Transformer
 from promethean.tokenizer import ByteTokenizer
@@ -33,14 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _documents(count: int = 60) -> list[str]:
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "cat"]
-    return [
-        " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8 + i % 5)) + f" {i}."
-        for i in range(count)
-    ]
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """The models are tiny: one thread is as fast, and does not thrash when the machine is busy."""
@@ -48,22 +39,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    prepare(
-        _documents(),
-        ByteTokenizer(),
-        out,
-        source_name="generated",
-        source_sha256="0" * 64,
-        workers=1,
-        val_fraction=0.1,
-        progress=False,
-    )
-    return out
 
 
 def make_config(data_dir, out, **overrides) -> TrainConfig:

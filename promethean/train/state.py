@@ -27,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from promethean.checkpoint import model_tensors, save_checkpoint
+from promethean.checkpoint import model_tensors, read_versioned_record, save_checkpoint
 from promethean.errors import CheckpointError
 from promethean.files import atomic_directory
 
@@ -182,17 +182,7 @@ def load_training_state(directory: str | Path) -> TrainingState:
             f"{directory} holds no training state ({STATE_JSON_FILE} and {STATE_TENSORS_FILE}); "
             "it can be fine-tuned from but not resumed."
         )
-    try:
-        record = json.loads(json_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{json_path} is not valid JSON ({error}).") from None
-    if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{json_path} is not a Promethean training state.")
-    if record.get("version") != STATE_VERSION:
-        raise CheckpointError(
-            f"{json_path} has training-state version {record.get('version')!r}; this Promethean "
-            f"reads version {STATE_VERSION}."
-        )
+    record = read_versioned_record(json_path, STATE_FORMAT, STATE_VERSION, "training state")
     try:
         tensors = load_file(str(tensors_path))
     except SafetensorError as error:
