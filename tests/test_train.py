@@ -363,3 +363,13 @@ def test_cli_bad_config_is_one_sentence(tmp_path):
         "learning_rate=1",
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+def test_compiled_training_matches_eager_and_saves_plain_names(data_dir, tmp_path):
+    eager = train(make_config(data_dir, tmp_path / "eager", max_steps=4))
+    compiled = train(make_config(data_dir, tmp_path / "compiled", max_steps=4, compile=True))
+    for (step, loss), (compiled_step, compiled_loss) in zip(eager.losses, compiled.losses, strict=True):
+        assert step == compiled_step
+        assert compiled_loss == pytest.approx(loss, abs=1e-5)
+    # The checkpoint holds the model's own tensor names, not torch.compile's wrapper prefix.
+    assert load_checkpoint(compiled.final_checkpoint).model.num_parameters() > 0
