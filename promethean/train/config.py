@@ -50,6 +50,8 @@ class TrainConfig(BaseModel):
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float | None = Field(default=0.5, gt=0)  # None: no clipping
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # AdamW's moments: fp32 (torch.optim.AdamW), or bf16 to save 4 bytes per parameter.
+    optimizer_moments: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False
