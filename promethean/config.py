@@ -8,6 +8,7 @@ top-level `tokenizer` key and a `[model]` table validated strictly by `ModelConf
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,20 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = True
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init_std: float = Field(default=0.02, gt=0)
+    # Each block's mixer, as a pattern repeated over the layers: layer i uses
+    # mixer_pattern[i % len(mixer_pattern)]. ("attention",) is a plain Transformer, ("ssm",) a pure
+    # state-space model, ("ssm", "attention") interleaves the two (the SSSM hybrid).
+    mixer_pattern: tuple[Literal["attention", "ssm"], ...] = ("attention",)
+    # The selective state-space mixer (model/ssm.py): N state dimensions per channel, channels =
+    # ssm_expand * n_embd, a causal depthwise convolution of ssm_conv_kernel taps, and a step size
+    # projected through ssm_dt_rank dimensions (None: ceil(n_embd / 16), as Mamba).
+    ssm_state_size: int = Field(default=16, gt=0)
+    ssm_expand: int = Field(default=2, gt=0)
+    ssm_conv_kernel: int = Field(default=4, gt=0)
+    ssm_dt_rank: int | None = Field(default=None, gt=0)
+    # State updates smaller than this in magnitude are suppressed (straight-through gradients);
+    # 0 makes the mixer a plain selective scan.
+    spike_threshold: float = Field(default=0.1, ge=0.0)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ModelConfig:
@@ -101,6 +116,18 @@ class ModelConfig(BaseModel):
             raise ValueError("rope_local_theta applies to sliding-window layers, so it needs sliding_window")
         if self.position == "rope" and self.head_size % 2 != 0:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+        if not self.mixer_pattern:
+            raise ValueError("mixer_pattern must name at least one mixer, 'attention' or 'ssm'")
+        if self.n_layer % len(self.mixer_pattern) != 0:
+            raise ValueError(
+                f"mixer_pattern has {len(self.mixer_pattern)} entries, which does not divide "
+                f"n_layer ({self.n_layer}); the pattern repeats over the layers, so its length "
+                "must divide the number of layers"
+            )
+        if self.global_layers is not None:
+            ssm = [i for i in self.global_layers if self.layer_mixer(i) == "ssm"]
+            if ssm:
+                raise ValueError(f"global_layers {ssm} are SSM layers, which do not attend at all")
         return self
 
     # Derived values, so that no caller repeats the defaulting rules above.
@@ -112,8 +139,24 @@ class ModelConfig(BaseModel):
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
 
+    @property
+    def ssm_inner_size(self) -> int:
+        return self.ssm_expand * self.n_embd
+
+    @property
+    def ssm_dt_rank_size(self) -> int:
+        return self.ssm_dt_rank if self.ssm_dt_rank is not None else math.ceil(self.n_embd / 16)
+
+    def layer_mixer(self, layer: int) -> str:
+        """'attention' or 'ssm': what mixes the tokens in block `layer`."""
+        return self.mixer_pattern[layer % len(self.mixer_pattern)]
+
+    @property
+    def ssm_layers(self) -> list[int]:
+        return [layer for layer in range(self.n_layer) if self.layer_mixer(layer) == "ssm"]
+
     def is_sliding_layer(self, layer: int) -> bool:
-        if self.sliding_window is None:
+        if self.sliding_window is None or self.layer_mixer(layer) == "ssm":
             return False
         return self.global_layers is None or layer not in self.global_layers
 
@@ -157,9 +200,10 @@ def parse_model_config(data: Any, source: str = "model config") -> ModelConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a table of settings, got {type(data).__name__}.")
     data = dict(data)
-    # TOML and JSON have no tuples; the frozen config stores global_layers as one.
-    if isinstance(data.get("global_layers"), list):
-        data["global_layers"] = tuple(data["global_layers"])
+    # TOML and JSON have no tuples; the frozen config stores these as tuples.
+    for key in ("global_layers", "mixer_pattern"):
+        if isinstance(data.get(key), list):
+            data[key] = tuple(data[key])
     try:
         return ModelConfig(**data)
     except ValidationError as error:

@@ -427,6 +427,12 @@ def model_config_to_hf(
     `special_token_ids` may give bos_token_id / eos_token_id / pad_token_id; they default to None
     because the tokenizer is not part of the model config.
     """
+    if config.ssm_layers:
+        raise ConfigError(
+            f"this model cannot be exported to HF transformers: its selective state-space (SSM) "
+            f"layers {config.ssm_layers} have no counterpart in the GPT-2, LLaMA or Gemma-3 "
+            "layouts; keep it as a Promethean checkpoint."
+        )
     family = _family_of(config)
     problems = _problems_for(config, family)
     if problems:

@@ -15,6 +15,7 @@ from torch import nn
 
 from promethean.config import ModelConfig
 from promethean.model.layers import RMSNorm, apply_rotary
+from promethean.model.ssm import SSMLayerCache
 
 
 class LayerKVCache:
@@ -76,7 +77,8 @@ class LayerKVCache:
 
 
 class KVCache:
-    """The decoding state of a whole model for a batch of sequences.
+    """The decoding state of a whole model for a batch of sequences: keys and values for attention
+    layers (`LayerKVCache`), a fixed-size recurrent state for SSM layers (`SSMLayerCache`).
 
     `left_padding[b]` is how many leading slots of row b are padding: those slots are never
     attended to, and row b's positions count from its first real token.
@@ -93,8 +95,11 @@ class KVCache:
         self.length = 0  # slots consumed so far, the same for every row
         self.left_padding = left_padding
         self.min_left_padding = 0 if left_padding is None else int(left_padding.min())
-        self.layers = [
-            LayerKVCache(config.layer_window(layer), capacity) for layer in range(config.n_layer)
+        self.layers: list[LayerKVCache | SSMLayerCache] = [
+            SSMLayerCache()
+            if config.layer_mixer(layer) == "ssm"
+            else LayerKVCache(config.layer_window(layer), capacity)
+            for layer in range(config.n_layer)
         ]
 
     def first_key_slot(self, window: int | None) -> int:
@@ -102,7 +107,7 @@ class KVCache:
         if window is None:
             return 0
         for layer in self.layers:
-            if layer.window == window:
+            if isinstance(layer, LayerKVCache) and layer.window == window:
                 return layer.first_slot
         return 0
 
