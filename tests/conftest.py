@@ -4,7 +4,7 @@ import torch
 from promethean.config import load_preset
 from promethean.model import Transformer
 
-TINY_PRESETS = ["tiny-gpt2", "tiny-llama", "tiny-gemma3"]
+TINY_PRESETS = ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-sssm", "tiny-ssm"]
 
 
 def build(preset: str, seed: int = 0, **overrides) -> Transformer:

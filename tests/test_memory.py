@@ -1,5 +1,6 @@
 """Memory stats and the memory planner."""
 
+import gc
 import json
 import subprocess
 import sys
@@ -18,11 +19,16 @@ from promethean.train.memory import (
     layer_activation_elements,
     parse_memory_size,
     plan_batch,
+    release_free_memory,
 )
 from tests.conftest import build
 
 
 def test_memory_stats_report_rss_and_see_a_large_allocation():
+    # Earlier tests' freed blocks may still be resident and would be reused by the allocation
+    # below without RSS growing, and garbage freed mid-test would hide the growth: settle both.
+    gc.collect()
+    release_free_memory()
     before = get_memory_stats()
     assert set(before) >= {"rss_mb", "peak_rss_mb"}
     assert 0 < before["rss_mb"] <= before["peak_rss_mb"]
@@ -97,7 +103,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 for _ in range(2):
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["dtype"] != "fp32"):
-        loss = model(idx, targets).loss
+        loss = model(idx, targets, return_logits=False).loss  # the trainer's path
     loss.backward()
     optimizer.step()
 print(json.dumps(get_memory_stats()["peak_rss_mb"] - baseline))
@@ -163,6 +169,10 @@ def test_checkpointing_and_autocast_move_the_estimate_the_right_way():
     assert checkpointed.total < 0.7 * plain.total
     assert plain.weights == 4 * 124_439_808 and plain.optimizer == 8 * 124_439_808
     assert estimate_peak_memory(config, 8, 1024, "bf16", False).autocast_weights > 0
+    low = estimate_peak_memory(config, 8, 1024, "fp32", False, optimizer="adamw-bf16")
+    assert low.optimizer == 4 * 124_439_808 and low.total < plain.total
+    with pytest.raises(PrometheanError, match="the memory planner knows adamw, adamw-bf16, sgd, not 'lion'"):
+        estimate_peak_memory(config, 8, 1024, "fp32", False, optimizer="lion")
 
 
 def test_gpt2_small_plan_fits_8gb():

@@ -25,7 +25,7 @@ from promethean.train.config import (
 from promethean.train.optim import build_optimizer, parameter_groups
 from promethean.train.schedule import lr_at
 from promethean.train.state import STATE_JSON_FILE, STATE_TENSORS_FILE, load_training_state
-from promethean.train.trainer import train
+from promethean.train.trainer import step_dir_name, train
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocesses train tiny models: one thread each keeps them quick on a busy 2-core machine.
@@ -189,6 +189,44 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
         torch.testing.assert_close(final_b[name], tensor, rtol=0, atol=1e-6)
     # The metrics file was appended to, not restarted.
     assert [line["step"] for line in read_metrics(tmp_path / "b")] == list(range(1, 13))
+
+
+def test_memory_saving_mode_resumes_exactly(data_dir, tmp_path):
+    """bf16 AdamW moments, bf16 autocast and checkpointing (the 8 GB set-up) keep exact resume:
+    the moments are saved as bf16 and come back as bf16, not upcast by torch's loader."""
+    settings = dict(model="tiny-llama", optimizer_moments="bf16", dtype="bf16",
+                    gradient_checkpointing=True, max_steps=8)
+    straight = train(make_config(data_dir, tmp_path / "a", **settings))
+    first_leg = train(make_config(data_dir, tmp_path / "b", **settings), until_step=4)
+    state = load_training_state(first_leg.final_checkpoint)
+    moments = [v for s in state.optimizer["state"].values() for k, v in s.items() if k != "step"]
+    assert moments and all(m.dtype == torch.bfloat16 for m in moments)
+    resumed = train(make_config(data_dir, tmp_path / "b", **settings), resume=first_leg.final_checkpoint)
+    joined = first_leg.losses + resumed.losses
+    assert [s for s, _ in joined] == [s for s, _ in straight.losses] == list(range(1, 9))
+    for (_, loss_a), (_, loss_b) in zip(straight.losses, joined, strict=True):
+        assert abs(loss_a - loss_b) < 1e-6
+
+
+def test_bf16_moments_adamw_follows_torch_adamw():
+    from promethean.train.optim import BFloat16MomentsAdamW
+
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(300, 40))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    settings = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizers = [BFloat16MomentsAdamW([ours], **settings), torch.optim.AdamW([theirs], **settings)]
+    for step in range(20):
+        grad = torch.randn(300, 40)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+        if step == 0:  # the first update uses the unrounded fp32 moments: identical
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7)
+    state = optimizers[0].state[ours]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    # 20 steps of lr 1e-2 move weights by up to 0.2; bf16-rounded moments stay within 1% of it.
+    assert (ours - theirs).abs().max() < 2e-3
 
 
 def test_resume_needs_training_state(data_dir, tmp_path):
@@ -363,6 +401,26 @@ def test_cli_bad_config_is_one_sentence(tmp_path):
         "learning_rate=1",
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+def test_cli_finetune_trains_every_weight_of_a_checkpoint(data_dir, tmp_path):
+    base = train(make_config(data_dir, tmp_path / "base", max_steps=4, eval_interval=4))
+    config = tmp_path / "ft.toml"
+    config.write_text(
+        f'model = "ignored"\ndata = "{data_dir}"\nout = "{tmp_path / "ft"}"\nbatch_size = 2\n'
+        'block_size = 32\nmax_steps = 3\neval_interval = 3\neval_batches = 2\nprogress = false\n'
+        'device = "cpu"\nlr = 1e-3\nwarmup_steps = 0\nlog_interval = 1\n'
+    )
+    result = _cli("finetune", str(config), "--checkpoint", str(base.final_checkpoint),
+                  "--set", "optimizer_moments='bf16'")
+    assert result.returncode == 0, result.stderr
+    tuned = load_checkpoint(tmp_path / "ft" / step_dir_name(3)).model.state_dict()
+    original = load_checkpoint(base.final_checkpoint).model.state_dict()
+    assert tuned.keys() == original.keys()
+    assert all(not torch.equal(tuned[name], original[name]) for name in original)
+    metrics = read_metrics(tmp_path / "ft")
+    assert [line["step"] for line in metrics if "train_loss" in line] == [1, 2, 3]
+    assert metrics[-1]["val_loss"] < metrics[0]["train_loss"] + 1.0
 
 
 def test_compiled_training_matches_eager_and_saves_plain_names(data_dir, tmp_path):

@@ -52,7 +52,7 @@ def small_vocab_preset(tmp_path):
     path = tmp_path / "small.toml"
     text = (load_preset("tiny-gpt2").model.model_dump(exclude={"name"}))
     lines = ['tokenizer = "bytes"', "[model]"] + [
-        f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else v}"
+        f"{k} = {str(v).lower() if isinstance(v, bool) else repr(v) if isinstance(v, str) else list(v) if isinstance(v, tuple) else v}"
         for k, v in {**text, "vocab_size": 100}.items() if v is not None]
     path.write_text("\n".join(lines).replace("'", '"') + "\n")
     return path

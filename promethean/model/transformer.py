@@ -1,7 +1,8 @@
 """The one Transformer: token embeddings -> blocks -> final norm -> head.
 
-Every architecture (GPT-2, LLaMA, Gemma-3) is this class with a different `ModelConfig`. The model
-computes logits and the loss; deciding what to do with logits belongs to `promethean.inference`.
+Every architecture (GPT-2, LLaMA, Gemma-3, the SSSM hybrid) is this class with a different
+`ModelConfig`. The model computes logits and the loss; deciding what to do with logits belongs to
+`promethean.inference`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from promethean.config import ModelConfig
 from promethean.model.attention import Attention, KVCache, attention_mask
 from promethean.model.layers import MLP, make_norm, rotary_cos_sin, rotary_inverse_frequencies
+from promethean.model.loss import linear_cross_entropy
+from promethean.model.ssm import SelectiveSSM
 
 IGNORE_INDEX = -100
 
@@ -27,21 +30,35 @@ class TransformerOutput(NamedTuple):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; Gemma-3's sandwich norm also normalises each sublayer's output."""
+    """Pre-norm residual block: a token mixer (attention, or a selective SSM), then the MLP.
+    Gemma-3's sandwich norm also normalises each sublayer's output."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.attn_norm = make_norm(config)
-        self.attn = Attention(config, layer)
-        self.attn_post_norm = make_norm(config) if config.sandwich_norm else None
+        if config.layer_mixer(layer) == "ssm":
+            self.attn = None
+            self.ssm_norm = make_norm(config)
+            self.ssm = SelectiveSSM(config)
+            self.ssm_post_norm = make_norm(config) if config.sandwich_norm else None
+        else:
+            self.ssm = None
+            self.attn_norm = make_norm(config)
+            self.attn = Attention(config, layer)
+            self.attn_post_norm = make_norm(config) if config.sandwich_norm else None
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.mlp_post_norm = make_norm(config) if config.sandwich_norm else None
 
     def forward(self, x, rotary, mask, is_causal, layer_cache):
-        h = self.attn(self.attn_norm(x), rotary, mask, is_causal, layer_cache)
-        if self.attn_post_norm is not None:
-            h = self.attn_post_norm(h)
+        if self.ssm is not None:
+            # For an SSM mixer, `mask` is (B, T), False at left padding (or None: no padding).
+            h = self.ssm(self.ssm_norm(x), mask, layer_cache)
+            post_norm = self.ssm_post_norm
+        else:
+            h = self.attn(self.attn_norm(x), rotary, mask, is_causal, layer_cache)
+            post_norm = self.attn_post_norm
+        if post_norm is not None:
+            h = post_norm(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
         if self.mlp_post_norm is not None:
@@ -94,6 +111,9 @@ class Transformer(nn.Module):
                     nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, SelectiveSSM):  # its conv, step size, A and D have their own init
+                module.reset_ssm_parameters()
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config says so (again after any
@@ -117,6 +137,14 @@ class Transformer(nn.Module):
     def num_non_embedding_parameters(self) -> int:
         return self.num_parameters() - self.num_embedding_parameters()
 
+    def spike_rates(self) -> dict[int, float]:
+        """Per SSM layer, the fraction of state updates that fired in the last training forward."""
+        return {
+            layer: float(block.ssm.spike_rate)
+            for layer, block in enumerate(self.blocks)
+            if block.ssm is not None and block.ssm.spike_rate is not None
+        }
+
     # ------------------------------------------------------------------------------- forward
     def _rotary(self, theta: float, positions: torch.Tensor, dtype: torch.dtype):
         key = (theta, positions.device)
@@ -133,11 +161,14 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_logits_only: bool = False,
+        return_logits: bool = True,
     ) -> TransformerOutput:
         """Logits for token ids `idx` (B, T), and the mean cross-entropy when `targets` is given.
 
         With a `cache`, `idx` continues the sequences the cache holds, and the cache is advanced.
-        `targets` entries equal to -100 are ignored by the loss.
+        `targets` entries equal to -100 are ignored by the loss. With `return_logits=False` (and
+        targets) the loss is fused with the head and computed in chunks, so the (B, T, vocab)
+        logits are never built (`logits` is None): the training path.
         """
         _batch, length = idx.shape
         start = cache.length if cache is not None else 0
@@ -165,17 +196,22 @@ class Transformer(nn.Module):
         # Masks and rotary tables depend only on a layer's window and base: build each once.
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
         rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        # SSM mixers need no positions or attention mask, only which slots are real tokens.
+        real_tokens = slots[None, :] >= left_padding[:, None] if left_padding is not None else None
         for layer, block in enumerate(self.blocks):
-            window = block.attn.window
-            if window not in masks:
-                masks[window] = self._mask(slots, window, cache, left_padding)
-            rotary = None
-            theta = block.attn.rope_theta
-            if theta is not None:
-                if theta not in rotaries:
-                    rotaries[theta] = self._rotary(theta, positions, x.dtype)
-                rotary = rotaries[theta]
-            mask, is_causal = masks[window]
+            if block.attn is None:
+                rotary, mask, is_causal = None, real_tokens, False
+            else:
+                window = block.attn.window
+                if window not in masks:
+                    masks[window] = self._mask(slots, window, cache, left_padding)
+                rotary = None
+                theta = block.attn.rope_theta
+                if theta is not None:
+                    if theta not in rotaries:
+                        rotaries[theta] = self._rotary(theta, positions, x.dtype)
+                    rotary = rotaries[theta]
+                mask, is_causal = masks[window]
             if self.gradient_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rotary, mask, is_causal, None, use_reentrant=False)
             else:
@@ -187,6 +223,13 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if last_logits_only and targets is None:
             x = x[:, -1:]
+        if targets is not None and not return_logits:
+            # Checkpointing trades compute for memory; so does recasting the head in slices.
+            loss = linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX,
+                recast_weight_slices=self.gradient_checkpointing,
+            )
+            return TransformerOutput(None, loss)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:

@@ -3,7 +3,8 @@
 How `estimate_peak_memory` builds its figure (P parameters, N = micro_batch x block tokens,
 C width, q/kv the query and key/value widths, F the MLP width, V the vocabulary, L layers):
 
-- weights 4P (fp32 master copy); gradients 4P; AdamW state 8P (two fp32 moments). Under bf16/fp16
+- weights 4P (fp32 master copy); gradients 4P; AdamW state 8P (two fp32 moments), or 4P with
+  `optimizer="adamw-bf16"` (BFloat16MomentsAdamW). Under bf16/fp16
   autocast every matmul weight (the tied head included) is also cast once per forward and the
   copy is kept for the backward: 2 bytes per matmul parameter.
 - activations, what autograd saves per layer and token, counted from the model's own code and
@@ -14,9 +15,15 @@ C width, q/kv the query and key/value widths, F the MLP width, V the vocabulary,
   4F (gated). All fp32: 4 bytes an element. Under autocast the total is within 5% of fp32 (the
   saved bf16 casts sit beside the fp32 residual stream; measured), so the same count is used.
   The fused SDPA kernels never store the T x T attention weights, and this assumes them.
-- the loss: the head keeps the final norm's output, and cross-entropy in fp32 keeps log-softmax
-  (4NV bytes); at the start of the backward its gradient and the logits' gradient exist too, so
-  the loss costs 12NV bytes at its peak (14NV under autocast, whose logits are also bf16).
+  An SSM mixer (D = ssm_expand x C channels, N state dimensions, R the step-size rank) replaces
+  attention's count by DN (the scan keeps every state, fp32) + 13D (the
+  projections, convolution, step size, gate and output) + R + 2N; its backward, one layer at a
+  time, adds about 6DN per token of temporaries (the reverse scan), counted once.
+- the loss: the trainer fuses cross-entropy with the head and computes it a chunk of rows at a
+  time (promethean.model.loss), so the N x V logits never exist: one chunk's logits and
+  probabilities (2 x chunk x V elements in the compute dtype), the gradient of the final hidden
+  states (4NC), and the head's fp32 gradient twice (computed in the forward, scaled into a copy in
+  the backward: 8VC); under autocast also the head weight's bf16 copy (2VC).
 - gradient checkpointing keeps only each block's input (4C per token and layer) and recomputes
   one block at a time in the backward, so one layer's activations are added once.
 - the peak is whichever is larger: the start of the backward (weights, optimizer state,
@@ -47,6 +54,10 @@ import torch
 
 from promethean.config import ModelConfig
 from promethean.errors import PrometheanError
+from promethean.model.loss import CHUNK_ELEMENTS
+
+# Bytes per parameter of each optimizer's state (two moments for AdamW).
+OPTIMIZERS = {"adamw": 4, "adamw-bf16": 2, "sgd": 0}
 
 MB = 2**20
 GB = 2**30
@@ -91,6 +102,29 @@ def _peak_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in bytes on macOS, KiB on Linux and the BSDs.
     return peak / MB if sys.platform == "darwin" else peak / 1024
+
+
+_LIBC_TRIM = None
+
+
+def release_free_memory() -> None:
+    """Give the C allocator's free pages back to the system (glibc `malloc_trim`; elsewhere a
+    no-op). glibc keeps freed mid-sized blocks resident, so each training phase's temporaries
+    stay counted in RSS and the next phase's peak starts from there: trimming after every
+    backward pass took GPT-2 small's training peak from 2.50 GB to 2.34 GB. About 30 ms a call
+    at that size, so the trainer does it only in its memory-saving mode (checkpointing)."""
+    global _LIBC_TRIM
+    if _LIBC_TRIM is None:
+        _LIBC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _LIBC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _LIBC_TRIM:
+        _LIBC_TRIM(0)
 
 
 def get_memory_stats(device: torch.device | str | None = None) -> dict[str, float]:
@@ -189,13 +223,17 @@ def _parameter_counts(config: ModelConfig) -> tuple[int, int, int]:
     return total, matmul, largest
 
 
-def layer_activation_elements(config: ModelConfig) -> int:
-    """Elements autograd saves per token in one block (see the module docstring)."""
+def layer_activation_elements(config: ModelConfig, layer: int = 0) -> int:
+    """Elements autograd saves per token in block `layer` (see the module docstring)."""
     width, query, key_value = config.n_embd, config.n_head * config.head_size, config.kv_heads * config.head_size
     norm_output = width if config.norm == "layernorm" else 2 * width
     elements = 2 * width + 2 * norm_output  # residual inputs and the two pre-norms
-    elements += query + 2 * key_value + query + config.n_head  # q, k, v, output, log-sum-exp
-    if config.qk_norm:
+    if config.layer_mixer(layer) == "ssm":
+        inner, state = config.ssm_inner_size, config.ssm_state_size
+        elements += inner * state + 13 * inner + config.ssm_dt_rank_size + 2 * state
+    else:
+        elements += query + 2 * key_value + query + config.n_head  # q, k, v, output, log-sum-exp
+    if config.qk_norm and config.layer_mixer(layer) == "attention":
         elements += 2 * query + 2 * key_value
     if config.sandwich_norm:
         elements += 4 * width
@@ -215,8 +253,10 @@ def estimate_peak_memory(
     down by what holds it. `dtype` is the autocast dtype (fp32 means no autocast)."""
     if dtype not in DTYPE_NAMES:
         raise PrometheanError(f"unknown dtype '{dtype}'; use one of {', '.join(DTYPE_NAMES)}.")
-    if optimizer not in ("adamw", "sgd"):
-        raise PrometheanError(f"the memory planner knows adamw and sgd, not '{optimizer}'.")
+    if optimizer not in OPTIMIZERS:
+        raise PrometheanError(
+            f"the memory planner knows {', '.join(OPTIMIZERS)}, not '{optimizer}'."
+        )
     config = model_config
     parameters, matmul_parameters, largest = _parameter_counts(config)
     tokens = micro_batch * block_size
@@ -224,21 +264,34 @@ def estimate_peak_memory(
 
     weights = FP32 * parameters
     gradients = FP32 * parameters
-    optimizer_state = 2 * FP32 * parameters if optimizer == "adamw" else 0
+    optimizer_state = 2 * OPTIMIZERS[optimizer] * parameters
     autocast_weights = 2 * matmul_parameters if autocast else 0
 
-    layer = FP32 * tokens * layer_activation_elements(config)
+    layers = [FP32 * tokens * layer_activation_elements(config, i) for i in range(config.n_layer)]
     if gradient_checkpointing:
-        blocks = FP32 * tokens * config.n_embd * config.n_layer + layer
+        blocks = FP32 * tokens * config.n_embd * config.n_layer + max(layers)
     else:
-        blocks = layer * config.n_layer
+        blocks = sum(layers)
+    if config.ssm_layers:  # one SSM layer's reverse scan at a time
+        blocks += FP32 * tokens * 6 * config.ssm_inner_size * config.ssm_state_size
     final_norm = FP32 * tokens * (2 if config.norm == "layernorm" else 3) * config.n_embd
-    loss = tokens * config.vocab_size * (14 if autocast else 12)
-    head_gradient = FP32 * config.vocab_size * config.n_embd
+    # The trainer's loss is fused with the head and chunked (promethean.model.loss): one chunk's
+    # logits and probabilities, the hidden states' gradient, and the head's gradient (held from
+    # the forward, then scaled into a second copy at the start of the backward).
+    vocab, width = config.vocab_size, config.n_embd
+    chunk_rows = min(tokens, max(1, CHUNK_ELEMENTS // vocab))
+    element = 2 if autocast else FP32
+    loss = 2 * element * chunk_rows * vocab + FP32 * tokens * width
+    if autocast:
+        loss += 2 * vocab * width  # the head weight cast for the chunked matmuls
+    head_gradient = 2 * FP32 * vocab * width
     # Two candidate peaks: the start of the backward holds every activation and the loss's
     # buffers; the optimizer step holds every gradient and the step's temporaries.
     start_of_backward = int(ALLOCATOR_SLACK * (blocks + final_norm + loss + head_gradient))
-    step_temporaries = 2 * FP32 * largest if optimizer == "adamw" else 0
+    # torch's AdamW holds about two fp32 copies of the tensor it updates; the bf16-moment AdamW
+    # works on fixed 16 MB slices.
+    step_temporaries = {"adamw": 2 * FP32 * largest, "adamw-bf16": 4 * FP32 * min(largest, 1 << 22),
+                        "sgd": 0}[optimizer]
     if start_of_backward >= gradients + step_temporaries:
         return MemoryEstimate(weights, 0, optimizer_state, autocast_weights, start_of_backward, 0)
     return MemoryEstimate(weights, gradients, optimizer_state, autocast_weights, 0, step_temporaries)
@@ -314,10 +367,11 @@ def fit_to_budget(config, budget: str | int):
     model_config = model_config_for(config.model)
     block_size = config.block_size or model_config.context_length
     target = config.batch_size * config.grad_accum
+    optimizer = "adamw-bf16" if config.optimizer_moments == "bf16" else "adamw"
     largest, _ = plan_batch(model_config, block_size, budget_bytes, target, config.dtype,
-                            config.gradient_checkpointing)
+                            config.gradient_checkpointing, optimizer=optimizer)
     micro = max(d for d in range(1, largest + 1) if target % d == 0)
     planned = config.with_overrides(batch_size=micro, grad_accum=target // micro)
     estimate = estimate_peak_memory(model_config, micro, block_size, config.dtype,
-                                    config.gradient_checkpointing)
+                                    config.gradient_checkpointing, optimizer)
     return planned, estimate

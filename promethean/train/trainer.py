@@ -37,6 +37,7 @@ import torch
 from promethean.errors import CheckpointError, PrometheanError
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
+from promethean.train.memory import release_free_memory
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
 from promethean.train.state import Progress, load_training_state, save_training_checkpoint
@@ -323,7 +324,9 @@ def _train(
     # DDP wraps the model; FSDP shards it in place (so before the optimizer sees its parameters).
     train_model = distributed.wrap_model(model, config.distributed, dist_context)
 
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    optimizer = build_optimizer(
+        model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.optimizer_moments
+    )
     use_scaler = amp_dtype is torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
     progress = Progress()
@@ -351,7 +354,12 @@ def _train(
     # Every rank evaluates the whole split itself (DDP: on the plain model, no collectives).
     eval_model = model if dist_context.enabled else forward_model
     autocast = (
-        (lambda: torch.autocast(device.type, dtype=amp_dtype))
+        # With checkpointing, autocast's cache of low-precision weight copies would hold every
+        # layer's copy until the forward ends (250 MB at GPT-2 size) though the backward recasts
+        # them anyway; without it, each copy lives only while its layer runs.
+        (lambda: torch.autocast(
+            device.type, dtype=amp_dtype, cache_enabled=not config.gradient_checkpointing
+        ))
         if amp_dtype is not torch.float32
         else contextlib.nullcontext
     )
@@ -440,13 +448,15 @@ def _train(
                 # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
                 with distributed.gradient_sync(train_model, micro_step == config.grad_accum - 1):
                     with autocast():
-                        _, loss = forward_model(inputs, targets)
+                        _, loss = forward_model(inputs, targets, return_logits=False)
                     loss = loss / config.grad_accum
                     step_loss += float(loss.detach())
                     if scaler is not None:
                         scaler.scale(loss).backward()
                     else:
                         loss.backward()
+                if config.gradient_checkpointing and device.type == "cpu":
+                    release_free_memory()  # the next forward's peak starts lower
             step_loss = distributed.all_reduce_mean(step_loss)  # the mean over ranks
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -492,6 +502,9 @@ def _train(
             record: dict[str, Any] = {}
             if progress.step % config.log_interval == 0 or is_last:
                 record.update(train_loss=step_loss, grad_norm=grad_norm)
+                # SSM layers: the fraction of state updates that fired (the last micro-batch).
+                for layer, rate in model.spike_rates().items():
+                    record[f"spike_rate/layer{layer}"] = rate
             do_eval = progress.step % config.eval_interval == 0 or progress.step == config.max_steps
             if do_eval:
                 record.update(evaluate_val())
