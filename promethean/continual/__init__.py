@@ -1,0 +1,1 @@
+"""Continual learning: LoRA adapters per domain, experience replay, EWC, forgetting reports."""

@@ -1,0 +1,449 @@
+"""`promethean learn`: one continual-learning stage, and the run record that tracks them all.
+
+A continual run is a directory (`--run`) holding `continual.json`: the base checkpoint (and its
+sha256), the method (LoRA or full fine-tuning), every known domain with its prepared data, and
+one entry per stage with every known domain's exact validation loss after it. Stage 0 is the
+base model itself. A stage:
+
+1. opens the domain's data: a prepared directory, or a corpus (named or local) that is
+   prepared into `RUN/data/DOMAIN` with the checkpoint's tokenizer;
+2. builds the model to learn on: the base with a LoRA adapter (started from the previous stage's
+   adapter, so each stage's adapter is the whole model as it stands after that stage), or, with
+   `full`, the previous stage's full checkpoint with every weight trainable;
+3. with replay, puts windows of every earlier domain into the on-disk buffer `RUN/replay`
+   (reservoir, per-domain quota) and mixes them into the new domain's batches at `replay_ratio`;
+   with EWC, estimates the Fisher of every earlier domain not yet consolidated (online EWC state
+   in `RUN/ewc`) and adds the penalty to the loss;
+4. trains `update_steps` AdamW steps (warmup + cosine, clipping), then evaluates every known
+   domain, writes the adapter to `CHECKPOINT/adapters/NAME` (or a full checkpoint to
+   `RUN/stages/NN-DOMAIN`), consolidates EWC on the new domain, adds it to the replay buffer,
+   and appends the stage to `continual.json`.
+
+Why a loop of its own rather than `train.trainer.train`: the trainer loads, saves and resumes a
+plain model checkpoint (its optimizer state is keyed to the model's parameters, its checkpoints
+are whole models), while a LoRA stage trains parameters that live beside the model and saves
+only those; fitting that in would touch the trainer's model loading, saving and resume paths,
+which other work is changing now. This loop reuses the trainer's parts instead (AdamW groups,
+the schedule, the window sampler, exact evaluation, atomic checkpoint writing). A stage is short
+and writes nothing until it has finished: an interrupted stage leaves the run as it was, and is
+simply run again (there is no mid-stage resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from promethean.continual.adapters import (
+    DEFAULT_TARGETS,
+    AdapterError,
+    Adapters,
+    LoraConfig,
+    adapter_directory,
+    check_name,
+    checkpoint_sha256,
+)
+from promethean.errors import PrometheanError
+
+RUN_FILE = "continual.json"
+RUN_FORMAT = "promethean-continual-run"
+RUN_VERSION = 1
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_VAL_FRACTION = 0.02
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    checkpoint: str  # the base model (LoRA), or the model to continue from (full)
+    domain: str
+    data: str  # prepared directory, named corpus, or local file/folder/glob
+    update_steps: int
+    run: str | None = None  # default: the run the checkpoint came from, else CHECKPOINT/continual
+    full: bool = False  # full fine-tuning instead of LoRA
+    adapter_name: str | None = None  # default: the domain
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # default: 2 x rank
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    use_ewc: bool = False
+    ewc_lambda: float = 1000.0
+    ewc_gamma: float = 1.0
+    fisher_samples: int = 64
+    replay: float = 0.0  # share of each batch's rows taken from the replay buffer
+    replay_quota: int = 512  # windows kept per domain
+    base_domain: tuple[str, str] | None = None  # (name, data) the base model was trained on
+    batch_size: int = 8
+    block_size: int = 256
+    lr: float | None = None  # default: 2e-3 for LoRA, 3e-4 for full fine-tuning
+    min_lr_ratio: float = 0.1
+    warmup_steps: int | None = None  # default: 10% of the steps
+    weight_decay: float | None = None  # default: 0 for LoRA, 0.1 for full
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_batches: int | None = None  # None: each domain's whole validation split
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class StageResult:
+    stage: int
+    domain: str
+    output: Path  # the adapter directory, or the full checkpoint
+    val: dict[str, dict[str, float]] = field(default_factory=dict)
+    trainable_parameters: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------- records
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """A JSON file replaced atomically (temp file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.partial-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(record, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_run(run: str | Path) -> dict[str, Any]:
+    from promethean.checkpoint import read_versioned_record
+
+    run = Path(run)
+    path = run / RUN_FILE
+    if not path.is_file():
+        raise PrometheanError(f"{run} is not a continual-learning run: {RUN_FILE} is missing.")
+    return read_versioned_record(path, RUN_FORMAT, RUN_VERSION, "continual-learning run")
+
+
+def _default_run(checkpoint: Path) -> Path:
+    from promethean.checkpoint import read_checkpoint_record
+
+    _, metadata = read_checkpoint_record(checkpoint)
+    if isinstance(metadata.get("continual_run"), str):
+        return Path(metadata["continual_run"])
+    return checkpoint / "continual"
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def domain_data(spec: str, domain: str, tokenizer, run: Path, val_fraction: float):
+    """The prepared directory for `spec`: used as is when it holds meta.json, else the corpus
+    is prepared into RUN/data/DOMAIN with the model's tokenizer (reused when already there)."""
+    from promethean.data.batches import TokenDataset
+    from promethean.data.corpora import open_corpus
+    from promethean.data.prepare import META_FILE, prepare
+
+    if (Path(spec) / META_FILE).is_file():
+        return TokenDataset(spec, tokenizer)
+    corpus = open_corpus(spec)
+    out = run / "data" / domain
+    prepare(corpus.documents(), tokenizer, out, source_name=corpus.name,
+            source_sha256=corpus.fingerprint(), workers=1, val_fraction=val_fraction,
+            overwrite=True, progress=False)
+    return TokenDataset(out, tokenizer)
+
+
+def evaluate_domains(model, datasets: dict, batch_size: int, block_size: int, device,
+                     eval_batches: int | None) -> dict[str, dict[str, float]]:
+    """Exact mean validation loss and perplexity of `model` on each domain."""
+    import itertools
+
+    from promethean.data.batches import exact_loss, perplexity
+
+    results = {}
+    for name, dataset in datasets.items():
+        batches = dataset.iter_eval_batches("val", batch_size, block_size, device)
+        if eval_batches is not None:
+            batches = itertools.islice(batches, eval_batches)
+        loss = exact_loss(model, batches).mean
+        results[name] = {"loss": loss, "perplexity": perplexity(loss)}
+    return results
+
+
+# ------------------------------------------------------------------------------------ learn
+
+
+def _check(options: LearnOptions) -> None:
+    check_name(options.domain, "domain")
+    if options.adapter_name is not None:
+        check_name(options.adapter_name)
+    if options.update_steps < 1:
+        raise PrometheanError(f"--update-steps must be at least 1, got {options.update_steps}.")
+    if not 0 <= options.replay < 1:
+        raise PrometheanError(f"--replay must lie in [0, 1), got {options.replay}.")
+    if options.batch_size < 1 or options.block_size < 1:
+        raise PrometheanError("batch size and block size must be at least 1.")
+    if options.fisher_samples < 1:
+        raise PrometheanError(f"--fisher-samples must be at least 1, got {options.fisher_samples}.")
+    if options.base_domain is not None:
+        check_name(options.base_domain[0], "domain")
+        if options.base_domain[0] == options.domain:
+            raise PrometheanError(
+                f"the base domain and the new domain are both '{options.domain}'; the base "
+                "domain is the one the checkpoint was trained on before this run."
+            )
+    if not options.full:
+        # Refuse a bad rank before anything is loaded.
+        LoraConfig(rank=options.lora_rank, alpha=options.lora_alpha or 2.0 * options.lora_rank,
+                   dropout=options.lora_dropout, target_modules=options.target_modules)
+
+
+def learn(options: LearnOptions) -> StageResult:
+    """Run one stage as `options` says (see the module docstring); returns what it produced."""
+    from promethean.checkpoint import load_checkpoint, read_checkpoint_record, save_checkpoint
+    from promethean.continual.ewc import EWC, estimate_fisher
+    from promethean.continual.replay import ReplayBuffer, ReplayMixer
+    from promethean.data.batches import WindowSampler
+    from promethean.device import resolve_device
+    from promethean.train.optim import build_optimizer
+    from promethean.train.schedule import lr_at
+
+    started = time.perf_counter()
+    _check(options)
+    checkpoint = Path(options.checkpoint)
+    model_config, _ = read_checkpoint_record(checkpoint)  # a sentence if it is not one
+    if options.block_size > model_config.context_length:
+        raise PrometheanError(
+            f"block size {options.block_size} is longer than the model's context "
+            f"({model_config.context_length})."
+        )
+    run = Path(options.run) if options.run else _default_run(checkpoint)
+    method = "full" if options.full else "lora"
+    device = resolve_device(options.device)
+    base_hash = checkpoint_sha256(checkpoint)  # read once: the run's base, or the adapted one
+    # ---- the run record
+    if (run / RUN_FILE).is_file():
+        record = read_run(run)
+        if record["method"] != method:
+            raise PrometheanError(
+                f"{run} is a {record['method']} run; this stage asks for {method} "
+                f"({'drop' if options.full else 'add'} --full, or use another --run)."
+            )
+        if options.base_domain is not None and options.base_domain[0] not in record["domains"]:
+            raise PrometheanError(
+                f"--base-domain belongs to a run's first stage; {run} already has stages."
+            )
+    else:
+        record = {"format": RUN_FORMAT, "version": RUN_VERSION, "method": method,
+                  "base_checkpoint": str(checkpoint), "base_model_sha256": base_hash,
+                  "domains": {}, "stages": []}
+        if options.base_domain is not None:
+            name, data = options.base_domain
+            record["domains"][name] = {"data": data, "learned_at_stage": 0}
+    is_new_domain = options.domain not in record["domains"]
+    stage_index = len(record["stages"]) or 1  # stage 0 is the base model, written below
+    previous = record["stages"][-1] if record["stages"] else None
+
+    # ---- the model to learn on
+    if options.full:
+        source = checkpoint
+        if previous is not None and previous.get("checkpoint") and \
+                Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
+            raise PrometheanError(
+                f"the last stage of {run} wrote {previous['checkpoint']}; continue from it "
+                f"(--checkpoint {previous['checkpoint']}) so that the stages follow each other."
+            )
+        loaded = load_checkpoint(source, device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        adapters = None
+        named = {name: p for name, p in model.named_parameters()}
+        for parameter in named.values():
+            parameter.requires_grad_(True)
+        trainable = named
+    else:
+        loaded = load_checkpoint(checkpoint, device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if base_hash != record["base_model_sha256"]:
+            raise AdapterError(
+                f"{checkpoint} is not the base model of {run} (sha256 {base_hash[:12]}, the run's "
+                f"is {record['base_model_sha256'][:12]}); LoRA stages all adapt the same base."
+            )
+        adapters = Adapters(model, base_sha256=base_hash)
+        name = options.adapter_name or options.domain
+        config = LoraConfig(rank=options.lora_rank,
+                            alpha=options.lora_alpha or 2.0 * options.lora_rank,
+                            dropout=options.lora_dropout, target_modules=options.target_modules)
+        adapters.add(name, config, metadata={"domain": options.domain, "stage": stage_index,
+                                             "run": str(run)})
+        if previous is not None and previous.get("adapter"):
+            # Each stage's adapter continues the previous one: base + it is the model after it.
+            previous_name = f"previous-{previous['stage']}"
+            adapters.load(previous["adapter"], previous_name, activate=False)
+            adapters.copy_weights(previous_name, name)
+            adapters.delete(previous_name)
+        adapters.to(device)
+        trainable = adapters.trainable_parameters(name)
+
+    # ---- data for every known domain
+    datasets = {}
+    for known, entry in record["domains"].items():
+        datasets[known] = domain_data(entry["data"], known, tokenizer, run, options.val_fraction)
+    new_dataset = domain_data(options.data, options.domain, tokenizer, run, options.val_fraction)
+    datasets[options.domain] = new_dataset
+    if new_dataset.split_meta("val")["tokens"] == 0:
+        raise PrometheanError(f"the validation split of {options.domain}'s data is empty.")
+
+    def evaluate_now(names) -> dict[str, dict[str, float]]:
+        return evaluate_domains(model, {n: datasets[n] for n in names}, options.batch_size,
+                                options.block_size, device, options.eval_batches)
+
+    # ---- stage 0 (the base), and the new domain's column before it is learned
+    if not record["stages"]:
+        if adapters is not None:
+            with adapters.disabled():
+                base_val = evaluate_now(datasets)
+        else:
+            base_val = evaluate_now(datasets)
+        record["stages"].append({"stage": 0, "domain": None, "val": base_val})
+    elif is_new_domain:
+        if adapters is not None:
+            with adapters.disabled():
+                record["stages"][0]["val"].update(evaluate_now([options.domain]))
+        else:
+            base = load_checkpoint(record["base_checkpoint"], device=device).model
+            record["stages"][0]["val"].update(evaluate_domains(
+                base, {options.domain: new_dataset}, options.batch_size, options.block_size,
+                device, options.eval_batches))
+            del base
+        # The model as it stands now, before learning the domain (forward transfer): a new
+        # adapter starts as the previous stage's one, so this is the previous stage's model.
+        record["stages"][-1]["val"].update(evaluate_now([options.domain]))
+    if is_new_domain:
+        record["domains"][options.domain] = {"data": str(new_dataset.directory),
+                                             "learned_at_stage": stage_index}
+    earlier = [d for d in record["domains"] if d != options.domain]
+
+    # ---- EWC: consolidate every earlier domain not consolidated yet
+    ewc = None
+    if options.use_ewc:
+        ewc_dir = run / "ewc"
+        ewc = (EWC.load(ewc_dir, options.ewc_lambda, options.ewc_gamma)
+               if (ewc_dir / "ewc.json").is_file() else EWC(options.ewc_lambda, options.ewc_gamma))
+        for domain in earlier:
+            if domain not in ewc.domains:
+                fisher = _domain_fisher(model, trainable, datasets[domain], options, device,
+                                        estimate_fisher)
+                ewc.consolidate(domain, fisher, trainable)
+        if not ewc.empty:
+            ewc.save(ewc_dir)
+
+    # ---- replay: every earlier domain in the buffer, mixed into the new domain's batches
+    sampler = WindowSampler(new_dataset, options.batch_size, options.block_size, "train",
+                            seed=options.seed + stage_index, device=device)
+    batches = sampler
+    buffer = None
+    if options.replay > 0 and earlier:
+        buffer = ReplayBuffer(run / "replay", options.block_size, options.replay_quota,
+                              seed=options.seed)
+        for domain in earlier:
+            if domain not in buffer:
+                buffer.add_split(domain, datasets[domain])
+        batches = ReplayMixer(sampler, buffer, options.replay, domains=earlier,
+                              seed=options.seed + stage_index)
+
+    # ---- train
+    lr = options.lr or (3e-4 if options.full else 2e-3)
+    weight_decay = options.weight_decay
+    if weight_decay is None:
+        weight_decay = 0.1 if options.full else 0.0
+    optimizer = build_optimizer(model if adapters is None else adapters, lr, weight_decay,
+                                (0.9, 0.95))
+    warmup = (options.warmup_steps if options.warmup_steps is not None
+              else max(1, options.update_steps // 10))
+    parameters = list(trainable.values())
+    model.train()
+    run.mkdir(parents=True, exist_ok=True)
+    metrics_path = run / METRICS_FILE
+    with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
+        task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
+        for step in range(options.update_steps):
+            rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            inputs, targets = batches.next_batch()
+            _, loss = model(inputs, targets)
+            penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
+            total = loss + penalty if penalty is not None else loss
+            total.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
+            if math.isfinite(float(total.detach())) and math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % 10 == 0 or step + 1 == options.update_steps:
+                metrics.write(json.dumps({
+                    "stage": stage_index, "domain": options.domain, "step": step + 1,
+                    "train_loss": float(loss.detach()),
+                    "ewc_penalty": 0.0 if penalty is None else float(penalty.detach()),
+                    "grad_norm": grad_norm, "lr": rate}) + "\n")
+                metrics.flush()
+            bar.update(task, completed=step + 1, loss=float(loss.detach()))
+    model.eval()
+
+    # ---- evaluate, save, consolidate
+    val = evaluate_now(datasets)
+    if adapters is not None:
+        output = adapter_directory(checkpoint, name)
+        adapters.save(name, output)
+        trainable_count = adapters.num_parameters(name)
+        stage_entry = {"adapter": str(output), "adapter_name": name}
+    else:
+        output = run / "stages" / f"{stage_index:02d}-{options.domain}"
+        save_checkpoint(output, model, tokenizer,
+                        {"continual_run": str(run), "domain": options.domain,
+                         "stage": stage_index, "trained_from": str(checkpoint)})
+        trainable_count = sum(p.numel() for p in parameters)
+        stage_entry = {"checkpoint": str(output)}
+    if ewc is not None:
+        fisher = _domain_fisher(model, trainable, new_dataset, options, device, estimate_fisher)
+        ewc.consolidate(options.domain, fisher, trainable)
+        ewc.save(run / "ewc")
+    if options.replay > 0:
+        buffer = buffer or ReplayBuffer(run / "replay", options.block_size, options.replay_quota,
+                                        seed=options.seed)
+        buffer.add_split(options.domain, new_dataset)
+    seconds = time.perf_counter() - started
+    record["stages"].append({
+        "stage": stage_index, "domain": options.domain, **stage_entry,
+        "method": method, "update_steps": options.update_steps,
+        "trainable_parameters": trainable_count,
+        "total_parameters": model.num_parameters(),
+        "options": {k: v for k, v in asdict(options).items()
+                    if k not in ("checkpoint", "run", "progress", "device")},
+        "replayed_rows": getattr(batches, "replayed_rows", 0),
+        "seconds": seconds, "val": val,
+    })
+    _write_json(run / RUN_FILE, record)
+    return StageResult(stage_index, options.domain, output, val, trainable_count, seconds)
+
+
+def _domain_fisher(model, trainable, dataset, options: LearnOptions, device, estimate_fisher):
+    from promethean.data.batches import WindowSampler
+
+    sampler = WindowSampler(dataset, options.batch_size, options.block_size, "train",
+                            seed=options.seed + 104729, device=device)
+    return estimate_fisher(model, trainable, iter(sampler), options.fisher_samples)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
+        console=Console(stderr=True), disable=not enabled,
+    )

@@ -1,0 +1,436 @@
+"""Continual learning: LoRA adapters, replay buffer, EWC, `learn` stages and the forgetting report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from promethean.checkpoint import load_checkpoint, save_checkpoint
+from promethean.continual.adapters import (
+    ADAPTER_CONFIG_FILE,
+    AdapterError,
+    Adapters,
+    checkpoint_sha256,
+    load_adapter_onto,
+    model_sha256,
+)
+from promethean.continual.ewc import EWC, estimate_fisher
+from promethean.continual.forgetting import draw_heatmap, forgetting_report
+from promethean.continual.learn import LearnOptions, learn, read_run
+from promethean.continual.replay import ReplayBuffer, ReplayMixer
+from promethean.data.batches import TokenDataset, WindowSampler
+from promethean.errors import PrometheanError
+from promethean.tokenizer import ByteTokenizer
+from tests.conftest import build, generated_documents
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tokens(batch=2, length=16, vocab=256, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def randomise(adapters, name, scale=0.05, seed=1):
+    """A trained-looking adapter: B no longer zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapters.trainable_parameters(name).values():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+# ------------------------------------------------------------------------------------ adapters
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_new_adapter_leaves_logits_equal_and_only_it_trains(preset):
+    model = build(preset)
+    idx = tokens()
+    before = model(idx).logits
+    keys = set(model.state_dict())
+    adapters = Adapters(model)
+    info = adapters.add("domain", rank=4, alpha=8)
+    assert torch.equal(model(idx).logits, before)  # B = 0: exactly the base
+    assert set(model.state_dict()) == keys  # the model's own checkpoint is untouched
+    assert not any(p.requires_grad for p in model.parameters())
+    assert len(info.modules) == model.config.n_layer * (7 if preset == "tiny-llama" else 6)
+    expected = sum(4 * (model.get_submodule(m).in_features + model.get_submodule(m).out_features)
+                   for m in info.modules)
+    assert adapters.num_parameters("domain") == expected
+    model.train()
+    _, loss = model(idx, idx)
+    loss.backward()
+    grads = [p.grad for p in adapters.trainable_parameters().values()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_merge_equals_unmerged_logits_and_unmerge_restores_the_weights():
+    model = build("tiny-llama")
+    idx = tokens()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    base_logits = model(idx).logits
+    adapters = Adapters(model)
+    adapters.add("kjv", rank=4, alpha=8)
+    randomise(adapters, "kjv")
+    with_adapter = model(idx).logits
+    assert not torch.allclose(with_adapter, base_logits, atol=1e-4)
+    adapters.merge("kjv")
+    merged = model(idx).logits
+    torch.testing.assert_close(merged, with_adapter, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(model.blocks[0].attn.q_proj.weight, weights["blocks.0.attn.q_proj.weight"])
+    with adapters.disabled():  # the plain base, even while merged
+        torch.testing.assert_close(model(idx).logits, base_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(idx).logits, with_adapter, atol=1e-5, rtol=1e-5)
+    adapters.unmerge()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(idx).logits, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+def test_many_adapters_side_by_side_set_active_disable_and_delete():
+    model = build("tiny-llama")
+    idx = tokens()
+    base = model(idx).logits
+    adapters = Adapters(model)
+    adapters.add("a", rank=2)
+    randomise(adapters, "a", seed=1)
+    adapters.add("b", rank=8, target_modules=(r"blocks\.[01]\.attn\.(q|v)_proj",))
+    randomise(adapters, "b", seed=2)
+    assert adapters.active == "b" and len(adapters.infos["b"].modules) == 4
+    logits_b = model(idx).logits
+    adapters.set_active("a")
+    logits_a = model(idx).logits
+    assert not torch.allclose(logits_a, logits_b, atol=1e-4)
+    with adapters.disabled():
+        assert torch.equal(model(idx).logits, base)
+    with adapters.using("b"):
+        assert torch.equal(model(idx).logits, logits_b)
+    assert torch.equal(model(idx).logits, logits_a)
+    adapters.delete("a")
+    assert adapters.active is None and adapters.names() == ["b"]
+    assert torch.equal(model(idx).logits, base)
+    with pytest.raises(AdapterError) as error:
+        adapters.set_active("a")
+    assert str(error.value) == "no adapter named 'a' on this model (it has: b)."
+
+
+def test_save_load_round_trip_and_base_hash(tmp_path):
+    model = build("tiny-llama")
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    assert checkpoint_sha256(checkpoint) == model_sha256(model)
+    adapters = Adapters(model)
+    adapters.add("kjv", rank=4, alpha=8, metadata={"domain": "kjv"})
+    randomise(adapters, "kjv")
+    idx = tokens()
+    expected = model(idx).logits
+    saved = adapters.save("kjv", checkpoint / "adapters" / "kjv")
+    record = json.loads((saved / ADAPTER_CONFIG_FILE).read_text())
+    assert record["base_model_sha256"] == model_sha256(build("tiny-llama"))
+    assert record["r"] == 4 and record["lora_alpha"] == 8 and record["parameters"] > 0
+
+    fresh = load_checkpoint(checkpoint).model
+    load_adapter_onto(fresh, checkpoint, "kjv")  # merged by default
+    torch.testing.assert_close(fresh(idx).logits, expected, atol=1e-5, rtol=1e-5)
+
+    other = build("tiny-llama", seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterError) as error:
+        Adapters(other).load(saved)
+    assert str(error.value) == (
+        f"the adapter in {saved} was made for a different base model (sha256 "
+        f"{model_sha256(model)[:12]}) than this one ({model_sha256(other)[:12]}); load it onto "
+        "the checkpoint it was trained from."
+    )
+    with pytest.raises(AdapterError) as error:
+        load_adapter_onto(load_checkpoint(checkpoint).model, checkpoint, "bible")
+    assert str(error.value) == f"{checkpoint} has no adapter named 'bible' (it has: kjv)."
+
+
+def test_bad_adapter_settings_are_refused_with_a_sentence():
+    model = build("tiny-llama")
+    adapters = Adapters(model)
+    for rank in (0, -3):
+        with pytest.raises(AdapterError) as error:
+            adapters.add("x", rank=rank)
+        assert str(error.value) == f"LoRA rank must be a whole number of at least 1, got {rank}."
+    with pytest.raises(AdapterError) as error:
+        adapters.add("x", target_modules=("query", r"layers\.\d+\.attn"))
+    assert str(error.value) == (
+        "the target modules ['query', 'layers\\\\.\\\\d+\\\\.attn'] match no linear layer of this "
+        "model; its linear layers are named like blocks.0.attn.q_proj (last parts: down_proj, "
+        "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj)."
+    )
+    with pytest.raises(AdapterError, match="must start with a letter or digit"):
+        adapters.add("../escape")
+    assert adapters.names() == []
+
+
+def test_an_adapter_on_a_tied_head_merges_into_a_copy_and_unmerge_ties_it_again():
+    model = build("tiny-gpt2")
+    assert model.config.tie_embeddings
+    embedding = model.token_embedding.weight.clone()
+    idx = tokens()
+    adapters = Adapters(model)
+    adapters.add("head", rank=4, target_modules=("lm_head", "q_proj"))
+    randomise(adapters, "head")
+    with_adapter = model(idx).logits
+    adapters.merge()
+    assert model.lm_head.weight is not model.token_embedding.weight
+    assert torch.equal(model.token_embedding.weight, embedding)  # the input side is untouched
+    torch.testing.assert_close(model(idx).logits, with_adapter, atol=1e-5, rtol=1e-5)
+    adapters.unmerge()
+    assert model.lm_head.weight is model.token_embedding.weight
+    assert torch.equal(model.token_embedding.weight, embedding)
+    torch.testing.assert_close(model(idx).logits, with_adapter, atol=1e-5, rtol=1e-5)
+
+
+# -------------------------------------------------------------------------------------- replay
+
+
+def test_reservoir_keeps_quota_per_domain_and_survives_a_restart(tmp_path):
+    windows = [np.full(9, i, dtype=np.int32) for i in range(200)]
+    buffer = ReplayBuffer(tmp_path / "replay", block_size=8, quota=10, seed=3)
+    assert buffer.add("a", windows[:5]) == 5
+    assert buffer.add("a", windows[5:120]) == 10
+    reopened = ReplayBuffer(tmp_path / "replay", block_size=8)
+    assert reopened.describe() == {"a": {"windows": 10, "offered": 120}}
+    reopened.add("a", windows[120:])
+    reopened.add("b", [np.full(9, 1000 + i, dtype=np.int32) for i in range(4)])
+    # The same stream offered in one go keeps exactly the same windows (seeded per position).
+    whole = ReplayBuffer(tmp_path / "whole", block_size=8, quota=10, seed=3)
+    whole.add("a", windows)
+    again = ReplayBuffer(tmp_path / "replay", block_size=8)
+    kept = sorted(int(w[0]) for w in again.sample(200, np.random.default_rng(0), ["a"]))
+    assert set(kept) <= {int(w[0]) for w in whole.sample(500, np.random.default_rng(1), ["a"])}
+    assert len(set(kept)) > 1 and max(kept) >= 20  # later windows do get in
+    assert {int(w[0]) for w in again.sample(50, np.random.default_rng(0), ["b"])} <= set(range(1000, 1004))
+    with pytest.raises(PrometheanError, match="windows of 8 tokens but this run uses a block size of 16"):
+        ReplayBuffer(tmp_path / "replay", block_size=16)
+
+
+def test_reservoir_is_uniform_over_the_stream(tmp_path):
+    counts = np.zeros(100)
+    for seed in range(200):
+        buffer = ReplayBuffer(tmp_path / f"r{seed}", block_size=1, quota=10, seed=seed)
+        buffer.add("a", [np.array([i, i], dtype=np.int32) for i in range(100)])
+        counts[buffer._windows[:, 0]] += 1
+    # Each window is kept with probability 10/100: 20 of 200 runs on average.
+    assert counts.sum() == 2000
+    assert counts[:50].sum() == pytest.approx(1000, rel=0.1)
+    assert counts.min() > 5 and counts.max() < 40
+
+
+def test_mixer_replaces_about_the_ratio_of_rows(tmp_path, data_dir):
+    dataset = TokenDataset(data_dir)
+    buffer = ReplayBuffer(tmp_path / "replay", block_size=16, quota=8)
+    buffer.add("old", [np.full(17, 300, dtype=np.int32)] * 8)  # token 300 is not a byte
+    sampler = WindowSampler(dataset, batch_size=4, block_size=16, seed=0)
+    mixer = ReplayMixer(sampler, buffer, ratio=0.3, seed=0)
+    replayed = 0
+    for _ in range(100):
+        inputs, targets = mixer.next_batch()
+        rows = (inputs == 300).all(dim=1)
+        replayed += int(rows.sum())
+        assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert replayed == mixer.replayed_rows
+    assert replayed / 400 == pytest.approx(0.3, abs=0.05)
+    with pytest.raises(PrometheanError, match=r"replay ratio must lie in \[0, 1\), got 1.5"):
+        ReplayMixer(sampler, buffer, ratio=1.5)
+
+
+# ----------------------------------------------------------------------------------------- EWC
+
+
+def test_fisher_is_the_mean_of_squared_per_sequence_gradients():
+    model = build("tiny-llama")
+    adapters = Adapters(model)
+    adapters.add("a", rank=2)
+    randomise(adapters, "a")
+    params = adapters.trainable_parameters()
+    idx = tokens(batch=3, length=12)
+    fisher = estimate_fisher(model, params, [(idx, idx)], samples=3)
+    manual = {k: torch.zeros_like(v) for k, v in params.items()}
+    for row in range(3):
+        _, loss = model(idx[row : row + 1], idx[row : row + 1])
+        for (key, _), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+            manual[key] += grad**2 / 3
+    for key in params:
+        torch.testing.assert_close(fisher[key], manual[key])
+
+
+def test_ewc_penalty_online_decay_and_save_load(tmp_path):
+    theta = {"w": torch.nn.Parameter(torch.tensor([1.0, 2.0])),
+             "v": torch.nn.Parameter(torch.tensor([0.5]))}
+    ewc = EWC(strength=4.0, gamma=0.5)
+    ewc.consolidate("one", {"w": torch.tensor([1.0, 3.0]), "v": torch.tensor([2.0])}, theta)
+    assert float(ewc.penalty(theta).detach()) == 0.0
+    with torch.no_grad():
+        theta["w"] += torch.tensor([1.0, -2.0])
+    # 4 / 2 * (1 * 1 + 3 * 4) = 26
+    assert float(ewc.penalty(theta).detach()) == pytest.approx(26.0)
+    ewc.consolidate("two", {"w": torch.tensor([2.0, 2.0]), "v": torch.tensor([0.0])}, theta)
+    torch.testing.assert_close(ewc.fisher["w"], torch.tensor([2.5, 3.5]))
+    torch.testing.assert_close(ewc.anchor["w"], torch.tensor([2.0, 0.0]))
+    ewc.save(tmp_path / "ewc")
+    loaded = EWC.load(tmp_path / "ewc")
+    assert loaded.domains == ["one", "two"] and loaded.strength == 4.0 and loaded.gamma == 0.5
+    torch.testing.assert_close(loaded.fisher["w"], ewc.fisher["w"])
+    with pytest.raises(PrometheanError, match="the online EWC decay gamma must lie in"):
+        EWC(1.0, gamma=0.0)
+
+
+# ------------------------------------------------------------------------ learn and forgetting
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    """A tiny base checkpoint (bytes tokenizer) and two more prepared domains."""
+    from promethean.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("continual")
+    prepared = {}
+    for name, offset in (("alpha", 0), ("beta", 1), ("gamma", 2)):
+        documents = [text.upper() if offset == 1 else text[::-1] if offset == 2 else text
+                     for text in generated_documents(60)]
+        prepared[name] = root / "data" / name
+        prepare(documents, ByteTokenizer(), prepared[name], source_name=name,
+                source_sha256=str(offset) * 64, workers=1, val_fraction=0.1, progress=False)
+    checkpoint = save_checkpoint(root / "base", build("tiny-llama"), ByteTokenizer())
+    return root, checkpoint, prepared
+
+
+def options(checkpoint, domain, data, run, **extra):
+    settings = {"checkpoint": str(checkpoint), "domain": domain, "data": str(data),
+                "update_steps": 4, "run": str(run) if run else None, "batch_size": 4,
+                "block_size": 32, "lora_rank": 4, "fisher_samples": 4, "replay_quota": 16,
+                "device": "cpu", "progress": False}
+    settings.update(extra)
+    return LearnOptions(**settings)
+
+
+def test_lora_ewc_replay_stages_record_every_domain(domains, tmp_path):
+    _, checkpoint, data = domains
+    run = tmp_path / "run"
+    first = learn(options(checkpoint, "beta", data["beta"], run, use_ewc=True, replay=0.25,
+                          base_domain=("alpha", str(data["alpha"])), adapter_name="beta-cl"))
+    assert first.stage == 1 and first.output == checkpoint / "adapters" / "beta-cl"
+    second = learn(options(checkpoint, "gamma", data["gamma"], run, use_ewc=True, replay=0.25,
+                           adapter_name="gamma-cl"))
+    record = read_run(run)
+    assert [s["stage"] for s in record["stages"]] == [0, 1, 2]
+    assert set(record["stages"][2]["val"]) == {"alpha", "beta", "gamma"}
+    assert set(record["stages"][1]["val"]) == {"alpha", "beta", "gamma"}  # gamma: before learning
+    assert set(record["stages"][0]["val"]) == {"alpha", "beta", "gamma"}
+    assert record["stages"][2]["replayed_rows"] > 0
+    assert json.loads((run / "ewc" / "ewc.json").read_text())["domains"] == ["alpha", "beta", "gamma"]
+    assert ReplayBuffer(run / "replay", 32).describe().keys() == {"alpha", "beta", "gamma"}
+    # The stage's recorded loss is what the saved adapter gives.
+    from promethean.continual.learn import evaluate_domains
+
+    model = load_checkpoint(checkpoint).model
+    load_adapter_onto(model, checkpoint, "gamma-cl")
+    again = evaluate_domains(model, {"beta": TokenDataset(data["beta"])}, 4, 32, "cpu", None)
+    assert again["beta"]["loss"] == pytest.approx(second.val["beta"]["loss"], rel=1e-4)
+
+    report = forgetting_report(run)
+    assert report.domains == ["alpha", "beta", "gamma"]
+    assert report.learned_at == {"alpha": 0, "beta": 1, "gamma": 2}
+    alpha = [row[0] for row in report.loss]
+    assert report.forgetting["alpha"] == pytest.approx(alpha[2] - min(alpha[:2]))
+    beta = [row[1] for row in report.loss]
+    expected_backward = ((alpha[0] - alpha[2]) + (beta[1] - beta[2])) / 2
+    assert report.backward_transfer == pytest.approx(expected_backward)
+    gamma = [row[2] for row in report.loss]
+    assert report.forward_transfer == pytest.approx(gamma[0] - gamma[1])
+    png = draw_heatmap(report)
+    assert png == run / "forgetting.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_fine_tuning_writes_checkpoints_that_chain(domains, tmp_path):
+    _, checkpoint, data = domains
+    run = tmp_path / "full"
+    first = learn(options(checkpoint, "beta", data["beta"], run, full=True, use_ewc=True,
+                          base_domain=("alpha", str(data["alpha"]))))
+    assert first.output == run / "stages" / "01-beta"
+    assert first.trainable_parameters == build("tiny-llama").num_parameters()
+    with pytest.raises(PrometheanError) as error:
+        learn(options(checkpoint, "gamma", data["gamma"], run, full=True))
+    assert str(error.value) == (f"the last stage of {run} wrote {first.output}; continue from it "
+                                f"(--checkpoint {first.output}) so that the stages follow each other.")
+    second = learn(options(first.output, "gamma", data["gamma"], None, full=True, use_ewc=True))
+    assert second.stage == 2  # the run was found from the stage checkpoint's metadata
+    assert len(read_run(run)["stages"]) == 3
+    with pytest.raises(PrometheanError, match="is a full run; this stage asks for lora"):
+        learn(options(checkpoint, "gamma", data["gamma"], run))
+
+
+def test_learn_refuses_bad_input_with_a_sentence(domains, tmp_path):
+    root, checkpoint, data = domains
+    run = tmp_path / "bad"
+    with pytest.raises(AdapterError) as error:
+        learn(options(checkpoint, "beta", data["beta"], run, lora_rank=0))
+    assert str(error.value) == "LoRA rank must be a whole number of at least 1, got 0."
+    with pytest.raises(PrometheanError) as error:
+        learn(options(checkpoint, "beta", "no-such-corpus", run))
+    assert str(error.value).startswith(
+        "'no-such-corpus' is neither a named corpus (shakespeare, kjv, smalltalk")
+    with pytest.raises(AdapterError) as error:
+        learn(options(checkpoint, "bible/kjv", data["beta"], run))
+    assert str(error.value) == (
+        "domain name 'bible/kjv' must start with a letter or digit and hold only letters, digits, "
+        "'-', '_' and '.' (at most 100 characters).")
+    with pytest.raises(AdapterError, match="match no linear layer"):
+        learn(options(checkpoint, "beta", data["beta"], run, target_modules=("wq",)))
+    # A LoRA stage on another base than the run's refuses.
+    learn(options(checkpoint, "beta", data["beta"], run, update_steps=1))
+    other = save_checkpoint(root / "other", build("tiny-llama", seed=5), ByteTokenizer())
+    with pytest.raises(AdapterError, match=f"{other} is not the base model of {run}"):
+        learn(options(other, "gamma", data["gamma"], run))
+    assert not (root / "other" / "adapters").exists()
+
+
+def test_cli_learn_forgetting_and_generate_with_an_adapter(domains, tmp_path):
+    _, checkpoint, data = domains
+    run = tmp_path / "cli-run"
+
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "promethean", *args], check=False,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    common = ["--checkpoint", str(checkpoint), "--run", str(run), "--update-steps", "2",
+              "--batch-size", "4", "--block-size", "32", "--lora-rank", "2", "--device", "cpu"]
+    result = cli("learn", *common, "--domain", "beta", "--data", str(data["beta"]),
+                 "--base-domain", f"alpha={data['alpha']}", "--adapter-name", "cli-beta",
+                 "--replay", "0.25", "--use-ewc", "--lora-head")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((checkpoint / "adapters" / "cli-beta" / ADAPTER_CONFIG_FILE).read_text())
+    assert config["modules"][-1] == "lm_head" and config["r"] == 2
+    assert "stage 1 (beta)" in result.stdout and "alpha: validation loss" in result.stdout
+    result = cli("forgetting", str(run))
+    assert result.returncode == 0, result.stderr
+    assert "backward transfer" in result.stdout and (run / "forgetting.png").is_file()
+    result = cli("generate", str(checkpoint), "-p", "the", "--adapter", "cli-beta",
+                 "--max-new-tokens", "4", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    result = cli("generate", str(checkpoint), "-p", "the", "--adapter", "nope")
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: {checkpoint} has no adapter named 'nope'")
+    result = cli("learn", *common, "--domain", "beta", "--data", str(data["beta"]),
+                 "--lora-rank", "0")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: LoRA rank must be a whole number of at least 1, got 0."
+    result = cli("forgetting", str(tmp_path))
+    assert result.stderr.strip() == (
+        f"error: {tmp_path} is not a continual-learning run: continual.json is missing.")
