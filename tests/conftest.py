@@ -15,6 +15,16 @@ def build(preset: str, seed: int = 0, **overrides) -> Transformer:
     return Transformer(config).eval()
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: the models are tiny, so one thread is as fast, and it does
+    not thrash when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=TINY_PRESETS)
 def tiny_model(request) -> Transformer:
     return build(request.param)

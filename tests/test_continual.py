@@ -28,12 +28,8 @@ from promethean.tokenizer import ByteTokenizer
 from tests.conftest import build, generated_documents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tokens(batch=2, length=16, vocab=256, seed=0):

@@ -44,12 +44,8 @@ SETTINGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toml(settings: dict) -> str:

@@ -24,12 +24,8 @@ from tests.conftest import build
 SSM_PRESETS = ["tiny-sssm", "tiny-ssm"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scan_inputs(batch=2, length=70, channels=12, state=8, step_scale=1.0, seed=0):

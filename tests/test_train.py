@@ -32,13 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is as fast, and does not thrash when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(data_dir, out, **overrides) -> TrainConfig:

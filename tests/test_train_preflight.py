@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from promethean.config import load_preset
 from promethean.data.prepare import prepare, tokenizer_record
@@ -19,12 +18,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 DOCS = [f"the quick brown fox {i} jumps over the lazy dog." for i in range(60)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
