@@ -373,7 +373,8 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
         f"tiny-sssm vs tiny-gpt2: tokens/s **{hybrid['tokens_per_second'] / peer['tokens_per_second']:.2f}x**, "
         f"validation loss {hybrid['val_loss']:.3f} vs {peer['val_loss']:.3f} "
         f"({hybrid['val_loss'] - peer['val_loss']:+.3f} nats). Spike rates are the fraction of "
-        "state updates with |delta B x| ≥ spike_threshold (0.1) in the last training step.",
+        "state updates with |delta B x| ≥ spike_threshold (0.1) × the RMS of their token's "
+        "updates, in the last training step.",
         f"Load average at start / end: {args.load_start} / "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
     ]
