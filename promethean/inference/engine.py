@@ -1,0 +1,506 @@
+"""Continuous batching: many requests share one running decode batch, joining and leaving it at
+every step.
+
+One background thread owns the model. Each step it admits waiting requests (prefilled together
+in a cache of their own, left-padded as `generate` pads uneven prompts), merges that cache into
+the running batch cache, then runs one batched decode step for every row.
+Finished and cancelled rows leave the batch before the next step.
+
+Merging caches of different lengths: every row of a `KVCache` shares one slot count, and a row's
+left padding says where its real tokens begin (positions and masks already handle that for
+uneven prompts). So a newcomer with fewer slots than the batch is left-padded to the batch's
+length, and when a newcomer is longer the whole batch is left-padded instead. Keys are stored
+after rotary embedding at the row's own positions, so shifting a row's slots never changes them;
+SSM layers keep a per-row state that has no slots at all and is simply concatenated. Columns that
+are padding for every row are trimmed whenever rows leave, so the slot count stays that of the
+longest live row. This keeps one batched forward per step (the point of batching) rather than a
+loop over per-row caches.
+
+Sampling (`process_logits`, `pick_tokens`, one generator per request), stop tokens, stop strings
+and streamed text that never splits a UTF-8 character or shows a stop string's beginning early
+are the pieces `promethean.inference.generate` uses for a single batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from promethean.errors import PrometheanError
+from promethean.inference.generate import (
+    GREEDY,
+    Completion,
+    SamplingParams,
+    _StopWatcher,
+    fit_prompt,
+    pick_tokens,
+    process_logits,
+    sampling_generator,
+)
+from promethean.model import Transformer
+from promethean.model.attention import KVCache, LayerKVCache
+from promethean.model.ssm import SSMLayerCache
+from promethean.tokenizer import Tokenizer
+
+
+class QueueFullError(PrometheanError):
+    """The engine's waiting queue is full: the caller should retry later (HTTP 503)."""
+
+
+class EngineStoppedError(PrometheanError):
+    """The engine was shut down before the request could finish."""
+
+
+@dataclass
+class StreamEvent:
+    """One step's news for a request: new token ids and the text now safe to show; `completion`
+    is set on the last event."""
+
+    token_ids: list[int]
+    text: str
+    completion: Completion | None = None
+
+
+# ------------------------------------------------------------------------ cache surgery
+def _pad_left(cache: KVCache, amount: int) -> None:
+    """Add `amount` padding slots in front of every row of the cache."""
+    if amount <= 0:
+        return
+    for layer in cache.layers:
+        if isinstance(layer, LayerKVCache) and layer.keys is not None:
+            if layer.window is None:
+                shape = (*layer.keys.shape[:2], amount, layer.keys.shape[3])
+                zeros = layer.keys.new_zeros(shape)
+                layer.keys = torch.cat((zeros, layer.keys[:, :, : layer.filled]), dim=2)
+                layer.values = torch.cat((zeros, layer.values[:, :, : layer.filled]), dim=2)
+                layer.filled += amount
+            else:  # the held keys are the same; only the slots they sit at move
+                layer.first_slot += amount
+    padding = _left_padding(cache) + amount
+    cache.left_padding = padding
+    cache.min_left_padding = int(padding.min())
+    cache.length += amount
+
+
+def _left_padding(cache: KVCache) -> torch.Tensor:
+    if cache.left_padding is not None:
+        return cache.left_padding
+    device = _cache_device(cache)
+    return torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+
+
+def _cache_device(cache: KVCache) -> torch.device:
+    for layer in cache.layers:
+        tensor = layer.keys if isinstance(layer, LayerKVCache) else layer.ssm_state
+        if tensor is not None:
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _concat_aligned(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Stack two (B, H, T, D) key tensors along the batch, right-aligned along T (zeros in front
+    of the shorter: slots that are padding or outside the window for its rows)."""
+    size = max(first.shape[2], second.shape[2])
+
+    def grow(tensor: torch.Tensor) -> torch.Tensor:
+        missing = size - tensor.shape[2]
+        if not missing:
+            return tensor
+        zeros = tensor.new_zeros((*tensor.shape[:2], missing, tensor.shape[3]))
+        return torch.cat((zeros, tensor), dim=2)
+
+    return torch.cat((grow(first), grow(second)), dim=0)
+
+
+def merge_caches(batch: KVCache, newcomer: KVCache) -> KVCache:
+    """Append the rows of `newcomer` to `batch` (both may be left-padded, of any lengths)."""
+    _pad_left(batch, newcomer.length - batch.length)
+    _pad_left(newcomer, batch.length - newcomer.length)
+    for mine, theirs in zip(batch.layers, newcomer.layers):
+        if isinstance(mine, SSMLayerCache):
+            mine.conv_state = torch.cat((mine.conv_state, theirs.conv_state), dim=0)
+            mine.ssm_state = torch.cat((mine.ssm_state, theirs.ssm_state), dim=0)
+            continue
+        if mine.window is None:
+            mine.keys = torch.cat((mine.keys[:, :, : mine.filled], theirs.keys[:, :, : theirs.filled]))
+            mine.values = torch.cat(
+                (mine.values[:, :, : mine.filled], theirs.values[:, :, : theirs.filled])
+            )
+        else:
+            mine.keys = _concat_aligned(mine.keys, theirs.keys)
+            mine.values = _concat_aligned(mine.values, theirs.values)
+            mine.first_slot = batch.length - mine.keys.shape[2]
+            mine.filled = mine.keys.shape[2]
+    padding = torch.cat((_left_padding(batch), _left_padding(newcomer)))
+    batch.left_padding = padding
+    batch.min_left_padding = int(padding.min())
+    batch.batch_size += newcomer.batch_size
+    return batch
+
+
+def trim_common_padding(cache: KVCache) -> None:
+    """Drop the leading slots that are padding for every row (after rows have left)."""
+    amount = cache.min_left_padding
+    if cache.left_padding is None or amount <= 0:
+        return
+    for layer in cache.layers:
+        if not isinstance(layer, LayerKVCache) or layer.keys is None:
+            continue
+        if layer.window is None:
+            layer.keys = layer.keys[:, :, amount : layer.filled]
+            layer.values = layer.values[:, :, amount : layer.filled]
+            layer.filled -= amount
+        else:
+            drop = max(0, amount - layer.first_slot)
+            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+            layer.first_slot = max(0, layer.first_slot - amount)
+            layer.filled = layer.keys.shape[2]
+    cache.left_padding = cache.left_padding - amount
+    cache.min_left_padding = 0
+    cache.length -= amount
+
+
+# ---------------------------------------------------------------------------- requests
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    handle: RequestHandle
+    budget: int
+    watcher: _StopWatcher
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # (V,) tokens seen, for the repetition penalty
+    token_ids: list[int] = field(default_factory=list)
+    shown: int = 0  # characters of text already streamed
+    stop_at: int | None = None
+    finish_reason: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of a request: stream its events (sync or async), wait for the result, or
+    cancel it (the row leaves the batch at the next step)."""
+
+    def __init__(self, prompt_length: int) -> None:
+        self.prompt_length = prompt_length
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._events: queue.Queue[StreamEvent | BaseException] = queue.Queue()
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self._completion: Completion | None = None
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._async_events: asyncio.Queue | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver events to an asyncio queue on `loop` as well (call before iterating async)."""
+        self._loop = loop
+        self._async_events = asyncio.Queue()
+
+    def _push(self, item: StreamEvent | BaseException) -> None:
+        if isinstance(item, StreamEvent) and item.completion is not None:
+            self._completion = item.completion
+        if isinstance(item, BaseException):
+            self._error = item
+        self._events.put(item)
+        if isinstance(item, BaseException) or item.completion is not None:
+            self._done.set()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_events.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def events(self) -> Iterator[StreamEvent]:
+        while True:
+            item = self._events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.completion is not None:
+                return
+
+    async def aevents(self) -> AsyncIterator[StreamEvent]:
+        if self._async_events is None:
+            raise RuntimeError("call bind_loop() before iterating a request asynchronously")
+        while True:
+            item = await self._async_events.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.completion is not None:
+                return
+
+    def result(self, timeout: float | None = None) -> Completion:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self._error is not None:
+            raise self._error
+        return self._completion
+
+
+# ------------------------------------------------------------------------------ engine
+def _is_plain_greedy(params: SamplingParams) -> bool:
+    return params.greedy and params.repetition_penalty == 1.0
+
+
+class Engine:
+    """Serve many generation requests with one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer | None = None,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise PrometheanError("max_batch_size must be at least 1 and max_queue at least 0.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.device = next(model.parameters()).device
+        self._waiting: deque[_Request] = deque()
+        self._condition = threading.Condition()
+        self._running: list[_Request] = []
+        self._cache: KVCache | None = None
+        self._last_tokens: torch.Tensor | None = None
+        self._stopped = False
+        self.peak_batch_size = 0  # the most rows decoded together so far
+        self._thread = threading.Thread(target=self._run, name="promethean-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, prompt: list[int], params: SamplingParams = GREEDY) -> RequestHandle:
+        """Queue a prompt (token ids). Raises PrometheanError for a bad prompt and QueueFullError
+        when `max_queue` requests are already waiting."""
+        context = self.model.config.context_length
+        prompt = fit_prompt(prompt, context, crop=False)
+        if any(not 0 <= token < self.model.config.vocab_size for token in prompt):
+            raise PrometheanError("the prompt holds token ids outside the model's vocabulary.")
+        watcher = _StopWatcher(self.tokenizer, params.stop_strings)
+        handle = RequestHandle(len(prompt))
+        request = _Request(
+            prompt=prompt,
+            params=params,
+            handle=handle,
+            budget=min(params.max_new_tokens, context - len(prompt)),
+            watcher=watcher,
+        )
+        with self._condition:
+            if self._stopped:
+                raise EngineStoppedError("the engine has been shut down.")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the server is busy: {len(self._waiting)} requests are already waiting."
+                )
+            self._waiting.append(request)
+            self._condition.notify()
+        return handle
+
+    def generate(self, prompt: list[int], params: SamplingParams = GREEDY) -> Completion:
+        return self.submit(prompt, params).result()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._condition:
+                        while not self._stopped and not self._waiting and not self._running:
+                            self._condition.wait()
+                        if self._stopped:
+                            break
+                        admitted = []
+                        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+                            admitted.append(self._waiting.popleft())
+                    if admitted:
+                        self._admit(admitted)
+                    if self._running:
+                        self._step()
+        except BaseException as error:  # a bug: fail every request rather than hang them
+            self._fail_all(error)
+            raise
+        self._fail_all(EngineStoppedError("the engine has been shut down."))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._condition:
+            self._stopped = True
+            pending = list(self._running) + list(self._waiting)
+            self._running, self._waiting = [], deque()
+        self._cache = None
+        for request in pending:
+            request.handle._push(error)
+
+    def _admit(self, requests: list[_Request]) -> None:
+        """Prefill the newcomers together (left-padded, as `generate` batches uneven prompts),
+        pick each one's first token, and merge those still going into the running batch."""
+        starting = []
+        for request in requests:
+            if request.handle.cancelled or request.budget == 0:
+                self._finish(request, "length" if request.budget == 0 else "cancelled")
+            else:
+                starting.append(request)
+        if not starting:
+            return
+        longest = max(len(request.prompt) for request in starting)
+        padding = [longest - len(request.prompt) for request in starting]
+        ids = torch.tensor([[0] * pad + request.prompt for pad, request in zip(padding, starting)],
+                           device=self.device)
+        left_padding = torch.tensor(padding, device=self.device) if any(padding) else None
+        capacity = longest + max(request.budget for request in starting)
+        cache = self.model.new_cache(len(starting), capacity=capacity, left_padding=left_padding)
+        logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
+        keep, tokens = [], []
+        for row, request in enumerate(starting):
+            params = request.params
+            request.generator = sampling_generator(params, self.device)
+            if params.repetition_penalty != 1.0:
+                request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool,
+                                           device=self.device)
+                request.seen[torch.tensor(request.prompt, device=self.device)] = True
+            token = self._pick(request, logits[row : row + 1])
+            if request.finish_reason is None:
+                keep.append(row)
+                tokens.append(token)
+        if not keep:
+            return
+        if len(keep) < len(starting):
+            cache.select_rows(torch.tensor(keep, device=self.device))
+            trim_common_padding(cache)
+        last = torch.tensor(tokens, device=self.device)
+        if self._cache is None:
+            self._cache, self._last_tokens = cache, last
+        else:
+            self._cache = merge_caches(self._cache, cache)
+            self._last_tokens = torch.cat((self._last_tokens, last))
+        with self._condition:
+            self._running.extend(starting[row] for row in keep)
+
+    def _step(self) -> None:
+        self.peak_batch_size = max(self.peak_batch_size, len(self._running))
+        logits = self.model(self._last_tokens[:, None], cache=self._cache).logits[:, -1].float()
+        # Plain greedy rows share one argmax (the same choice as row by row, in one kernel).
+        plain = [_is_plain_greedy(request.params) for request in self._running]
+        argmax = logits.argmax(dim=-1).tolist() if any(plain) else None
+        keep, tokens = [], []
+        for row, request in enumerate(self._running):
+            chosen = argmax[row] if plain[row] else None
+            token = self._pick(request, logits[row : row + 1], chosen)
+            if request.finish_reason is None:
+                keep.append(row)
+                tokens.append(token)
+        if len(keep) == len(self._running):
+            self._last_tokens = torch.tensor(tokens, device=self.device)
+            return
+        with self._condition:
+            self._running = [self._running[row] for row in keep]
+        if not keep:
+            self._cache = self._last_tokens = None
+            return
+        self._cache.select_rows(torch.tensor(keep, device=self.device))
+        trim_common_padding(self._cache)
+        self._last_tokens = torch.tensor(tokens, device=self.device)
+
+    def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None) -> int:
+        """Choose a request's next token (or take the `chosen` one), stream it, and finish the
+        request if it is done."""
+        handle = request.handle
+        if handle.cancelled:
+            self._finish(request, "cancelled")
+            return -1
+        params = request.params
+        if chosen is not None:
+            token = chosen
+        else:
+            seen = request.seen[None] if request.seen is not None else None
+            token = int(pick_tokens(process_logits(logits, params, seen), params, request.generator)[0])
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+        if token in params.stop_token_ids:
+            self._finish(request, "stop")
+            return token
+        request.token_ids.append(token)
+        if request.seen is not None:
+            request.seen[token] = True
+        text = None
+        if request.watcher.stop_strings:
+            text = self.tokenizer.decode(request.token_ids)
+            at = request.watcher.find(text)
+            if at is not None:
+                request.stop_at = at
+                self._finish(request, "stop", text)
+                return token
+        if len(request.token_ids) >= request.budget:
+            self._finish(request, "length", text)
+            return token
+        self._emit(request, [token], text)
+        return token
+
+    def _visible_text(self, request: _Request, text: str | None, final: bool) -> str:
+        if self.tokenizer is None:
+            return ""
+        if text is None:
+            text = self.tokenizer.decode(request.token_ids)
+        if request.stop_at is not None:
+            end = request.stop_at
+        elif final:
+            end = len(text)
+        else:
+            end = request.watcher.safe_length(text)
+        if end <= request.shown:
+            return ""
+        piece = text[request.shown : end]
+        request.shown = end
+        return piece
+
+    def _emit(self, request: _Request, token_ids: list[int], text: str | None) -> None:
+        piece = self._visible_text(request, text, final=False)
+        request.handle._push(StreamEvent(token_ids=token_ids, text=piece))
+
+    def _finish(self, request: _Request, reason: str, text: str | None = None) -> None:
+        request.finish_reason = reason
+        piece = self._visible_text(request, text, final=True)
+        full = None
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(request.token_ids)
+            if request.stop_at is not None:
+                full = full[: request.stop_at]
+        completion = Completion(token_ids=list(request.token_ids), text=full, finish_reason=reason)
+        new_ids = request.token_ids[-1:] if reason != "stop" or request.stop_at is not None else []
+        if reason == "cancelled":
+            new_ids = []
+        request.handle._push(StreamEvent(token_ids=new_ids, text=piece, completion=completion))

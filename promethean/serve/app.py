@@ -1,0 +1,618 @@
+"""The HTTP server: an OpenAI-compatible API, the nanoGPT card's `/chat`, health and metrics.
+
+Every route hands its prompt to a continuous-batching `Engine` (promethean.inference.engine);
+the event loop only parses, validates and streams. The base model has one engine; each LoRA
+adapter of the checkpoint (`CKPT/adapters/NAME`, served as model `BASE:NAME`) gets an engine of its
+own over its own copy of the model with the adapter merged in (base decode speed, no per-row
+adapter switching), built on first use; at most `max_adapter_engines` are kept, the least recently
+used idle one being shut down to make room. Errors are JSON bodies in OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, so the official client raises the right
+exception with a readable message. A full engine queue answers 503 with Retry-After at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import os
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from promethean.continual.adapters import check_name, list_adapters, load_adapter_onto
+from promethean.data.chat import Turn, assistant_prompt
+from promethean.errors import PrometheanError
+from promethean.inference.engine import Engine, EngineStoppedError, QueueFullError, RequestHandle
+from promethean.inference.generate import SamplingParams
+from promethean.model import Transformer
+from promethean.tokenizer import Tokenizer
+
+RETRY_AFTER_SECONDS = 1
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+MAX_CHATS_REMEMBERED = 1000
+
+
+class ApiError(Exception):
+    """A request the server refuses, with the HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 error_type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.error_type, self.headers = error_type, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ------------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class _SamplingFields(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+
+class CompletionBody(_SamplingFields):
+    prompt: str | list[str]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionBody(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatBody(_Body):
+    message: str = Field(min_length=1)
+    chat_id: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(0.8, ge=0, le=2)  # the chat card's defaults
+    top_k: int | None = Field(200, ge=1)
+    seed: int | None = None
+
+
+def _parse(model: type[BaseModel], raw: bytes) -> Any:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON ({error}).", code="invalid_json")
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}.", param=param, code="invalid_value")
+
+
+# -------------------------------------------------------------------------------- metrics
+class Metrics:
+    """Counters and a latency histogram, rendered in Prometheus' text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.generated_tokens = 0
+        self.latency_counts = [0] * len(LATENCY_BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def record_request(self, route: str, status: int) -> None:
+        with self._lock:
+            self.requests[route, status] = self.requests.get((route, status), 0) + 1
+
+    def record_generation(self, prompt_tokens: int, generated_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.prompt_tokens += prompt_tokens
+            self.generated_tokens += generated_tokens
+            self.latency_sum += seconds
+            self.latency_count += 1
+            for index, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    self.latency_counts[index] += 1
+
+    def render(self, engine: Engine) -> str:
+        with self._lock:
+            lines = ["# HELP promethean_requests_total HTTP requests by route and status.",
+                     "# TYPE promethean_requests_total counter"]
+            for (route, status), count in sorted(self.requests.items()):
+                lines.append(f'promethean_requests_total{{route="{route}",status="{status}"}} {count}')
+            lines += [
+                "# HELP promethean_prompt_tokens_total Prompt tokens of finished generations.",
+                "# TYPE promethean_prompt_tokens_total counter",
+                f"promethean_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP promethean_generated_tokens_total Tokens generated.",
+                "# TYPE promethean_generated_tokens_total counter",
+                f"promethean_generated_tokens_total {self.generated_tokens}",
+                "# HELP promethean_queue_depth Requests waiting to join the decode batch.",
+                "# TYPE promethean_queue_depth gauge",
+                f"promethean_queue_depth {engine.queue_depth}",
+                "# HELP promethean_running_requests Requests in the decode batch.",
+                "# TYPE promethean_running_requests gauge",
+                f"promethean_running_requests {engine.running}",
+                "# HELP promethean_request_latency_seconds Time from submission to the last token.",
+                "# TYPE promethean_request_latency_seconds histogram",
+            ]
+            for bound, count in zip(LATENCY_BUCKETS, self.latency_counts):
+                lines.append(f'promethean_request_latency_seconds_bucket{{le="{bound}"}} {count}')
+            lines += [
+                f'promethean_request_latency_seconds_bucket{{le="+Inf"}} {self.latency_count}',
+                f"promethean_request_latency_seconds_sum {self.latency_sum}",
+                f"promethean_request_latency_seconds_count {self.latency_count}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- chat log
+class ChatLog:
+    """Append-only JSONL of chat turns: one line per turn, written whole under a lock and fsynced,
+    so concurrent requests never interleave and a crash loses no acknowledged turn."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+
+
+# ------------------------------------------------------------------------- model variants
+class ModelVariants:
+    """The base model's engine and, built lazily, one engine per adapter (see the module
+    docstring). An engine is only shut down when every request given to it has finished."""
+
+    def __init__(self, base: Engine, base_name: str, checkpoint: str | Path | None,
+                 max_adapter_engines: int) -> None:
+        self.base, self.base_name = base, base_name
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.max_adapter_engines = max_adapter_engines
+        self.engines: dict[str, Engine] = {}  # adapter name -> engine, least recently used first
+        self.handles: dict[str, list[RequestHandle]] = {}
+        self._loading = asyncio.Lock()
+
+    def names(self) -> list[str]:
+        adapters = list_adapters(self.checkpoint) if self.checkpoint is not None else []
+        return [self.base_name] + [f"{self.base_name}:{name}" for name in adapters]
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base); 404 for anything unknown."""
+        if model is None or model == self.base_name:
+            return None
+        base, _, adapter = model.partition(":")
+        known = self.names()
+        if base == self.base_name and adapter and model in known:
+            return check_name(adapter)
+        raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                       f"{', '.join(repr(name) for name in known)}.", param="model",
+                       code="model_not_found")
+
+    async def engine(self, adapter: str | None) -> Engine:
+        if adapter is None:
+            return self.base
+        async with self._loading:  # one build at a time; later callers find it built
+            if adapter not in self.engines:
+                model = await asyncio.to_thread(self._adapted_model, adapter)
+                self.engines[adapter] = Engine(model, self.base.tokenizer,
+                                               max_batch_size=self.base.max_batch_size,
+                                               max_queue=self.base.max_queue)
+                self.handles[adapter] = []
+                self._evict(keep=adapter)
+            self.engines[adapter] = self.engines.pop(adapter)  # now the most recently used
+            return self.engines[adapter]
+
+    def _adapted_model(self, adapter: str) -> Transformer:
+        # A copy of the base weights (the base engine keeps decoding from the original meanwhile).
+        model = copy.deepcopy(self.base.model)
+        load_adapter_onto(model, self.checkpoint, adapter)
+        return model
+
+    def track(self, adapter: str | None, handle: RequestHandle) -> None:
+        if adapter is not None:
+            handles = self.handles[adapter]
+            handles[:] = [h for h in handles if not h.done]
+            handles.append(handle)
+
+    def _evict(self, keep: str) -> None:
+        """Shut down least recently used adapter engines with nothing in flight while there are
+        more than allowed (when all are busy the limit is exceeded until they finish)."""
+        for name in list(self.engines):
+            if len(self.engines) <= self.max_adapter_engines:
+                return
+            if name != keep and all(handle.done for handle in self.handles[name]):
+                self.engines.pop(name).shutdown(timeout=0)
+                del self.handles[name]
+
+    def shutdown(self) -> None:
+        for engine in [self.base, *self.engines.values()]:
+            engine.shutdown()
+
+
+# ----------------------------------------------------------------------------------- app
+class Server:
+    """What the routes share: the engine, the tokenizer, metrics, the chat log, chat histories."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
+                 api_key: str | None, chat_log: ChatLog | None,
+                 variants: ModelVariants | None = None) -> None:
+        self.engine = engine
+        self.variants = variants or ModelVariants(engine, model_name, None, 0)
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.chat_log = chat_log
+        self.metrics = Metrics()
+        self.context_length = engine.model.config.context_length
+        self.chats: dict[str, list[Turn]] = {}
+        self.created = int(time.time())
+
+    # -------------------------------------------------------------- validation helpers
+    def check_model(self, name: str | None) -> str | None:
+        """The adapter that `name` asks for (None: the base model); 404 for an unknown model."""
+        return self.variants.adapter_of(name)
+
+    def max_tokens(self, value: int | None, default: int) -> int:
+        limit = self.context_length - 1
+        if value is None:
+            return min(default, limit)
+        if not 1 <= value <= limit:
+            raise ApiError(400, f"max_tokens must be between 1 and {limit} (the model's context "
+                           f"is {self.context_length} tokens), got {value}.", param="max_tokens",
+                           code="invalid_value")
+        return value
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ApiError(400, "the prompt is empty.", param="prompt", code="invalid_value")
+        if len(prompt) >= self.context_length:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens but the model's context is "
+                           f"{self.context_length}; shorten it.", param="prompt",
+                           code="context_length_exceeded")
+
+    def sampling(self, body: _SamplingFields | ChatBody, max_tokens: int,
+                 extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+        stops = getattr(body, "stop", None)
+        stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
+        if len(stops) > 4 or any(not stop for stop in stops):
+            raise ApiError(400, "stop takes at most 4 non-empty strings.", param="stop",
+                           code="invalid_value")
+        return SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=getattr(body, "top_p", None),
+            repetition_penalty=getattr(body, "repetition_penalty", 1.0),
+            stop_token_ids=(self.tokenizer.eot_id,),
+            stop_strings=tuple(dict.fromkeys(extra_stops + stops)),
+            seed=body.seed,
+        )
+
+    async def submit(self, prompt: list[int], params: SamplingParams,
+                     adapter: str | None = None) -> RequestHandle:
+        engine = await self.variants.engine(adapter)
+        try:
+            handle = engine.submit(prompt, params)
+        except (QueueFullError, EngineStoppedError) as error:
+            raise ApiError(503, str(error), error_type="server_overloaded", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except PrometheanError as error:
+            raise ApiError(400, str(error), param="prompt", code="invalid_value")
+        handle.bind_loop(asyncio.get_running_loop())
+        self.variants.track(adapter, handle)
+        return handle
+
+    async def wait(self, request: Request, handle: RequestHandle):
+        """The completion, cancelling the generation if the client goes away meanwhile."""
+        async def collect():
+            async for event in handle.aevents():
+                if event.completion is not None:
+                    return event.completion
+
+        task = asyncio.ensure_future(collect())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                try:
+                    completion = task.result()
+                except EngineStoppedError as error:
+                    raise ApiError(503, str(error), error_type="server_error", code="shutting_down",
+                                   headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                self.finished(handle, completion)
+                return completion
+            if await request.is_disconnected():
+                handle.cancel()
+
+    def finished(self, handle: RequestHandle, completion) -> None:
+        seconds = time.monotonic() - handle.submitted_at
+        self.metrics.record_generation(handle.prompt_length, len(completion.token_ids), seconds)
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+        system = "".join(m.content.strip() + "\n" for m in messages if m.role == "system")
+        turns = [Turn("human" if m.role == "user" else "assistant", m.content)
+                 for m in messages if m.role != "system"]
+        return system + assistant_prompt(turns)
+
+    def log_turn(self, chat_id: str, human: str, completion, route: str) -> None:
+        """Append a finished turn (not one whose client left before the reply was complete)."""
+        assistant = completion.text.strip()
+        if self.chat_log is not None and completion.finish_reason != "cancelled":
+            self.chat_log.append({"chat_id": chat_id, "time": time.time(), "route": route,
+                                  "human": human, "assistant": assistant})
+
+
+KNOWN_ROUTES = {"/health", "/metrics", "/chat", "/v1/models", "/v1/completions",
+                "/v1/chat/completions"}
+
+
+class _AuthoriseAndCount:
+    """ASGI middleware: the API key check (every route but /health) and request counting. Plain
+    ASGI rather than `@app.middleware`, which would hide a client's disconnect from the routes."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = path if path in KNOWN_ROUTES else "other"
+        key = self.server.api_key
+        if key is not None and path != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
+                response = ApiError(401, "a valid API key is required: send the header "
+                                    "'Authorization: Bearer KEY'.", error_type="authentication_error",
+                                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                self.server.metrics.record_request(route, 401)
+                await response.response()(scope, receive, send)
+                return
+        status = 500
+
+        async def send_and_note_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            self.server.metrics.record_request(route, status)
+
+
+def _finish_reason(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def create_app(
+    model: Transformer | None = None,
+    tokenizer: Tokenizer | None = None,
+    model_name: str = "promethean",
+    api_key: str | None = None,
+    chat_log: str | Path | None = None,
+    max_batch_size: int = 16,
+    max_queue: int = 64,
+    engine: Engine | None = None,
+    checkpoint: str | Path | None = None,
+    max_adapter_engines: int = 2,
+) -> FastAPI:
+    """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
+    directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`."""
+    if engine is None:
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    tokenizer = tokenizer or engine.tokenizer
+    variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines)
+    server = Server(engine, tokenizer, model_name, api_key,
+                    ChatLog(chat_log) if chat_log is not None else None, variants)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        variants.shutdown()
+
+    app = FastAPI(title="Promethean", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    app.add_middleware(_AuthoriseAndCount, server=server)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, error: ApiError):
+        return error.response()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, "queue_depth": engine.queue_depth,
+                "running": engine.running}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(engine),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model",
+                                            "created": server.created, "owned_by": "promethean"}
+                                           for name in variants.names()]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body: CompletionBody = _parse(CompletionBody, await request.body())
+        adapter = server.check_model(body.model)
+        model_id = body.model or server.model_name
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "prompt must be one string (batches of prompts are not supported).",
+                           param="prompt", code="invalid_value")
+        prompt = server.tokenizer.encode_ordinary(prompts[0])
+        server.check_prompt(prompt)
+        params = server.sampling(body, server.max_tokens(body.max_tokens, 16))
+        handle = await server.submit(prompt, params, adapter)
+        identifier, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return {"id": identifier, "object": "text_completion", "created": created,
+                    "model": model_id,
+                    "choices": [{"text": text, "index": 0, "logprobs": None,
+                                 "finish_reason": finish}]}
+
+        if body.stream:
+            async def events():
+                try:
+                    async for event in handle.aevents():
+                        if event.completion is not None:
+                            server.finished(handle, event.completion)
+                            if event.text:
+                                yield _sse(chunk(event.text, None))
+                            yield _sse(chunk("", _finish_reason(event.completion.finish_reason)))
+                        elif event.text:
+                            yield _sse(chunk(event.text, None))
+                    yield "data: [DONE]\n\n"
+                finally:
+                    handle.cancel()  # a no-op when finished; frees the row when the client left
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        completion = await server.wait(request, handle)
+        result = chunk(completion.text, _finish_reason(completion.finish_reason))
+        result["usage"] = _usage(len(prompt), len(completion.token_ids))
+        return result
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body: ChatCompletionBody = _parse(ChatCompletionBody, await request.body())
+        adapter = server.check_model(body.model)
+        model_id = body.model or server.model_name
+        if body.messages[-1].role != "user":
+            raise ApiError(400, "the last message must be the user's.", param="messages",
+                           code="invalid_value")
+        prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages))
+        server.check_prompt(prompt)
+        params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
+        handle = await server.submit(prompt, params, adapter)
+        identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        chat_id, human = identifier, body.messages[-1].content
+
+        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+            return {"id": identifier, "object": "chat.completion.chunk", "created": created,
+                    "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+        if body.stream:
+            async def events():
+                try:
+                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                    async for event in handle.aevents():
+                        if event.text:
+                            yield _sse(chunk({"content": event.text}, None))
+                        if event.completion is not None:
+                            completion = event.completion
+                            server.finished(handle, completion)
+                            server.log_turn(chat_id, human, completion, "/v1/chat/completions")
+                            yield _sse(chunk({}, _finish_reason(completion.finish_reason)))
+                    yield "data: [DONE]\n\n"
+                finally:
+                    handle.cancel()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        completion = await server.wait(request, handle)
+        reply = completion.text.strip()
+        server.log_turn(chat_id, human, completion, "/v1/chat/completions")
+        return {"id": identifier, "object": "chat.completion", "created": created,
+                "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                             "finish_reason": _finish_reason(completion.finish_reason)}],
+                "usage": _usage(len(prompt), len(completion.token_ids))}
+
+    @app.post("/chat")
+    async def chat(request: Request):
+        body: ChatBody = _parse(ChatBody, await request.body())
+        chat_id = body.chat_id or uuid.uuid4().hex
+        history = list(server.chats.get(chat_id, []))
+        turns = history + [Turn("human", body.message)]
+        prompt = server.tokenizer.encode_ordinary(assistant_prompt(turns))
+        while len(prompt) >= server.context_length and len(turns) > 1:
+            turns = turns[2:] if len(turns) > 2 else turns[1:]  # forget the oldest exchange
+            prompt = server.tokenizer.encode_ordinary(assistant_prompt(turns))
+        server.check_prompt(prompt)
+        params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
+        handle = await server.submit(prompt, params)
+        completion = await server.wait(request, handle)
+        reply = completion.text.strip()
+        history += [Turn("human", body.message), Turn("assistant", reply)]
+        server.chats[chat_id] = history
+        while len(server.chats) > MAX_CHATS_REMEMBERED:
+            server.chats.pop(next(iter(server.chats)))
+        server.log_turn(chat_id, body.message, completion, "/chat")
+        return {"response": reply, "chat_id": chat_id,
+                "finish_reason": _finish_reason(completion.finish_reason),
+                "usage": _usage(len(prompt), len(completion.token_ids))}
+
+    return app
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def serve(
+    checkpoint: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    chat_log: str | Path | None = "chat.jsonl",
+    max_batch_size: int = 16,
+    max_queue: int = 64,
+    device: str | None = None,
+    max_adapter_engines: int = 2,
+) -> None:
+    """Load a checkpoint and serve it until interrupted."""
+    import uvicorn
+
+    from promethean.checkpoint import load_checkpoint
+    from promethean.device import resolve_device
+
+    loaded = load_checkpoint(checkpoint, device=resolve_device(device))
+    app = create_app(loaded.model, loaded.tokenizer, model_name=Path(checkpoint).resolve().name,
+                     api_key=api_key, chat_log=chat_log, max_batch_size=max_batch_size,
+                     max_queue=max_queue, checkpoint=checkpoint,
+                     max_adapter_engines=max_adapter_engines)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,328 @@
+"""The server, running for real (uvicorn on a free port), driven over HTTP by the official
+`openai` client and by httpx."""
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from promethean.checkpoint import load_checkpoint, save_checkpoint
+from promethean.inference.engine import Engine
+from promethean.serve.app import create_app
+from promethean.tokenizer import ByteTokenizer
+from tests.conftest import build
+
+API_KEY = "secret-key"
+MODEL = "tiny-chat"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("serve") / MODEL
+    save_checkpoint(directory, build("tiny-llama"), ByteTokenizer())
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    loaded = load_checkpoint(checkpoint)
+    log = tmp_path_factory.mktemp("log") / "chat.jsonl"
+    app = create_app(loaded.model, loaded.tokenizer, model_name=MODEL, api_key=API_KEY,
+                     chat_log=log, max_batch_size=8, max_queue=64)
+    running = RunningServer(app)
+    running.chat_log = log
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def test_completions_with_the_openai_client(client):
+    result = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                       temperature=0)
+    assert result.model == MODEL
+    assert isinstance(result.choices[0].text, str)
+    assert result.choices[0].finish_reason in ("stop", "length")
+    assert result.usage.prompt_tokens == len("Once upon a time")
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                      temperature=0)
+    assert again.choices[0].text == result.choices[0].text
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    whole = client.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=12,
+                                            temperature=0, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_completions_plain_and_streamed(client):
+    messages = [{"role": "user", "content": "Hi there"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                           temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    assert "\n" not in whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
+                                                 temperature=0, stream=True))
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert text.strip() == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=auth()) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list()] == [MODEL]
+
+
+def test_unknown_model_is_a_404_the_client_understands(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+
+
+def test_chat_endpoint_keeps_the_conversation_and_logs_each_turn(server):
+    first = httpx.post(server.url + "/chat", json={"message": "Hello", "max_tokens": 8},
+                       headers=auth(), timeout=60)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert set(body) >= {"response", "chat_id"}
+    assert "\n" not in body["response"]
+    second = httpx.post(server.url + "/chat", timeout=60, headers=auth(),
+                        json={"message": "And?", "chat_id": body["chat_id"], "max_tokens": 8})
+    assert second.json()["chat_id"] == body["chat_id"]
+    records = [json.loads(line) for line in server.chat_log.read_text().splitlines()]
+    mine = [r for r in records if r["chat_id"] == body["chat_id"]]
+    assert [r["human"] for r in mine] == ["Hello", "And?"]
+    assert mine[0]["assistant"] == body["response"]
+
+
+def test_concurrent_chats_append_intact_lines(server):
+    before = len(server.chat_log.read_text().splitlines()) if server.chat_log.exists() else 0
+
+    def one(index: int) -> int:
+        return httpx.post(server.url + "/chat", headers=auth(), timeout=120,
+                          json={"message": f"message {index} " + "x" * index,
+                                "max_tokens": 6}).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(24)))
+    assert statuses == [200] * 24
+    lines = server.chat_log.read_text().splitlines()
+    assert len(lines) == before + 24
+    humans = {json.loads(line)["human"] for line in lines[before:]}
+    assert humans == {f"message {index} " + "x" * index for index in range(24)}
+
+
+def test_health_is_open_and_everything_else_needs_the_key(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    for method, path in [("GET", "/metrics"), ("GET", "/v1/models"), ("POST", "/chat"),
+                         ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]:
+        response = httpx.request(method, server.url + path, json={"message": "hi"})
+        assert response.status_code == 401, path
+        assert "API key" in response.json()["error"]["message"]
+        wrong = httpx.request(method, server.url + path, headers={"Authorization": "Bearer no"})
+        assert wrong.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_metrics_are_prometheus_text(server, client):
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=3)
+    text = httpx.get(server.url + "/metrics", headers=auth()).text
+    assert 'promethean_requests_total{route="/v1/completions",status="200"}' in text
+    assert "# TYPE promethean_request_latency_seconds histogram" in text
+    assert 'promethean_request_latency_seconds_bucket{le="+Inf"}' in text
+    assert "promethean_queue_depth 0" in text
+    generated = [line for line in text.splitlines()
+                 if line.startswith("promethean_generated_tokens_total")]
+    assert int(generated[0].split()[1]) > 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/v1/completions", b"{not json", "not valid JSON"),
+        ("/v1/completions", b"[1, 2]", "JSON object"),
+        ("/v1/completions", {"model": MODEL, "prompt": 5}, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens must be"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, "max_tokens must be"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x" * 300}, "context"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+        ("/v1/completions", {"model": MODEL}, "prompt"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+         "role"),
+        ("/chat", {"message": 3}, "message"),
+        ("/chat", {}, "message"),
+    ],
+)
+def test_bad_requests_get_clear_400_bodies(server, path, body, fragment):
+    if isinstance(body, bytes):
+        response = httpx.post(server.url + path, content=body, headers=auth())
+    else:
+        response = httpx.post(server.url + path, json=body, headers=auth())
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+
+
+def slowed_engine(step_seconds: float, **kwargs) -> Engine:
+    """An engine whose decode steps wait (on `engine.gate` when given, else a fixed sleep)."""
+    engine = Engine(build("tiny-llama"), ByteTokenizer(), **kwargs)
+    original = engine._step
+
+    def slow_step():
+        time.sleep(step_seconds)
+        original()
+
+    engine._step = slow_step
+    return engine
+
+
+def test_client_disconnect_cancels_the_generation():
+    engine = slowed_engine(0.05)  # 250 tokens would take over 12 s
+    running = RunningServer(create_app(engine=engine, model_name=MODEL))
+    try:
+        body = {"model": MODEL, "prompt": "go", "max_tokens": 250, "stream": True}
+        with httpx.stream("POST", running.url + "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break
+        assert engine.running == 1
+        deadline = time.monotonic() + 3
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.running == 0
+
+        # The same for a request that does not stream.
+        def post():
+            try:
+                httpx.post(running.url + "/v1/completions", timeout=0.5,
+                           json={"model": MODEL, "prompt": "go", "max_tokens": 250})
+            except httpx.TimeoutException:
+                pass
+
+        post()
+        deadline = time.monotonic() + 3
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.running == 0
+    finally:
+        running.stop()
+
+
+def test_overload_answers_503_with_retry_after():
+    model = build("tiny-llama")
+    engine = Engine(model, ByteTokenizer(), max_batch_size=1, max_queue=1)
+    gate = threading.Event()
+    original = engine._step
+
+    def slow_step():
+        gate.wait(20)
+        original()
+
+    engine._step = slow_step
+    running = RunningServer(create_app(engine=engine, model_name=MODEL))
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 5}
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(httpx.post, running.url + "/v1/completions", json=body, timeout=30)
+            while engine.running == 0:
+                time.sleep(0.01)
+            second = pool.submit(httpx.post, running.url + "/v1/completions", json=body, timeout=30)
+            while engine.queue_depth == 0:
+                time.sleep(0.01)
+            started = time.monotonic()
+            overloaded = httpx.post(running.url + "/v1/completions", json=body, timeout=30)
+            assert time.monotonic() - started < 5  # answered at once, never a hang
+            assert overloaded.status_code == 503
+            assert overloaded.headers["Retry-After"] == "1"
+            assert "busy" in overloaded.json()["error"]["message"]
+            gate.set()
+            assert first.result().status_code == 200
+            assert second.result().status_code == 200
+    finally:
+        gate.set()
+        running.stop()
+
+
+def test_serve_command_starts_a_server(checkpoint, tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "promethean", "serve", str(checkpoint), "--port", str(port),
+         "--chat-log", str(tmp_path / "log.jsonl")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert response.json()["model"] == MODEL
+        reply = httpx.post(f"http://127.0.0.1:{port}/chat", json={"message": "hi", "max_tokens": 4},
+                           timeout=60)
+        assert reply.status_code == 200
+        assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def test_serve_command_refuses_a_missing_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "promethean", "serve", str(tmp_path / "none")],
+                            check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "not a checkpoint directory" in result.stderr
+    assert "Traceback" not in result.stderr
