@@ -1,0 +1,104 @@
+"""Retrieval: bring the memories that matter back into the prompt, within a token budget.
+
+`memory_context` fetches the top-k memories for a query (the memory tree's beam search) and packs
+them into at most `token_budget` tokens: when they do not all fit, the least relevant are dropped
+first (a memory is never cut in half). The block is written in the chat format
+(`promethean.data.chat`): a memory that is a conversation keeps its `Human:`/`Assistant:` lines, a
+document becomes a `Human:` line; the most relevant memory comes last, nearest to the question.
+
+`chat_prompt_with_memory` is what a chat loop calls: memory block + the conversation's
+`assistant_prompt`. `remember_exchange` stores a finished exchange back through the intake, so a
+later session can recall it. (`promethean chat` does not exist yet; when it does, its `--memory DIR`
+is `open_memory(DIR)` + these two functions.)
+
+`open_memory` opens (or creates) a memory directory and checks that the embedder it was built with
+is the one in use: vectors of two embedders are not comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from promethean.context.embed import Embedder
+from promethean.context.tree import TREE_FILE, Memory, MemoryTree
+from promethean.data.chat import ROLE_PREFIXES, Turn, assistant_prompt, render_turn
+from promethean.errors import PrometheanError
+
+
+def open_memory(directory: str | Path, embedder: Embedder, create: bool = True,
+                **settings) -> MemoryTree:
+    directory = Path(directory)
+    if directory.is_dir() and (directory / TREE_FILE).is_file():
+        tree = MemoryTree.load(directory)
+        recorded = tree.info.get("embedder")
+        if recorded is not None and recorded != embedder.name:
+            raise PrometheanError(
+                f"the memory in {directory} was built with the '{recorded}' embedder but "
+                f"'{embedder.name}' is in use; embed with the same model (or the same hashed "
+                "embedder) as when it was made."
+            )
+        return tree
+    if not create:
+        raise PrometheanError(f"{directory} holds no memory tree.")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise PrometheanError(f"{directory} exists and is not a memory directory; choose another.")
+    tree = MemoryTree(embedder.dim, **settings)
+    tree.info["embedder"] = embedder.name
+    return tree
+
+
+def retrieve(tree: MemoryTree, embedder: Embedder, query: str, k: int = 5,
+             beam: int = 32) -> list[Memory]:
+    """The top-k memories for `query`, most relevant first."""
+    if not query.strip() or len(tree) == 0:
+        return []
+    return tree.search(embedder.embed([query])[0], k=k, beam=beam)
+
+
+def render_memory(memory: Memory) -> str:
+    text = memory.text.strip()
+    if text.startswith(tuple(ROLE_PREFIXES.values())):
+        return text + "\n"
+    return render_turn(Turn("human", text))
+
+
+def pack_memories(memories: list[Memory], count_tokens, token_budget: int) -> tuple[str, list[Memory]]:
+    """The memory block and the memories in it. `memories` arrive most relevant first; while
+    they do not fit in `token_budget` tokens, the least relevant is dropped (so a memory is never
+    kept while a more relevant one is left out)."""
+    rendered = [render_memory(memory) for memory in memories]
+    costs = [count_tokens(text) for text in rendered]
+    keep = len(memories)
+    total = sum(costs)
+    while keep and total > token_budget:
+        keep -= 1
+        total -= costs[keep]
+    # Most relevant last: nearest to the conversation it informs.
+    return "".join(reversed(rendered[:keep])), list(reversed(memories[:keep]))
+
+
+def memory_context(tree: MemoryTree, embedder: Embedder, query: str, count_tokens,
+                   token_budget: int = 256, k: int = 5, beam: int = 32) -> tuple[str, list[Memory]]:
+    return pack_memories(retrieve(tree, embedder, query, k, beam), count_tokens, token_budget)
+
+
+def chat_prompt_with_memory(turns: list[Turn], tree: MemoryTree, embedder: Embedder, tokenizer,
+                            token_budget: int = 256, k: int = 5, beam: int = 32) -> str:
+    """The prompt for the next assistant turn, preceded by the memories most relevant to the last
+    human turn (within `token_budget` tokens)."""
+    humans = [turn.text for turn in turns if turn.role == "human"]
+    query = humans[-1] if humans else ""
+    block, _ = memory_context(tree, embedder, query, lambda s: len(tokenizer.encode_ordinary(s)),
+                              token_budget, k, beam)
+    return block + assistant_prompt(turns)
+
+
+def remember_exchange(intake, turns: list[Turn], source: str = "chat") -> list[int]:
+    """Offer a finished exchange to the intake (it may be dropped as a duplicate or as not
+    salient enough); returns the ids of what was kept."""
+    from promethean.context.intake import ChatRecord, ChatTurn
+
+    if not turns:
+        return []
+    record = ChatRecord(turns=[ChatTurn(role=t.role, text=t.text) for t in turns], source=source)
+    return intake.process([record]).accepted
