@@ -32,6 +32,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(convert_app, name="convert")
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+memory_app = typer.Typer(help="The context memory: add, search, stats, prune.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -106,6 +108,12 @@ def model_info(source: Annotated[str, typer.Argument(help="Preset name, preset .
         ("non-embedding parameters", f"{model.num_non_embedding_parameters():,}"),
         ("embedding parameters", f"{model.num_embedding_parameters():,}"),
     ]
+    if config.ssm_layers:
+        attention = config.n_layer - len(config.ssm_layers)
+        rows.insert(1, ("mixers", (
+            f"selective SSM in layers {config.ssm_layers} (state {config.ssm_state_size}, "
+            f"expand {config.ssm_expand}, spike threshold {config.spike_threshold}), "
+            f"attention in {attention}")))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
@@ -147,11 +155,19 @@ def generate(
     crop: Annotated[bool, typer.Option(help="Keep only the most recent tokens of a long prompt.")] = False,
     device: DeviceOption = None,
     dtype: DtypeOption = "fp32",
+    adapter: Annotated[Optional[str], typer.Option(
+        "--adapter", help="A LoRA adapter of the checkpoint (CHECKPOINT/adapters/NAME) to apply.")] = None,
 ) -> None:
     """Generate text from a checkpoint (or a randomly initialised preset)."""
     from promethean.inference.generate import SamplingParams, generate_text, stream
 
     model, tokenizer = _load_model(source, device, dtype, seed=seed or 0)
+    if adapter is not None:
+        from promethean.continual.adapters import load_adapter_onto
+
+        if not Path(source).is_dir():
+            raise PrometheanError(f"--adapter needs a checkpoint directory; '{source}' is a preset.")
+        load_adapter_onto(model, source, adapter)  # merged into the weights: base speed
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -415,6 +431,281 @@ def quickstart(
     from promethean.quickstart import run_quickstart
 
     run_quickstart(out, minutes=minutes, device=device, steps=steps)
+
+
+# ------------------------------------------------------------------------- continual learning
+
+
+@app.command()
+def learn(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The base checkpoint (LoRA), or "
+                                             "the last stage's checkpoint (--full).")],
+    domain: Annotated[str, typer.Option("--domain", help="Name of the domain being learned.")],
+    data: Annotated[str, typer.Option("--data", help="A named corpus, a local file/folder/glob, or "
+                                      "a prepared data directory.")],
+    update_steps: Annotated[int, typer.Option("--update-steps", help="Optimizer steps.")],
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run directory holding continual.json "
+                   "(default: the checkpoint's run, else CHECKPOINT/continual).")] = None,
+    use_ewc: Annotated[bool, typer.Option("--use-ewc", help="Elastic weight consolidation.")] = False,
+    ewc_lambda: Annotated[float, typer.Option("--ewc-lambda", help="EWC strength.")] = 1000.0,
+    ewc_gamma: Annotated[float, typer.Option("--ewc-gamma", help="Online EWC decay.")] = 1.0,
+    replay: Annotated[float, typer.Option("--replay", help="Share of each batch replayed from "
+                                          "earlier domains (0 = no replay).")] = 0.0,
+    replay_quota: Annotated[int, typer.Option("--replay-quota", help="Windows kept per domain.")] = 512,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha "
+                                                        "(default 2 x rank).")] = None,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.0,
+    target: Annotated[Optional[list[str]], typer.Option("--target", help="Layers to adapt: a last "
+                      "name part (q_proj) or a regex over full names (repeatable; default: every "
+                      "block linear layer).")] = None,
+    lora_head: Annotated[bool, typer.Option("--lora-head", help="Adapt the output head (lm_head) "
+                         "too, besides the --target layers.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight instead of LoRA.")] = False,
+    adapter_name: Annotated[Optional[str], typer.Option("--adapter-name", help="Adapter name "
+                            "(default: the domain).")] = None,
+    base_domain: Annotated[Optional[str], typer.Option("--base-domain", help="NAME=DATA: the domain "
+                           "the checkpoint was trained on, measured from the first stage.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 2e-3 "
+                                                "LoRA, 3e-4 full).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    block_size: Annotated[int, typer.Option("--block-size")] = 256,
+    eval_batches: Annotated[Optional[int], typer.Option("--eval-batches", help="Cap on validation "
+                            "batches per domain (default: the whole split).")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation share when "
+                            "--data is a corpus to prepare.")] = 0.02,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Learn a new domain (a LoRA adapter, or full fine-tuning) and record every domain's loss."""
+    from promethean.continual.adapters import DEFAULT_TARGETS
+    from promethean.continual.learn import LearnOptions, learn
+
+    base = None
+    if base_domain is not None:
+        name, separator, path = base_domain.partition("=")
+        if not separator or not name or not path:
+            raise PrometheanError(f"--base-domain '{base_domain}' is not of the form NAME=DATA.")
+        base = (name, path)
+    targets = tuple(target) if target else DEFAULT_TARGETS
+    if lora_head and "lm_head" not in targets:
+        targets += ("lm_head",)
+    result = learn(LearnOptions(
+        checkpoint=str(checkpoint), domain=domain, data=data, update_steps=update_steps,
+        run=str(run) if run else None, full=full, adapter_name=adapter_name, lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=targets, use_ewc=use_ewc,
+        ewc_lambda=ewc_lambda, ewc_gamma=ewc_gamma, replay=replay, replay_quota=replay_quota,
+        base_domain=base, lr=lr, batch_size=batch_size, block_size=block_size,
+        eval_batches=eval_batches, val_fraction=val_fraction, seed=seed, device=device,
+    ))
+    typer.echo(f"stage {result.stage} ({result.domain}): wrote {result.output} "
+               f"({result.trainable_parameters:,} trained parameters, {result.seconds:.0f} s)")
+    for name, values in result.val.items():
+        typer.echo(f"  {name}: validation loss {values['loss']:.4f}, perplexity "
+                   f"{values['perplexity']:.1f}")
+
+
+@app.command()
+def forgetting(
+    runs: Annotated[list[Path], typer.Argument(help="Continual-learning run directories.")],
+    out: Annotated[Optional[Path], typer.Option(help="Heatmap PNG (default RUN/forgetting.png; "
+                                                "one run only).")] = None,
+) -> None:
+    """Print a continual run's loss matrix, forgetting and transfer, and draw its heatmap; given
+    several runs, also compare them."""
+    from promethean.continual.forgetting import (
+        draw_heatmap,
+        forgetting_report,
+        print_comparison,
+        print_report,
+    )
+
+    if out is not None and len(runs) > 1:
+        raise PrometheanError("--out names one heatmap; give one run with it.")
+    reports = [forgetting_report(run) for run in runs]
+    for report in reports:
+        print_report(report, console)
+        console.print(f"wrote {draw_heatmap(report, out)}")
+    if len(reports) > 1:
+        print_comparison(reports, console)
+
+
+# ------------------------------------------------------------------------------ memory
+MemoryDirArgument = Annotated[Path, typer.Argument(help="Memory directory (a memory tree).")]
+MemoryModelOption = Annotated[Optional[str], typer.Option(
+    "--checkpoint", "-c", help="Embed with this checkpoint's mean-pooled hidden states (and score "
+    "surprise with it). Without it: hashed character n-grams, no model needed.")]
+HashedDimOption = Annotated[int, typer.Option(help="Dimensions of the hashed n-gram embedder.")]
+
+
+def _memory_embedder(checkpoint: str | None, dim: int):
+    from promethean.context.embed import embedder_for
+
+    if checkpoint is None:
+        err_console.print("[yellow]note:[/] no --checkpoint: using the hashed character n-gram "
+                          "embedder (spelling, not meaning).")
+    return embedder_for(checkpoint, dim)
+
+
+@memory_app.command("add")
+def memory_add(
+    directory: MemoryDirArgument,
+    text: Annotated[Optional[list[str]], typer.Option("--text", "-t", help="A text to remember (repeatable).")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="JSON lines of intake records, or plain text "
+                                                 "(one document per blank-line-separated paragraph).")] = None,
+    checkpoint: MemoryModelOption = None,
+    dim: HashedDimOption = 256,
+    min_salience: Annotated[float, typer.Option(help="Drop texts scoring below this (0..1).")] = 0.0,
+    near_duplicate: Annotated[float, typer.Option(help="Cosine above which a text is a near duplicate.")] = 0.95,
+    max_items: Annotated[Optional[int], typer.Option(help="Keep at most this many memories.")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option(help="Keep the memory within this size (e.g. 50MB).")] = None,
+    replay: Annotated[Optional[Path], typer.Option(help="Also feed accepted texts to this replay buffer (needs --checkpoint).")] = None,
+    block_size: Annotated[int, typer.Option(help="Replay window length in tokens.")] = 256,
+) -> None:
+    """Remember texts: the intake scores salience, drops duplicates, and stores the rest."""
+    import json
+
+    from promethean.context.intake import DocumentRecord, Intake, parse_records
+    from promethean.context.retrieval import open_memory
+    from promethean.train.memory import parse_memory_size
+
+    records = [DocumentRecord(text=t) for t in text or [] if t.strip()]
+    if file is not None:
+        if not file.is_file():
+            raise PrometheanError(f"{file} does not exist.")
+        content = file.read_text(errors="replace")
+        if file.suffix in (".jsonl", ".json"):
+            try:
+                raw = [json.loads(line) for line in content.splitlines() if line.strip()]
+            except json.JSONDecodeError as error:
+                raise PrometheanError(f"{file} is not JSON lines ({error.msg}, line {error.lineno}).") from None
+            records += parse_records(raw)
+        else:
+            records += [DocumentRecord(text=p.strip(), source=str(file))
+                        for p in content.split("\n\n") if p.strip()]
+    if not records:
+        raise PrometheanError("nothing to remember: give --text or --file.")
+    if replay is not None and checkpoint is None:
+        raise PrometheanError("--replay needs --checkpoint (replay windows are the model's tokens).")
+    embedder, tokenizer, model = _memory_embedder(checkpoint, dim)
+    tree = open_memory(directory, embedder)
+    tree.set_budget(max_items, parse_memory_size(max_bytes) if max_bytes is not None else None)
+    buffer = None
+    if replay is not None:
+        from promethean.continual.replay import ReplayBuffer
+
+        buffer = ReplayBuffer(replay, block_size)
+    batcher = None
+    if model is not None:  # model passes bounded by the activations of a padded batch
+        from promethean.context.intake import MemoryAwareBatcher, activation_bytes_per_token
+
+        batcher = MemoryAwareBatcher(tokenizer.encode_ordinary, token_budget=4096,
+                                     memory_budget=256 * 2**20,
+                                     bytes_per_token=activation_bytes_per_token(model.config),
+                                     max_row_tokens=model.config.context_length)
+    intake = Intake(tree, embedder, tokenizer=tokenizer, replay=buffer, batcher=batcher,
+                    surprise=embedder.loss_per_token if model is not None else None,
+                    vocab_size=model.config.vocab_size if model is not None else None,
+                    near_duplicate=near_duplicate, min_salience=min_salience)
+    report = intake.process(records)
+    tree.prune()
+    tree.save(directory)
+    summary = report.summary()
+    typer.echo(f"remembered {summary['accepted']} of {len(records)} texts in {directory} "
+               f"({summary['exact_duplicates']} exact and {summary['near_duplicates']} near "
+               f"duplicates, {summary['low_salience']} below salience {min_salience}); "
+               f"{len(tree)} memories now.")
+    if buffer is not None:
+        typer.echo(f"replay windows offered: {summary['replay_windows']}")
+
+
+@memory_app.command("search")
+def memory_search(
+    directory: MemoryDirArgument,
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", help="How many memories.")] = 5,
+    beam: Annotated[int, typer.Option(help="Search beam width (wider: slower, more exact).")] = 32,
+    checkpoint: MemoryModelOption = None,
+    dim: HashedDimOption = 256,
+    prompt: Annotated[bool, typer.Option(help="Print the chat prompt the memories would make.")] = False,
+    token_budget: Annotated[int, typer.Option(help="Token budget of the memory block (--prompt).")] = 256,
+) -> None:
+    """Find the memories closest to a query."""
+    from promethean.context.retrieval import chat_prompt_with_memory, open_memory, retrieve
+    from promethean.data.chat import Turn
+
+    embedder, tokenizer, _model = _memory_embedder(checkpoint, dim)
+    tree = open_memory(directory, embedder, create=False)
+    if prompt:
+        if tokenizer is None:  # no model: count bytes, an upper bound on any tokenizer's count
+            from promethean.tokenizer import ByteTokenizer
+
+            tokenizer = ByteTokenizer()
+        sys.stdout.write(chat_prompt_with_memory([Turn("human", query)], tree, embedder, tokenizer,
+                                                 token_budget, k, beam) + "\n")
+        return
+    table = Table("id", "score", "salience", "text")
+    for memory in retrieve(tree, embedder, query, k, beam):
+        snippet = " ".join(memory.text.split())
+        table.add_row(str(memory.id), f"{memory.score:.3f}", f"{memory.salience:.3f}",
+                      snippet[:100] + ("…" if len(snippet) > 100 else ""))
+    console.print(table)
+
+
+@memory_app.command("stats")
+def memory_stats(directory: MemoryDirArgument) -> None:
+    """Size, shape and budget of a memory."""
+    from promethean.context.tree import MemoryTree
+
+    tree = MemoryTree.load(directory)
+    table = Table("what", "value")
+    for key, value in {**tree.stats(), **tree.info}.items():
+        table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@memory_app.command("prune")
+def memory_prune(
+    directory: MemoryDirArgument,
+    max_items: Annotated[Optional[int], typer.Option(help="Keep at most this many memories.")] = None,
+    max_bytes: Annotated[Optional[str], typer.Option(help="Keep the memory within this size (e.g. 50MB).")] = None,
+) -> None:
+    """Evict the least salient (then oldest) memories down to a budget, and keep that budget."""
+    from promethean.context.tree import MemoryTree
+    from promethean.train.memory import parse_memory_size
+
+    if max_items is None and max_bytes is None:
+        raise PrometheanError("give --max-items and/or --max-bytes.")
+    tree = MemoryTree.load(directory)
+    tree.set_budget(max_items, parse_memory_size(max_bytes) if max_bytes is not None else None)
+    evicted = tree.prune()
+    tree.save(directory)
+    typer.echo(f"evicted {len(evicted)} memories; {len(tree)} remain ({tree.total_bytes:,} bytes).")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to serve.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback only by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    chat_log: Annotated[Path, typer.Option(help="JSONL file every chat turn is appended to.")] = Path("chat.jsonl"),
+    max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = 64,
+    max_adapter_engines: Annotated[int, typer.Option(
+        help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = 2,
+    device: DeviceOption = None,
+) -> None:
+    """Serve a checkpoint: OpenAI-compatible /v1 API, /chat, /health and /metrics."""
+    from promethean.serve.app import serve as run_server
+
+    if not checkpoint.is_dir():
+        raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
+    run_server(checkpoint, host=host, port=port, api_key=api_key, chat_log=chat_log,
+               max_batch_size=max_batch_size, max_queue=max_queue, device=device,
+               max_adapter_engines=max_adapter_engines)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
