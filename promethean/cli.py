@@ -190,6 +190,36 @@ def generate(
         sys.stdout.write(text + completion.text + "\n")
 
 
+@app.command()
+def chat(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to chat with.")],
+    adapter: Annotated[Optional[str], typer.Option(
+        "--adapter", help="A LoRA adapter of the checkpoint (CHECKPOINT/adapters/NAME) to apply.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per reply.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens.")] = 200,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "fp32",
+) -> None:
+    """Chat in the terminal ('Human: ...' / 'Assistant: ...'); /exit or end of input ends it."""
+    from promethean.inference.chat import ChatSession, run_chat
+    from promethean.inference.generate import SamplingParams
+
+    if not checkpoint.is_dir():
+        raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
+    model, tokenizer = _load_model(str(checkpoint), device, dtype)
+    if adapter is not None:
+        from promethean.continual.adapters import load_adapter_onto
+
+        load_adapter_onto(model, checkpoint, adapter)  # merged into the weights: base speed
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            seed=seed)
+    if sys.stdin.isatty():
+        err_console.print("chat: type a message and press Enter; /exit or Ctrl-D ends.")
+    run_chat(ChatSession(model, tokenizer, params), sys.stdin, sys.stdout)
+
+
 @convert_app.command("from-hf")
 def convert_from_hf(
     source: Annotated[Path, typer.Argument(help="A transformers model directory (safetensors).")],

@@ -224,7 +224,12 @@ class ModelVariants:
             return self.base
         async with self._loading:  # one build at a time; later callers find it built
             if adapter not in self.engines:
-                model = await asyncio.to_thread(self._adapted_model, adapter)
+                try:
+                    model = await asyncio.to_thread(self._adapted_model, adapter)
+                except PrometheanError as error:  # a damaged or mismatched adapter on disk
+                    raise ApiError(500, f"the adapter '{adapter}' could not be loaded: {error}",
+                                   param="model", error_type="server_error",
+                                   code="adapter_load_failed")
                 self.engines[adapter] = Engine(model, self.base.tokenizer,
                                                max_batch_size=self.base.max_batch_size,
                                                max_queue=self.base.max_queue)

@@ -1,0 +1,123 @@
+"""Adapters over HTTP: `/v1/models` lists `BASE:ADAPTER`, a request naming one generates with it,
+and an unknown one is a 404 the official client reports as NotFoundError."""
+
+import openai
+import pytest
+import torch
+
+from promethean.checkpoint import load_checkpoint, save_checkpoint
+from promethean.continual.adapters import Adapters, adapter_directory, checkpoint_sha256
+from promethean.serve.app import create_app
+from promethean.tokenizer import ByteTokenizer
+from tests.conftest import build
+from tests.test_serve import RunningServer
+
+MODEL = "tiny-base"
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("adapters") / MODEL
+    save_checkpoint(directory, build("tiny-llama"), ByteTokenizer())
+    model = load_checkpoint(directory).model
+    adapters = Adapters(model, base_sha256=checkpoint_sha256(directory))
+    generator = torch.Generator().manual_seed(0)
+    for name in ("loud", "quiet"):
+        adapters.add(name, rank=4)
+        with torch.no_grad():  # nothing trained: a random B makes the adapter change the outputs
+            for key, tensor in adapters.trainable_parameters(name).items():
+                if key.endswith("lora_B"):
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator))
+        adapters.save(name, adapter_directory(directory, name))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    loaded = load_checkpoint(checkpoint)
+    app = create_app(loaded.model, loaded.tokenizer, model_name=MODEL, checkpoint=checkpoint,
+                     max_batch_size=4, max_adapter_engines=1)
+    running = RunningServer(app)
+    running.app = app
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def greedy(client, model: str) -> str:
+    result = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert result.model == model
+    return result.choices[0].text
+
+
+def test_models_lists_the_base_and_each_adapter(client):
+    assert [model.id for model in client.models.list()] == [MODEL, f"{MODEL}:loud",
+                                                            f"{MODEL}:quiet"]
+
+
+def test_an_adapter_changes_greedy_output_and_the_base_is_unchanged(client, checkpoint):
+    base = greedy(client, MODEL)
+    loud = greedy(client, f"{MODEL}:loud")
+    assert loud != base
+    assert greedy(client, MODEL) == base  # the base engine's weights were not touched
+    reference = load_checkpoint(checkpoint).model
+    from promethean.continual.adapters import load_adapter_onto
+    from promethean.inference.generate import SamplingParams, generate_text
+
+    load_adapter_onto(reference, checkpoint, "loud")
+    expected = generate_text(reference, ByteTokenizer(), [PROMPT],
+                             SamplingParams(max_new_tokens=12, temperature=0,
+                                            stop_token_ids=(ByteTokenizer().eot_id,)))[0]
+    assert loud == expected.text  # the same as `promethean generate --adapter loud`
+
+
+def test_chat_completions_with_an_adapter_streams(client):
+    stream = client.chat.completions.create(model=f"{MODEL}:quiet", max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": "hi"}],
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks and all(chunk.model == f"{MODEL}:quiet" for chunk in chunks)
+
+
+def test_at_most_max_adapter_engines_idle_adapters_are_kept(client, server):
+    greedy(client, f"{MODEL}:loud")
+    greedy(client, f"{MODEL}:quiet")
+    variants = server.app.state.server.variants
+    assert list(variants.engines) == ["quiet"]
+    assert greedy(client, f"{MODEL}:loud") == greedy(client, f"{MODEL}:loud")  # rebuilt alike
+
+
+@pytest.mark.parametrize("model", [f"{MODEL}:missing", "other", "other:loud", f"{MODEL}:../x"])
+def test_an_unknown_model_or_adapter_is_a_404_naming_what_is_served(client, model):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2)
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert f"'{model}' does not exist" in error["message"] and f"'{MODEL}:loud'" in error["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_damaged_adapter_is_a_500_that_says_why(tmp_path, checkpoint):
+    import shutil
+
+    copy = tmp_path / MODEL
+    shutil.copytree(checkpoint, copy)
+    (adapter_directory(copy, "loud") / "adapter_model.safetensors").write_bytes(b"not tensors")
+    loaded = load_checkpoint(copy)
+    running = RunningServer(create_app(loaded.model, loaded.tokenizer, model_name=MODEL,
+                                       checkpoint=copy))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            greedy(client, f"{MODEL}:loud")
+        assert caught.value.body["code"] == "adapter_load_failed"
+        assert "the adapter 'loud' could not be loaded" in caught.value.body["message"]
+        assert greedy(client, f"{MODEL}:quiet") != greedy(client, MODEL)  # the others still serve
+    finally:
+        running.stop()
