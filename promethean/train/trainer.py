@@ -37,7 +37,7 @@ import torch
 from promethean.errors import CheckpointError, PrometheanError
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
-from promethean.train.memory import release_free_memory
+from promethean.train.memory import get_memory_stats, release_free_memory
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
 from promethean.train.state import Progress, load_training_state, save_training_checkpoint
@@ -112,17 +112,6 @@ class _StopFlag:
         finally:
             for number, old in previous.items():
                 signal.signal(number, old)
-
-
-def _memory_stats_function():
-    """`promethean.train.memory.get_memory_stats` when that module exists, else None."""
-    try:
-        from promethean.train.memory import get_memory_stats
-    except ModuleNotFoundError as error:
-        if error.name != "promethean.train.memory":
-            raise
-        return None
-    return get_memory_stats
 
 
 def _json_safe(value: Any) -> Any:
@@ -363,7 +352,6 @@ def _train(
         if amp_dtype is not torch.float32
         else contextlib.nullcontext
     )
-    memory_stats = _memory_stats_function()
     tokens_per_step = config.batch_size * config.grad_accum * block_size * dist_context.world_size
     metadata = {
         **origin,
@@ -526,8 +514,7 @@ def _train(
                     "elapsed": progress.elapsed,
                     "skipped_steps": progress.skipped_steps,
                 }
-                if memory_stats is not None:
-                    record["memory"] = memory_stats(device)
+                record["memory"] = get_memory_stats(device)
                 if is_main:
                     metrics.write(json.dumps(_json_safe(record)) + "\n")
                     metrics.flush()
