@@ -64,3 +64,32 @@ def write_section(path: Path, start: str, end: str, body: str, heading: str = ""
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + heading + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+# The summary protocol: each benchmark script takes `--json PATH` and writes there the rows of the
+# report's summary table (`python -m benchmarks` gathers them). Every value is already formatted
+# text, so the report needs to know nothing about what a row measures.
+SUMMARY_FIELDS = ("what", "ours", "peer", "ratio", "limit", "target", "command")
+
+
+def summary_row(what: str, ours: str, peer: str = "", ratio: str = "", limit: str = "",
+                target: str = "", command: str = "") -> dict[str, str]:
+    """One summary line: what was measured, our figure, the peer's figure measured in the same run,
+    their ratio, the physical limit where one applies, the target and whether it was met, and the
+    command that produced it."""
+    return {"what": what, "ours": ours, "peer": peer, "ratio": ratio, "limit": limit,
+            "target": target, "command": command}
+
+
+def write_summary_rows(path: Path | None, rows: list[dict[str, str]]) -> None:
+    """Write `rows` as JSON to `path` (nothing when `path` is None)."""
+    import json
+
+    if path is None:
+        return
+    for row in rows:
+        missing = set(SUMMARY_FIELDS) - set(row)
+        if missing:
+            raise ValueError(f"summary row {row!r} lacks {sorted(missing)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
