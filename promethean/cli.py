@@ -561,6 +561,48 @@ def forgetting(
         print_comparison(reports, console)
 
 
+@app.command("finetune-chat")
+def finetune_chat(
+    checkpoint: Annotated[Path, typer.Argument(help="The checkpoint that served the chats.")],
+    log: Annotated[Path, typer.Option("--log", help="The server's chat log (serve --chat-log).")] = Path("chat.jsonl"),
+    name: Annotated[str, typer.Option("--name", help="Adapter name: CHECKPOINT/adapters/NAME.")] = "chat",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of that name.")] = False,
+    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (warmup, then cosine).")] = 2e-3,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Most optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 8,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="Longest example in "
+                          "tokens (default: the model's context).")] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations.")] = 20,
+    patience: Annotated[Optional[int], typer.Option("--patience", help="Validations without "
+                        "improvement before stopping (default: the trainer's, 5).")] = None,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the "
+                            "conversations held out (at least one).")] = 0.1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Train a LoRA adapter on the logged chats (replies only), keeping the best by validation."""
+    from promethean.continual.chat_tuning import ChatTuningOptions
+    from promethean.continual.chat_tuning import finetune_chat as run_finetune_chat
+
+    result = run_finetune_chat(ChatTuningOptions(
+        checkpoint=str(checkpoint), log=str(log), name=name, overwrite=overwrite, rank=rank,
+        alpha=alpha, lr=lr, max_steps=max_steps, batch_size=batch_size, block_size=block_size,
+        eval_every=eval_every, patience=patience, val_fraction=val_fraction, seed=seed,
+        device=device,
+    ))
+    (train_chats, val_chats), (train_examples, val_examples) = result.conversations, result.examples
+    typer.echo(f"conversations: {train_chats} to train on ({train_examples} examples), {val_chats} "
+               f"held out for validation ({val_examples} examples)")
+    typer.echo(f"{result.steps} steps ({result.stopped.replace('_', ' ')}): best validation loss "
+               f"{result.best_val_loss:.4f} at step {result.best_step}, base model "
+               f"{result.base_val_loss:.4f}")
+    typer.echo(f"wrote {result.output} ({result.trainable_parameters:,} trained parameters, "
+               f"{result.seconds:.0f} s): use it with --adapter {name}, or serve it as "
+               f"{checkpoint.resolve().name}:{name}")
+
+
 # ------------------------------------------------------------------------------ memory
 MemoryDirArgument = Annotated[Path, typer.Argument(help="Memory directory (a memory tree).")]
 MemoryModelOption = Annotated[Optional[str], typer.Option(

@@ -1,0 +1,450 @@
+"""`promethean finetune-chat`: a LoRA adapter trained on the server's own chat log.
+
+The nanoGPT chat card's loop — serve, log the conversations, fine-tune on them with early
+stopping — done so that the adapter learns what the server will later ask of it:
+
+1. The log (`promethean serve --chat-log`, one JSON object a line: `chat_id`, `time`, `route`,
+   `human`, `assistant`) is read line by line; a line that is not such an object (bad JSON, a
+   missing field, a wrong type) is skipped, and all of them are counted in one warning. A
+   conversation is every line of one `chat_id`, in time order. (`/v1/chat/completions` logs
+   only a request's last user message under a fresh id, so each such request is a conversation
+   of one exchange.)
+2. Each conversation is rendered in the chat format (`promethean.data.chat`) and tokenised as
+   the server prompts: `Human: ...\\nAssistant:` then the reply. The loss covers the assistant
+   replies only — each reply's tokens and the newline that ends it, since the server stops a
+   reply at a newline and the model must learn to emit one. Human turns and the `Assistant:`
+   prompts are masked out (target -100). No end-of-text is trained: the log's last line is
+   where logging stopped, not a sign that the conversation was over. An empty reply stays as
+   context (the server kept it in the history) but is not a target: it would teach silence.
+3. A conversation longer than the context is windowed the way the server trims a long history
+   (`/chat` and `promethean chat` drop the oldest whole exchanges): the opening exchanges that
+   fit form one example with all their replies as targets, and every later reply gets an
+   example of its own holding as many whole preceding exchanges as fit, with that reply alone
+   as the target (so no reply is trained twice). An exchange longer than the context alone
+   keeps its last tokens.
+4. A deterministic share of the conversations (at least one; the smallest sha256 of the
+   `chat_id`, so a conversation stays on its side as the log grows) is held out. The base
+   model's validation loss is measured first; training then evaluates every `eval_every`
+   steps, keeps the adapter weights of the best evaluation (an improvement must exceed
+   `min_delta`, as in the trainer), and stops after `patience` evaluations without one. The
+   best weights — not the last — are written atomically to `CHECKPOINT/adapters/NAME`, where
+   `generate --adapter`, `chat --adapter` and the server (`MODEL:NAME`) find them. If no
+   evaluation beat the base model nothing is written.
+
+The loop reuses what `learn`'s LoRA stages use (the adapters, `build_optimizer`, the warmup +
+cosine `lr_at`, `exact_loss`, the progress bar); only the examples and early stopping are its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from promethean.continual.adapters import (
+    ADAPTER_CONFIG_FILE,
+    DEFAULT_TARGETS,
+    Adapters,
+    LoraConfig,
+    adapter_directory,
+    check_name,
+    checkpoint_sha256,
+)
+from promethean.data.chat import Turn, encode_conversation
+from promethean.errors import PrometheanError
+
+DEFAULT_ADAPTER_NAME = "chat"
+MIN_CONVERSATIONS = 10  # fewer is warned about: too little to learn from without memorising
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_LR = 2e-3  # as `learn`'s LoRA stages
+IGNORE_INDEX = -100  # what the model's loss skips
+
+
+class ChatLogWarning(UserWarning):
+    """The chat log is usable but worth a word: skipped lines, very few conversations."""
+
+
+# ------------------------------------------------------------------------------------ the log
+
+
+@dataclass(frozen=True)
+class Conversation:
+    chat_id: str
+    exchanges: tuple[tuple[str, str], ...]  # (human, assistant) in time order
+
+    @property
+    def turns(self) -> list[Turn]:
+        turns: list[Turn] = []
+        for human, assistant in self.exchanges:
+            turns += [Turn("human", human), Turn("assistant", assistant)]
+        return turns
+
+    @property
+    def has_reply(self) -> bool:
+        return any(assistant.strip() for _, assistant in self.exchanges)
+
+
+def _logged_turn(line: bytes) -> tuple[str, float, str, str] | None:
+    """(chat_id, time, human, assistant) of one log line, or None if it is not a logged turn."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    chat_id, when = record.get("chat_id"), record.get("time")
+    human, assistant = record.get("human"), record.get("assistant")
+    if not (isinstance(chat_id, str) and chat_id and isinstance(human, str)
+            and isinstance(assistant, str)):
+        return None
+    # bool is an int to Python, and json.loads accepts NaN: neither is a time.
+    if isinstance(when, bool) or not isinstance(when, (int, float)) or not math.isfinite(when):
+        return None
+    return chat_id, float(when), human, assistant
+
+
+def read_chat_log(path: str | Path) -> list[Conversation]:
+    """The conversations of a chat log, ordered by their first turn (see the module docstring).
+    Malformed lines are skipped with one warning; a log with no usable turn is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise PrometheanError(f"chat log {path} does not exist.")
+    if not path.is_file():
+        raise PrometheanError(f"chat log {path} is not a file.")
+    lines: dict[str, list[tuple[float, int, str, str]]] = {}
+    malformed, first_malformed, nonblank = 0, None, 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # a blank line (a trailing newline, an editor's) is not a turn
+            nonblank += 1
+            turn = _logged_turn(line)
+            if turn is None:
+                malformed += 1
+                first_malformed = first_malformed or number
+                continue
+            chat_id, when, human, assistant = turn
+            lines.setdefault(chat_id, []).append((when, number, human, assistant))
+    if malformed:
+        warnings.warn(
+            f"skipped {malformed} malformed line{'s' if malformed != 1 else ''} of chat log "
+            f"{path} (the first is line {first_malformed}); a usable line is a JSON object with "
+            "string fields chat_id, human and assistant and a numeric time.",
+            ChatLogWarning, stacklevel=2,
+        )
+    if not lines:
+        what = "it is empty" if nonblank == 0 else f"none of its {nonblank} lines is a chat turn"
+        raise PrometheanError(f"chat log {path} holds no usable conversation ({what}).")
+    conversations = []
+    for chat_id, turns in lines.items():
+        turns.sort()  # by time; equal times keep the order of the file
+        conversations.append((turns[0][:2], Conversation(
+            chat_id, tuple((human, assistant) for _, _, human, assistant in turns))))
+    conversations.sort(key=lambda item: item[0])
+    return [conversation for _, conversation in conversations]
+
+
+def split_conversations(conversations: list[Conversation], val_fraction: float
+                        ) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, validation): `val_fraction` of the conversations (at least one, never all) held
+    out, those whose chat_id has the smallest sha256, so the choice does not depend on the
+    log's order and a held-out conversation stays held out as the log grows."""
+    if len(conversations) < 2:
+        raise PrometheanError(
+            f"fine-tuning on a chat log needs at least 2 conversations with a reply (one to train "
+            f"on, one to validate on); this log has {len(conversations)}."
+        )
+    count = min(len(conversations) - 1, max(1, round(len(conversations) * val_fraction)))
+    ranked = sorted(conversations, key=lambda c: hashlib.sha256(c.chat_id.encode()).hexdigest())
+    held_out = {c.chat_id for c in ranked[:count]}
+    return ([c for c in conversations if c.chat_id not in held_out],
+            [c for c in conversations if c.chat_id in held_out])
+
+
+# ------------------------------------------------------------------------------- the examples
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """One training row: input ids and same-length targets (-100 where there is no loss)."""
+
+    inputs: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+def _exchange_tokens(human: str, assistant: str, tokenizer) -> tuple[list[int], list[bool]]:
+    """Ids of one rendered exchange and its loss mask (True on the reply and its newline)."""
+    ids, mask = encode_conversation([Turn("human", human), Turn("assistant", assistant)],
+                                    tokenizer)
+    ids, mask = ids[:-1], mask[:-1]  # no end-of-text: see the module docstring
+    if not assistant.strip():
+        mask = [False] * len(mask)
+    return ids, mask
+
+
+def _example(pieces: list[tuple[list[int], list[bool]]], row_length: int) -> ChatExample | None:
+    ids = [token for piece_ids, _ in pieces for token in piece_ids][-row_length:]
+    mask = [flag for _, piece_mask in pieces for flag in piece_mask][-row_length:]
+    targets = tuple(token if flag else IGNORE_INDEX for token, flag in zip(ids[1:], mask[1:]))
+    if all(target == IGNORE_INDEX for target in targets):
+        return None
+    return ChatExample(tuple(ids[:-1]), targets)
+
+
+def conversation_examples(conversation: Conversation, tokenizer, block_size: int
+                          ) -> list[ChatExample]:
+    """The training rows of one conversation, at most `block_size` tokens each (see step 3 of
+    the module docstring)."""
+    row_length = block_size + 1  # inputs are the row but its last token, targets but its first
+    exchanges = [_exchange_tokens(human, assistant, tokenizer)
+                 for human, assistant in conversation.exchanges]
+    examples = []
+    opening, used = 0, 0
+    while opening < len(exchanges) and used + len(exchanges[opening][0]) <= row_length:
+        used += len(exchanges[opening][0])
+        opening += 1
+    if opening:
+        examples.append(_example(exchanges[:opening], row_length))
+    for last in range(opening, len(exchanges)):
+        first, used = last, len(exchanges[last][0])
+        while first > 0 and used + len(exchanges[first - 1][0]) <= row_length:
+            first -= 1
+            used += len(exchanges[first][0])
+        context = [(ids, [False] * len(ids)) for ids, _ in exchanges[first:last]]
+        examples.append(_example([*context, exchanges[last]], row_length))
+    return [example for example in examples if example is not None]
+
+
+def _collate(examples: list[ChatExample], pad_id: int, device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch padded to its longest row (padding is never a target)."""
+    length = max(len(example.inputs) for example in examples)
+    inputs = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        inputs[row, :len(example.inputs)] = torch.tensor(example.inputs)
+        targets[row, :len(example.targets)] = torch.tensor(example.targets)
+    return inputs.to(device), targets.to(device)
+
+
+def _epochs(examples: list[ChatExample], batch_size: int, seed: int, pad_id: int, device
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the examples, reshuffled every epoch (seeded), forever."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield _collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
+
+
+def validation_loss(model, examples: list[ChatExample], batch_size: int, pad_id: int,
+                    device) -> float:
+    """Exact mean loss per reply token over every validation example."""
+    from promethean.data.batches import exact_loss
+
+    batches = (_collate(examples[start:start + batch_size], pad_id, device)
+               for start in range(0, len(examples), batch_size))
+    return exact_loss(model, batches).mean
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _trainer_default(name: str):
+    from promethean.train.config import TrainConfig
+
+    return TrainConfig.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class ChatTuningOptions:
+    checkpoint: str
+    log: str
+    name: str = DEFAULT_ADAPTER_NAME
+    overwrite: bool = False
+    rank: int = 8
+    alpha: float | None = None  # default: 2 x rank
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lr: float = DEFAULT_LR
+    max_steps: int = 1000
+    batch_size: int = 8
+    block_size: int | None = None  # default: the model's context length
+    eval_every: int = 20
+    patience: int | None = None  # default: the trainer's early-stopping patience (5)
+    min_delta: float | None = None  # default: the trainer's (0.001)
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class ChatTuningResult:
+    output: Path
+    conversations: tuple[int, int]  # train, validation
+    examples: tuple[int, int]
+    steps: int
+    stopped: str  # "early_stopping" or "max_steps"
+    best_step: int
+    best_val_loss: float
+    base_val_loss: float
+    trainable_parameters: int
+    seconds: float
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+
+
+def _check(options: ChatTuningOptions) -> tuple[int, float]:
+    check_name(options.name)
+    for flag, value in (("--max-steps", options.max_steps), ("--batch-size", options.batch_size),
+                        ("--eval-every", options.eval_every)):
+        if value < 1:
+            raise PrometheanError(f"{flag} must be at least 1, got {value}.")
+    patience = options.patience if options.patience is not None else \
+        _trainer_default("early_stopping_patience")
+    if patience < 1:
+        raise PrometheanError(f"--patience must be at least 1, got {patience}.")
+    min_delta = options.min_delta if options.min_delta is not None else \
+        _trainer_default("early_stopping_min_delta")
+    if not 0 < options.val_fraction < 1:
+        raise PrometheanError(f"--val-fraction must lie between 0 and 1, got {options.val_fraction}.")
+    if not (math.isfinite(options.lr) and options.lr > 0):
+        raise PrometheanError(f"--lr must be a positive number, got {options.lr}.")
+    if options.block_size is not None and options.block_size < 2:
+        raise PrometheanError(f"--block-size must be at least 2, got {options.block_size}.")
+    return patience, min_delta
+
+
+def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
+    """Train and save the chat adapter as `options` say (see the module docstring)."""
+    from promethean.checkpoint import load_checkpoint, read_checkpoint_record
+    from promethean.continual.learn import _progress
+    from promethean.device import resolve_device
+    from promethean.train.optim import build_optimizer
+    from promethean.train.schedule import lr_at
+
+    started = time.perf_counter()
+    patience, min_delta = _check(options)
+    checkpoint = Path(options.checkpoint)
+    model_config, _ = read_checkpoint_record(checkpoint)  # a sentence if it is not one
+    output = adapter_directory(checkpoint, options.name)
+    if (output / ADAPTER_CONFIG_FILE).is_file() and not options.overwrite:
+        raise PrometheanError(
+            f"{checkpoint} already has an adapter named '{options.name}'; pass --overwrite to "
+            "replace it, or choose another --name."
+        )
+    block_size = options.block_size or model_config.context_length
+    if block_size > model_config.context_length:
+        raise PrometheanError(f"block size {block_size} is longer than the model's context "
+                              f"({model_config.context_length}).")
+    alpha = options.alpha if options.alpha is not None else 2.0 * options.rank
+    lora = LoraConfig(rank=options.rank, alpha=alpha, target_modules=options.target_modules)
+
+    conversations = [c for c in read_chat_log(options.log) if c.has_reply]
+    if not conversations:
+        raise PrometheanError(f"chat log {options.log} holds no usable conversation (every "
+                              "logged reply is empty).")
+    train_conversations, val_conversations = split_conversations(conversations,
+                                                                  options.val_fraction)
+    if len(conversations) < MIN_CONVERSATIONS:
+        warnings.warn(
+            f"chat log {options.log} holds only {len(conversations)} conversations with a reply; "
+            f"fewer than {MIN_CONVERSATIONS} is very little to learn from, so expect the adapter "
+            f"to memorise them (training anyway, {len(val_conversations)} of them held out for "
+            "validation).",
+            ChatLogWarning, stacklevel=2,
+        )
+
+    device = resolve_device(options.device)
+    loaded = load_checkpoint(checkpoint, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pad_id = tokenizer.eot_id
+    train_examples = [e for c in train_conversations
+                      for e in conversation_examples(c, tokenizer, block_size)]
+    val_examples = [e for c in val_conversations
+                    for e in conversation_examples(c, tokenizer, block_size)]
+
+    torch.manual_seed(options.seed)  # the adapter's random A
+    adapters = Adapters(model, base_sha256=checkpoint_sha256(checkpoint))
+    adapters.add(options.name, lora, metadata={"trained_on": "chat log"})
+    adapters.to(device)
+    trainable = adapters.trainable_parameters(options.name)
+    parameters = list(trainable.values())
+    optimizer = build_optimizer(adapters, options.lr, 0.0, (0.9, 0.95))
+    warmup = max(1, options.max_steps // 10)
+
+    def evaluate() -> float:
+        return validation_loss(model, val_examples, options.batch_size, pad_id, device)
+
+    with adapters.disabled():
+        base_val_loss = evaluate()
+    best_val_loss, best_step, best_weights = base_val_loss, 0, None
+    evaluations: list[dict[str, float]] = []
+    without_improvement, stopped, step = 0, "max_steps", 0
+    batches = _epochs(train_examples, options.batch_size, options.seed, pad_id, device)
+    train_losses: list[float] = []
+    model.train()
+    with _progress(options.progress) as bar:
+        task = bar.add_task(f"chat adapter {options.name}", total=options.max_steps, loss=math.nan)
+        for step in range(1, options.max_steps + 1):
+            rate = lr_at(step - 1, options.lr, options.lr * 0.1, warmup, options.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            inputs, targets = next(batches)
+            _, loss = model(inputs, targets)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
+            if math.isfinite(float(loss.detach())) and math.isfinite(grad_norm):
+                optimizer.step()  # a non-finite step is skipped, as the trainer does
+            optimizer.zero_grad(set_to_none=True)
+            train_losses.append(float(loss.detach()))
+            bar.update(task, completed=step, loss=train_losses[-1])
+            if step % options.eval_every and step != options.max_steps:
+                continue
+            val_loss = evaluate()
+            evaluations.append({"step": step, "val_loss": val_loss,
+                                "train_loss": sum(train_losses) / len(train_losses)})
+            train_losses.clear()
+            if best_val_loss - val_loss > min_delta:
+                best_val_loss, best_step, without_improvement = val_loss, step, 0
+                best_weights = {k: p.detach().clone() for k, p in trainable.items()}
+            else:
+                without_improvement += 1
+                if without_improvement >= patience:
+                    stopped = "early_stopping"
+                    break
+    model.eval()
+    if best_weights is None:
+        raise PrometheanError(
+            f"no evaluation in {step} steps lowered the validation loss below the base model's "
+            f"({base_val_loss:.4f}) by more than {min_delta}, so no adapter was written; try "
+            "another --lr or more --max-steps."
+        )
+    with torch.no_grad():
+        for key, parameter in trainable.items():
+            parameter.copy_(best_weights[key])
+    log_path = Path(options.log)
+    adapters.infos[options.name].metadata.update({
+        "chat_log": str(log_path.resolve()),
+        "conversations": {"train": len(train_conversations), "val": len(val_conversations)},
+        "examples": {"train": len(train_examples), "val": len(val_examples)},
+        "block_size": block_size, "lr": options.lr, "seed": options.seed,
+        "steps": step, "stopped": stopped, "best_step": best_step,
+        "best_val_loss": best_val_loss, "base_val_loss": base_val_loss,
+        "evaluations": evaluations,
+    })
+    adapters.save(options.name, output)
+    return ChatTuningResult(
+        output=output, conversations=(len(train_conversations), len(val_conversations)),
+        examples=(len(train_examples), len(val_examples)), steps=step, stopped=stopped,
+        best_step=best_step, best_val_loss=best_val_loss, base_val_loss=base_val_loss,
+        trainable_parameters=adapters.num_parameters(options.name),
+        seconds=time.perf_counter() - started, evaluations=evaluations,
+    )

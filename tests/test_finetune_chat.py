@@ -1,0 +1,339 @@
+"""`promethean finetune-chat`: a LoRA adapter trained on the server's chat log, loss on the
+replies only, validated by conversation, the best adapter kept, and used by generate, chat and
+the server."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from promethean.checkpoint import load_checkpoint, save_checkpoint
+from promethean.continual import chat_tuning
+from promethean.continual.adapters import (
+    ADAPTER_CONFIG_FILE,
+    load_adapter_onto,
+)
+from promethean.continual.chat_tuning import (
+    ChatLogWarning,
+    ChatTuningOptions,
+    Conversation,
+    conversation_examples,
+    finetune_chat,
+    read_chat_log,
+    split_conversations,
+)
+from promethean.data.chat import Turn, assistant_prompt
+from promethean.errors import PrometheanError
+from promethean.inference.generate import SamplingParams, generate_text
+from promethean.tokenizer import ByteTokenizer
+from tests.conftest import build
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GREETING = "Hi! I am Promethean."
+WELLBEING = "Very well, thanks."
+NAMES = ["Ann", "Bob", "Cy", "Dee", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kit", "Lu"]
+# Small enough that 100 LoRA steps take a few seconds on one thread, large enough to learn.
+SMALL = {"n_layer": 2, "n_embd": 64, "n_head": 2, "d_ff": 256}
+# What a reply is asked with, as /chat, `promethean chat` and the test below prompt.
+UNSEEN = assistant_prompt([Turn("human", "hello, I am Zed")])
+
+
+def logged_turns(names=NAMES) -> list[dict]:
+    """A log as the server writes it: every conversation greets, every other one also asks how
+    the assistant is; the lines of the conversations are interleaved in time."""
+    lines = []
+    for index, name in enumerate(names):
+        lines.append({"chat_id": f"chat-{index}", "time": 1000.0 + index, "route": "/chat",
+                      "human": f"hello, I am {name}", "assistant": GREETING})
+        if index % 2:
+            lines.append({"chat_id": f"chat-{index}", "time": 2000.0 + index,
+                          "route": "/v1/chat/completions", "human": "how are you?",
+                          "assistant": WELLBEING})
+    return sorted(lines, key=lambda line: line["time"])
+
+
+def write_log(path, lines) -> str:
+    path.write_text("".join(line if isinstance(line, str) else json.dumps(line) + "\n"
+                            for line in lines))
+    return str(path)
+
+
+def new_checkpoint(directory):
+    save_checkpoint(directory, build("tiny-gpt2", **SMALL), ByteTokenizer())
+    return directory
+
+
+def options(checkpoint, log, **overrides) -> ChatTuningOptions:
+    settings = {"rank": 4, "lr": 1e-2, "max_steps": 100, "eval_every": 10, "patience": 3,
+                "device": "cpu", "progress": False, **overrides}
+    return ChatTuningOptions(str(checkpoint), str(log), **settings)
+
+
+def greedy_reply(model, prompt: str = UNSEEN) -> str:
+    params = SamplingParams(max_new_tokens=40, temperature=0, stop_strings=("\n",))
+    return generate_text(model, ByteTokenizer(), [prompt], params)[0].text
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint with the adapter 'chat' trained on the 12-conversation log."""
+    root = tmp_path_factory.mktemp("finetune-chat")
+    checkpoint = new_checkpoint(root / "tiny")
+    log = write_log(root / "chat.jsonl", logged_turns())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = finetune_chat(options(checkpoint, log))
+    finally:
+        torch.set_num_threads(threads)
+    return checkpoint, result
+
+
+# ------------------------------------------------------------------------------------ the log
+
+
+def test_malformed_lines_are_skipped_and_counted_in_one_warning(tmp_path):
+    good = logged_turns(NAMES[:2])  # chat-0: one exchange; chat-1: two
+    lines = [good[2], "{not json\n", good[0], "\n",
+             {"chat_id": "x", "time": 1.0, "human": "hi"},  # no assistant
+             {"chat_id": "x", "time": "noon", "human": "hi", "assistant": "yo"},
+             {"chat_id": "x", "time": True, "human": "hi", "assistant": "yo"},
+             {"chat_id": 7, "time": 1.0, "human": "hi", "assistant": "yo"},
+             '{"chat_id": "x", "time": NaN, "human": "hi", "assistant": "yo"}\n',
+             "[1, 2]\n", good[1]]
+    log = write_log(tmp_path / "chat.jsonl", lines)
+    with pytest.warns(ChatLogWarning) as caught:
+        conversations = read_chat_log(log)
+    assert [str(w.message) for w in caught] == [(
+        f"skipped 7 malformed lines of chat log {log} (the first is line 2); a usable line is a "
+        "JSON object with string fields chat_id, human and assistant and a numeric time.")]
+    # Ordered by time within a conversation (the file had chat-1's second exchange first).
+    assert conversations == [
+        Conversation("chat-0", (("hello, I am Ann", GREETING),)),
+        Conversation("chat-1", (("hello, I am Bob", GREETING), ("how are you?", WELLBEING))),
+    ]
+
+
+@pytest.mark.parametrize("content, sentence", [
+    ("", "chat log {log} holds no usable conversation (it is empty)."),
+    ("\n{oops\n[]\n", ("chat log {log} holds no usable conversation (none of its 2 lines is a "
+                       "chat turn).")),
+])
+def test_a_log_with_nothing_usable_is_one_sentence(tmp_path, content, sentence):
+    log = tmp_path / "chat.jsonl"
+    log.write_text(content)
+    with pytest.raises(PrometheanError) as caught, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChatLogWarning)  # the count is tested above
+        read_chat_log(log)
+    assert str(caught.value) == sentence.format(log=log)
+
+
+def test_a_missing_log_and_a_single_conversation_are_refused(tmp_path):
+    with pytest.raises(PrometheanError, match=r"^chat log .*missing.jsonl does not exist\.$"):
+        read_chat_log(tmp_path / "missing.jsonl")
+    with pytest.raises(PrometheanError) as caught:
+        split_conversations([Conversation("only", (("hi", "hello"),))], 0.1)
+    assert str(caught.value) == (
+        "fine-tuning on a chat log needs at least 2 conversations with a reply (one to train on, "
+        "one to validate on); this log has 1.")
+
+
+def test_validation_is_a_deterministic_share_of_whole_conversations():
+    conversations = [Conversation(f"chat-{i}", (("hi", "hello"),)) for i in range(30)]
+    train, val = split_conversations(conversations, 0.1)
+    assert len(val) == 3 and len(train) == 27
+    assert split_conversations(conversations[::-1], 0.1)[1] == val[::-1]  # order-free choice
+    grown_train, grown_val = split_conversations(conversations[:12], 0.1)
+    assert len(grown_val) == 1 and len(grown_train) == 11
+
+
+# ------------------------------------------------------------------------------- the examples
+
+
+def test_the_loss_covers_the_replies_and_their_newlines_only():
+    tokenizer = ByteTokenizer()
+    conversation = Conversation("c", (("hello, I am Ann", GREETING), ("how are you?", WELLBEING)))
+    [example] = conversation_examples(conversation, tokenizer, block_size=256)
+    text = "Human: hello, I am Ann\nAssistant: Hi! I am Promethean.\nHuman: how are you?\n" \
+           "Assistant: Very well, thanks.\n"
+    assert tokenizer.decode(list(example.inputs)) == text[:-1]  # inputs: all but the last
+    trained = [token for token in example.targets if token != -100]
+    assert tokenizer.decode(trained) == f" {GREETING}\n {WELLBEING}\n"
+    # Every target sits where the text holds that very token; nothing of the human's is one.
+    for position, target in enumerate(example.targets):
+        if target != -100:
+            assert tokenizer.encode(text)[position + 1] == target
+    first_reply = text.index(" Hi!")
+    assert all(target == -100 for target in example.targets[:first_reply - 1])
+    # An empty reply stays in the context, but teaches nothing.
+    silent = Conversation("s", (("hi", ""), ("again?", "yes")))
+    [example] = conversation_examples(silent, tokenizer, block_size=256)
+    assert tokenizer.decode([t for t in example.targets if t != -100]) == " yes\n"
+
+
+def test_a_long_conversation_is_windowed_at_exchanges_with_the_most_context_that_fits():
+    tokenizer = ByteTokenizer()
+    exchanges = tuple((f"question {i}", f"answer {i}") for i in range(4))
+    exchange_length = len("Human: question 0\nAssistant: answer 0\n")  # 38 bytes each
+    examples = conversation_examples(Conversation("c", exchanges), tokenizer,
+                                     block_size=2 * exchange_length + 10)
+    rows = [(tokenizer.decode([t for t in e.targets if t != -100]),
+             tokenizer.decode(list(e.inputs))) for e in examples]
+    # The first two exchanges fit whole, with both replies trained; each later reply comes with
+    # the one whole exchange before it that still fits, and is trained alone.
+    assert [trained for trained, _ in rows] == [" answer 0\n answer 1\n", " answer 2\n",
+                                                " answer 3\n"]
+    assert [inputs.splitlines()[0] for _, inputs in rows] == [
+        "Human: question 0", "Human: question 1", "Human: question 2"]
+    assert all(len(e.inputs) <= 2 * exchange_length + 10 for e in examples)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def test_the_adapter_learns_the_logged_replies(trained):
+    checkpoint, result = trained
+    assert result.output == checkpoint / "adapters" / "chat"
+    assert (result.output / ADAPTER_CONFIG_FILE).is_file()
+    assert result.conversations == (11, 1) and result.examples == (11, 1)
+    assert result.best_val_loss < result.base_val_loss - 0.5
+    record = json.loads((result.output / ADAPTER_CONFIG_FILE).read_text())
+    assert record["metadata"]["best_val_loss"] == result.best_val_loss
+    assert record["metadata"]["conversations"] == {"train": 11, "val": 1}
+    base = load_checkpoint(checkpoint).model
+    assert greedy_reply(base) != f" {GREETING}"
+    load_adapter_onto(base, checkpoint, "chat")
+    assert greedy_reply(base) == f" {GREETING}"  # a name it never saw
+
+
+def test_early_stopping_stops_and_keeps_the_best_adapter(tmp_path, monkeypatch):
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = write_log(tmp_path / "chat.jsonl", logged_turns())
+    probe = torch.tensor([[1, 2, 3, 4, 5]])
+    scripted = iter([5.0, 4.0, 3.0, 3.5, 3.0005, 3.2, 1.0])  # the base, then each evaluation
+    logits_seen = []
+
+    def scripted_validation(model, *args):
+        with torch.no_grad():
+            logits_seen.append(model(probe)[0].clone())
+        return next(scripted)
+
+    monkeypatch.setattr(chat_tuning, "validation_loss", scripted_validation)
+    result = finetune_chat(options(checkpoint, log, eval_every=2, patience=3))
+    # 3.5, 3.0005 (not better by min_delta 0.001) and 3.2: three without improvement.
+    assert (result.steps, result.stopped, result.best_step) == (10, "early_stopping", 4)
+    assert result.best_val_loss == 3.0 and result.base_val_loss == 5.0
+    assert [e["step"] for e in result.evaluations] == [2, 4, 6, 8, 10]
+    model = load_checkpoint(checkpoint).model
+    load_adapter_onto(model, checkpoint, "chat", merge=False)
+    with torch.no_grad():
+        saved = model(probe)[0]
+    torch.testing.assert_close(saved, logits_seen[2])  # the model at step 4, not the last
+    assert not torch.allclose(saved, logits_seen[-1])
+
+
+def test_an_adapter_that_never_beats_the_base_is_not_written(tmp_path, monkeypatch):
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = write_log(tmp_path / "chat.jsonl", logged_turns())
+    monkeypatch.setattr(chat_tuning, "validation_loss", lambda *args: 2.0)
+    with pytest.raises(PrometheanError) as caught:
+        finetune_chat(options(checkpoint, log, eval_every=1, patience=2))
+    assert str(caught.value) == (
+        "no evaluation in 2 steps lowered the validation loss below the base model's (2.0000) by "
+        "more than 0.001, so no adapter was written; try another --lr or more --max-steps.")
+    assert not (checkpoint / "adapters" / "chat").exists()
+
+
+def test_fewer_than_ten_conversations_warn_and_still_train(tmp_path):
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = write_log(tmp_path / "chat.jsonl", logged_turns(NAMES[:5]))
+    with pytest.warns(ChatLogWarning) as caught:
+        result = finetune_chat(options(checkpoint, log, max_steps=10, eval_every=5))
+    assert [str(w.message) for w in caught] == [(
+        f"chat log {log} holds only 5 conversations with a reply; fewer than 10 is very little "
+        "to learn from, so expect the adapter to memorise them (training anyway, 1 of them held "
+        "out for validation).")]
+    assert result.conversations == (4, 1) and (result.output / ADAPTER_CONFIG_FILE).is_file()
+
+
+def test_an_existing_adapter_is_kept_unless_overwrite(trained, tmp_path):
+    checkpoint, _ = trained
+    log = write_log(tmp_path / "chat.jsonl", logged_turns())
+    with pytest.raises(PrometheanError) as caught:
+        finetune_chat(options(checkpoint, log))
+    assert str(caught.value) == (f"{checkpoint} already has an adapter named 'chat'; pass "
+                                 "--overwrite to replace it, or choose another --name.")
+
+
+# --------------------------------------------------------------------- serving and the CLI
+
+
+def test_the_server_logs_what_finetune_chat_reads_and_serves_the_adapter(trained, tmp_path):
+    openai = pytest.importorskip("openai")
+    from promethean.serve.app import create_app
+    from tests.test_serve import RunningServer
+
+    checkpoint, _ = trained
+    loaded = load_checkpoint(checkpoint)
+    log = tmp_path / "served.jsonl"
+    app = create_app(loaded.model, loaded.tokenizer, model_name="tiny", checkpoint=checkpoint,
+                     chat_log=log, max_batch_size=2, max_adapter_engines=1)
+    server = RunningServer(app)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        reply = client.chat.completions.create(
+            model="tiny:chat", messages=[{"role": "user", "content": "hello, I am Zed"}],
+            max_tokens=40, temperature=0)
+    finally:
+        server.stop()
+    assert reply.choices[0].message.content == GREETING
+    [conversation] = read_chat_log(log)
+    assert conversation.exchanges == (("hello, I am Zed", GREETING),)
+
+
+def cli(*args, stdin=None):
+    result = subprocess.run([sys.executable, "-m", "promethean", *args], check=False, input=stdin,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def test_cli_finetune_chat_then_generate_and_chat_with_the_adapter(trained, tmp_path):
+    checkpoint, _ = trained
+    log = write_log(tmp_path / "few.jsonl", logged_turns(NAMES[:5]))
+    result = cli("finetune-chat", str(checkpoint), "--log", log, "--name", "cli", "--rank", "2",
+                 "--lr", "1e-2", "--max-steps", "4", "--eval-every", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: chat log {log} holds only 5 conversations" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "conversations: 4 to train on (4 examples), 1 held out for validation " \
+                       "(1 examples)"
+    assert lines[1].startswith("4 steps (max steps): best validation loss ")
+    assert "base model" in lines[1]
+    assert lines[2].startswith(f"wrote {checkpoint / 'adapters' / 'cli'} (")
+    assert lines[2].endswith("use it with --adapter cli, or serve it as tiny:cli")
+
+    again = cli("finetune-chat", str(checkpoint), "--log", log, "--name", "cli")
+    assert again.returncode == 1
+    assert again.stderr.strip() == (f"error: {checkpoint} already has an adapter named 'cli'; "
+                                    "pass --overwrite to replace it, or choose another --name.")
+    missing = cli("finetune-chat", str(checkpoint), "--log", str(tmp_path / "none.jsonl"),
+                  "--name", "other")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: chat log {tmp_path / 'none.jsonl'} does not exist."
+
+    generated = cli("generate", str(checkpoint), "--adapter", "chat", "-p", UNSEEN,
+                    "--temperature", "0", "--stop", "\n", "--max-new-tokens", "40")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout == f"{UNSEEN} {GREETING}\n"
+    chatted = cli("chat", str(checkpoint), "--adapter", "chat", "--temperature", "0",
+                  "--max-new-tokens", "40", stdin="hello, I am Zed\n")
+    assert chatted.returncode == 0, chatted.stderr
+    assert chatted.stdout.splitlines() == [f"Assistant: {GREETING}"]
