@@ -256,6 +256,25 @@ def convert_to_hf(
     console.print(f"wrote {out}")
 
 
+@app.command("export")
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A Promethean checkpoint directory.")],
+    export_format: Annotated[
+        str, typer.Option("--format", help="hf (transformers + PEFT adapters), onnx or gguf.")
+    ],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Where to write (default: beside CKPT as CKPT-hf, CKPT.onnx, CKPT.gguf)."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output.")] = False,
+) -> None:
+    """Export a checkpoint for transformers/PEFT, ONNX Runtime or llama.cpp."""
+    from promethean.interop.export import export_checkpoint
+
+    written = export_checkpoint(checkpoint, export_format, out, overwrite=overwrite)
+    console.print(f"wrote {written}")
+
+
 # ------------------------------------------------------------------------- tokenizer commands
 
 
