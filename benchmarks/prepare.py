@@ -1,6 +1,7 @@
 """Throughput of `data prepare` (GPT-2 tokens/s) against a single-process tiktoken loop.
 
     python benchmarks/prepare.py [--corpus python-stdlib] [--copies 3 9] [--repeats 5] [--write docs/BENCHMARKS.md]
+        [--json ROWS.json] [--quick]
 
 What it measures, all in one run so that every figure has a peer measured under the same noise:
 
@@ -25,7 +26,9 @@ rotates from round to round. Ratios are taken within a round and the median over
 reported.
 
 With --write FILE the results replace the part of FILE between `<!-- prepare:start -->` and
-`<!-- prepare:end -->` (appended if absent); the rest of the file is left as it is.
+`<!-- prepare:end -->` (appended if absent); the rest of the file is left as it is. With
+--json FILE the summary rows of `python -m benchmarks` are written there. --quick: the corpus's
+first 150 documents once (`--documents 150 --copies 1`) and one round, for a smoke run.
 """
 
 from __future__ import annotations
@@ -46,9 +49,20 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cores, cpu_description, ratios, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cores,
+    cpu_description,
+    ratios,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
 
 START, END = "<!-- prepare:start -->", "<!-- prepare:end -->"
+TARGET = 1.8  # prepare's tokens/s over the single-process loop, on 2 cores
+# --quick: the corpus's first 150 documents once, one round (each round also starts the CLI in a
+# fresh interpreter).
+QUICK = {"copies": [1], "repeats": 1, "documents": 150}
 PEER_SCRIPT = """
 import sys, time
 from promethean.data.corpora import open_corpus
@@ -150,7 +164,7 @@ def measure(args) -> dict:
     from promethean.tokenizer import resolve_tokenizer
 
     tokenizer = resolve_tokenizer("gpt2")
-    corpus = list(open_corpus(args.corpus).documents())
+    corpus = list(open_corpus(args.corpus).documents())[: args.documents]
     workers = cores()
     sizes = sorted(set(args.copies))
     largest = corpus * sizes[-1]
@@ -237,7 +251,7 @@ def render(result: dict, info: dict, args, command: str, started, elapsed: float
         f"{name} " + ", ".join(f"{value / 1e6:.2f}" for value in values)
         for name, values in tps.items()
     )
-    target = 1.8
+    target = TARGET
     verdicts = ", ".join(
         f"{'met' if achieved[copies] >= target else '**not met**'} at {result['text_mb'][copies]:.0f}"
         f" MB ({achieved[copies]:.2f}x, {achieved[copies] / ceilings[copies]:.0%} of the ceiling)"
@@ -248,7 +262,8 @@ def render(result: dict, info: dict, args, command: str, started, elapsed: float
         f"of an {info['cpu']}, {info['ram_gib']:.0f} GiB RAM; Python {info['python']}, tiktoken "
         f"{info['tiktoken']}, numpy {info['numpy']}.",
         "",
-        f"Setup: the `{args.corpus}` corpus ({result['corpus_documents']:,} documents) repeated "
+        f"Setup: the `{args.corpus}` corpus ({'its first ' if args.documents else ''}"
+        f"{result['corpus_documents']:,} documents) repeated "
         f"{' and '.join(map(str, sizes))} times. tok/s counts the documents' tokens (the "
         "end-of-text ids prepare adds are left out, so both sides count the same work) over the "
         "seconds of the whole call; ours includes the worker pool's start, shipping the text, "
@@ -274,6 +289,31 @@ def render(result: dict, info: dict, args, command: str, started, elapsed: float
     ])
 
 
+def summary(result: dict, command: str) -> list[dict[str, str]]:
+    """The rows `python -m benchmarks` puts in the report's summary table: prepare in memory at
+    the largest size, and the command line end to end."""
+    workers, seconds, tokens, sizes = (
+        result["workers"], result["seconds"], result["tokens"], result["sizes"])
+    tps = {name: [tokens[name] / s for s in seconds[name]] for name in result["names"]}
+    largest = sizes[-1]
+    ceiling = ratios(tps[f"ceiling@{largest}"], tps[f"peer@{largest}"])
+    limit = f"≤ {ceiling:.2f}x ({workers} forked processes, nothing shared)"
+    rows = []
+    for what, mine, peer in (
+        (f"tokenization, `prepare` ({workers} workers), documents in memory, "
+         f"{result['text_mb'][largest]:.0f} MB", f"ours@{largest}", f"peer@{largest}"),
+        ("tokenization, `promethean data prepare FOLDER` end to end", "cli", "cli-peer"),
+    ):
+        ratio = ratios(tps[mine], tps[peer])
+        rows.append(summary_row(
+            what, f"{statistics.median(tps[mine]) / 1e6:.2f}M tok/s",
+            f"{statistics.median(tps[peer]) / 1e6:.2f}M tok/s (single-process tiktoken)",
+            f"{ratio:.2f}x", limit,
+            f"≥ {TARGET}x: {'met' if ratio >= TARGET else 'not met'}" if mine != "cli" else "",
+            f"`{command}`"))
+    return rows
+
+
 HEADING = (
     "## Preparation: GPT-2 tokens/s of `data prepare`\n\n"
     "`benchmarks/prepare.py`: `prepare` with one worker process per core against the "
@@ -287,12 +327,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", default="python-stdlib")
     parser.add_argument("--copies", type=int, nargs="+", default=[3, 9])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--documents", type=int, default=None,
+                        help="only the corpus's first N documents")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary rows of `python -m benchmarks` here")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small settings for a smoke run: {QUICK} unless given")
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    if min(args.copies) < 1 or args.repeats < 1:
-        parser.error("--copies and --repeats must be at least 1")
+    too_few_documents = args.documents is not None and args.documents < 1
+    if min(args.copies) < 1 or args.repeats < 1 or too_few_documents:
+        parser.error("--copies, --repeats and --documents must be at least 1")
     command = (f"python benchmarks/prepare.py --corpus {shlex.quote(args.corpus)} "
                f"--copies {' '.join(map(str, args.copies))} --repeats {args.repeats}")
+    if args.documents:
+        command += f" --documents {args.documents}"
     if args.write:
         command += f" --write {shlex.quote(str(args.write))}"
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -305,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         write_section(args.write, START, END, body, heading=HEADING)
         print(f"\nwrote the prepare section of {args.write}")
+    write_summary_rows(args.json, summary(result, command))
 
 
 if __name__ == "__main__":

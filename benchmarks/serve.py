@@ -1,6 +1,7 @@
 """Serving throughput: continuous batching against one-request-at-a-time, over real HTTP.
 
-    python benchmarks/serve.py [--rounds 2] [--write docs/BENCHMARKS.md]
+    python benchmarks/serve.py [--rounds 2] [--write docs/BENCHMARKS.md] [--json ROWS.json]
+        [--quick]
 
 For each model (`tiny-gpt2` and `gpt2-small`, random weights written by `promethean model init`)
 two `promethean serve` processes run side by side: one with `--max-batch-size 32` (continuous
@@ -16,7 +17,9 @@ defaults of `promethean serve` (batch 16, queue 64), counting the status codes (
 200 or 503; a 503 is the queue saying "retry later", any other 5xx is a bug).
 
 With --write FILE the results replace the part of FILE between `<!-- serve:start -->` and
-`<!-- serve:end -->` (appended if absent); the rest of the file is left as it is.
+`<!-- serve:end -->` (appended if absent); the rest of the file is left as it is. With --json
+FILE the summary rows of `python -m benchmarks` are written there. --quick: tiny-gpt2 only, one
+round of 8/16/32 requests, a 100-request load at concurrency 16, for a smoke run.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_description, ratios, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cpu_description,
+    ratios,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
 
 START, END = "<!-- serve:start -->", "<!-- serve:end -->"
 MODELS = ("tiny-gpt2", "gpt2-small")
@@ -49,6 +58,9 @@ CONCURRENCIES = (1, 8, 32)
 NEW_TOKENS = 16
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 BATCHED, ALONE = "batched", "one-at-a-time"
+# --quick: the tiny model only, one round of small bursts, a 100-request load.
+QUICK = {"models": ["tiny-gpt2"], "rounds": 1, "tiny_requests": [8, 16, 32],
+         "load_requests": 100, "load_concurrency": 16}
 
 
 def free_port() -> int:
@@ -241,6 +253,34 @@ def render(rows: list[dict], load: dict, args, command: str, started, elapsed: f
     return "\n".join(lines)
 
 
+def summary(rows: list[dict], load: dict, command: str) -> list[dict[str, str]]:
+    """The rows `python -m benchmarks` puts in the report's summary table: batched against
+    one-at-a-time at concurrency 8 for each model, and the load test's status codes."""
+    code = f"`{command}`"
+    lines = []
+    for row in rows:
+        if row["concurrency"] != 8:
+            continue
+        batched, alone = row[BATCHED], row[ALONE]
+        target = f"≥ 4x: {'met' if row['ratio'] >= 4 else 'not met'}"
+        if row["model"] == "gpt2-small":
+            target += f"; ≥ 10 req/s: {'met' if batched['rate'] >= 10 else 'not met'}"
+        lines.append(summary_row(
+            f"serving {row['model']}, {NEW_TOKENS}-token completions over HTTP, concurrency 8",
+            f"{batched['rate']:.1f} req/s (p95 {batched['p95']:.2f} s)",
+            f"{alone['rate']:.1f} req/s (one at a time, p95 {alone['p95']:.2f} s)",
+            f"{row['ratio']:.2f}x", "", target, code))
+    other = sum(n for status, n in load["statuses"].items()
+                if not isinstance(status, int) or (status >= 500 and status != 503))
+    statuses = ", ".join(f"{status}: {n}"
+                         for status, n in sorted(load["statuses"].items(), key=str))
+    lines.append(summary_row(
+        f"serving load, {load['requests']} requests, tiny-gpt2, serve defaults",
+        f"{load['requests'] / load['seconds']:.1f} req/s ({statuses})", "", "", "",
+        f"no 5xx but 503: {'met' if other == 0 else 'not met'}", code))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -252,6 +292,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-concurrency", type=int, default=32)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary rows of `python -m benchmarks` here")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small settings for a smoke run: {QUICK} unless given")
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -287,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                               "completions through `promethean serve`, batched against "
                               "one-at-a-time, and a 1000-request load.\n\n")
         print(f"\nwrote the serve section of {args.write}")
+    write_summary_rows(args.json, summary(rows, load, command))
 
 
 if __name__ == "__main__":

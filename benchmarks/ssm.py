@@ -1,13 +1,15 @@
 """The selective state-space mixer (SSSM): scan speed, decode memory against context, training.
 
-    python benchmarks/ssm.py [--seconds 120] [--repeats 3] [--write docs/BENCHMARKS.md]
+    python benchmarks/ssm.py [--seconds 120] [--repeats 3] [--scan-length 1024]
+        [--contexts 1024 4096 16384] [--val-batches 40]
+        [--write docs/BENCHMARKS.md] [--json ROWS.json] [--quick]
 
 What it measures, each figure against a peer measured in the same run:
 
 * scan: the chunked parallel scan (`promethean.model.ssm.selective_scan`) against the sequential
-  loop (`sequential_scan`, one step per token) at T = 1024, fp32, on the state shape of one
-  tiny-sssm layer (batch 4, 256 channels, state 16) and of a narrow one (batch 1, 64 channels),
-  forward alone and forward + backward. --repeats rounds, the order alternating; ratios taken
+  loop (`sequential_scan`, one step per token) at T = --scan-length (1024), fp32, on the state
+  shape of one tiny-sssm layer (batch 4, 256 channels, state 16) and of a narrow one (batch 1, 64
+  channels), forward alone and forward + backward. --repeats rounds, the order alternating; ratios taken
   within a round, median reported.
 * decode memory: `tiny-ssm` (pure SSM) against `tiny-gpt2` (attention), both with
   context_length 16384 (learned position tables of that length) and random weights, batch 1:
@@ -23,7 +25,9 @@ What it measures, each figure against a peer measured in the same run:
   first 40 validation batches; tokens/s = tokens trained / own training seconds.
 
 With --write FILE the results replace the part of FILE between `<!-- ssm:start -->` and
-`<!-- ssm:end -->` (appended if absent).
+`<!-- ssm:end -->` (appended if absent). With --json FILE the summary rows of
+`python -m benchmarks` are written there. --quick: one round, 10 s of training per model, decode
+memory at 1024 and 4096 tokens, scans of T = 256, 4 validation batches, for a smoke run.
 """
 
 from __future__ import annotations
@@ -43,7 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cores, cpu_description, ratios, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cores,
+    cpu_description,
+    ratios,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
 
 START, END = "<!-- ssm:start -->", "<!-- ssm:end -->"
 HEADING = (
@@ -54,7 +65,11 @@ HEADING = (
 )
 SCAN_LENGTH = 1024
 SCAN_SHAPES = ((4, 256, 16), (1, 64, 16))  # (batch, channels, state)
-DECODE_CONTEXTS = (1024, 4096, 16384)
+DECODE_CONTEXTS = (1024, 4096, 16384)  # the default --contexts; the models are built for the last
+# --quick: one round, 10 s of training per model, 4 validation batches, decode memory at two
+# contexts, scans of T = 256.
+QUICK = {"seconds": 10.0, "repeats": 1, "contexts": [1024, 4096], "scan_length": 256,
+         "val_batches": 4}
 DECODE_PRESETS = ("tiny-ssm", "tiny-gpt2")
 NEW_TOKENS = 32
 PREFILL_CHUNK = 512
@@ -73,7 +88,7 @@ DATA_DIR = ROOT / "runs" / "bench-ssm" / "shakespeare-bytes"
 
 
 # ---------------------------------------------------------------------------------------- scan
-def measure_scan(repeats: int) -> list[dict]:
+def measure_scan(repeats: int, length: int = SCAN_LENGTH) -> list[dict]:
     import torch
 
     from promethean.model.ssm import selective_scan, sequential_scan
@@ -81,7 +96,7 @@ def measure_scan(repeats: int) -> list[dict]:
     results = []
     for batch, channels, state in SCAN_SHAPES:
         generator = torch.Generator().manual_seed(0)
-        shape = (batch, SCAN_LENGTH, channels, state)
+        shape = (batch, length, channels, state)
         delta = torch.nn.functional.softplus(torch.randn(shape[:3], generator=generator) - 3)
         A = -torch.arange(1.0, state + 1).expand(channels, state).contiguous()
         update = torch.randn(shape, generator=generator) * 0.1
@@ -106,7 +121,8 @@ def measure_scan(repeats: int) -> list[dict]:
                     started = time.perf_counter()
                     run(scans[name])
                     times[name].append(time.perf_counter() - started)
-            results.append({"shape": (batch, channels, state), "mode": mode, **times})
+            results.append({"shape": (batch, channels, state), "mode": mode, "length": length,
+                            **times})
             speedup = ratios(times["sequential"], times["parallel"])
             print(f"  scan {shape} {mode}: parallel {statistics.median(times['parallel']) * 1e3:.1f}"
                   f" ms, sequential {statistics.median(times['sequential']) * 1e3:.1f} ms, "
@@ -165,9 +181,9 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def measure_decode_memory() -> list[dict]:
+def measure_decode_memory(contexts=DECODE_CONTEXTS) -> list[dict]:
     records = []
-    for context in DECODE_CONTEXTS:
+    for context in contexts:
         for preset in DECODE_PRESETS:
             command = [sys.executable, str(Path(__file__).resolve()), "--decode-child",
                        f"{preset}:{context}"]
@@ -233,7 +249,7 @@ class Run:
         self.seconds += time.perf_counter() - started
 
 
-def measure_training(seconds: float) -> dict:
+def measure_training(seconds: float, val_batches: int = VAL_BATCHES) -> dict:
     import itertools
 
     import torch
@@ -257,7 +273,8 @@ def measure_training(seconds: float) -> dict:
               flush=True)
     results = {}
     for run in runs:
-        batches = itertools.islice(dataset.iter_eval_batches("val", BATCH, BLOCK, None), VAL_BATCHES)
+        batches = itertools.islice(dataset.iter_eval_batches("val", BATCH, BLOCK, None),
+                                   val_batches)
         val = exact_loss(run.model, batches)
         results[run.label] = {
             "steps": run.steps, "seconds": run.seconds,
@@ -287,7 +304,7 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
         f"({info['cores']})`. Medians of {args.repeats} rounds; ratios taken within a round. "
         "MB = 10^6 bytes.",
         "",
-        "**Parallel scan vs the sequential loop, T = 1024, fp32** (target ≥ 10x):",
+        f"**Parallel scan vs the sequential loop, T = {args.scan_length}, fp32** (target ≥ 10x):",
         "",
         "| state shape (batch, channels, state) | pass | parallel scan | sequential loop | speed-up | command |",
         "|---|---|---|---|---|---|",
@@ -319,9 +336,9 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
         f"prompt of L - {NEW_TOKENS} tokens prefilled in chunks of {PREFILL_CHUNK}, then "
         f"{NEW_TOKENS} greedy steps; one fresh process per run):",
         "",
-        "| preset | parameters | L = " + " | L = ".join(str(c) for c in DECODE_CONTEXTS)
+        "| preset | parameters | L = " + " | L = ".join(str(c) for c in args.contexts)
         + " | command |",
-        "|---|---|" + "---|" * len(DECODE_CONTEXTS) + "---|",
+        "|---|---|" + "---|" * len(args.contexts) + "---|",
     ]
     for preset in DECODE_PRESETS:
         records = {r["context"]: r for r in decode if r["preset"] == preset}
@@ -329,13 +346,13 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
             f"cache {records[c]['cache_bytes'] / 1e6:.2f} MB; decode peak RSS "
             f"+{records[c]['peak_above_built_mb']:.0f} MB (prefill +"
             f"{records[c]['prefill_peak_above_built_mb']:.0f} MB)"
-            for c in DECODE_CONTEXTS
+            for c in args.contexts
         ]
         parameters = next(iter(records.values()))["parameters"]
         lines.append(f"| `{preset}` | {parameters / 1e6:.2f}M | " + " | ".join(cells) + f" | {code} |")
     ssm = {r["context"]: r["cache_bytes"] for r in decode if r["preset"] == DECODE_PRESETS[0]}
     attention = {r["context"]: r["cache_bytes"] for r in decode if r["preset"] == DECODE_PRESETS[1]}
-    low, high = DECODE_CONTEXTS[0], DECODE_CONTEXTS[-1]
+    low, high = min(args.contexts), max(args.contexts)
     lines += [
         "",
         f"From {low} to {high} tokens the pure-SSM cache stays at {ssm[high] / 1e3:.1f} kB "
@@ -353,7 +370,7 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
         f"model's own training, in turns of {SLICE_SECONDS:.0f} s; bytes tokenizer, "
         f"{training['train_tokens']:,} train / {training['val_tokens']:,} validation tokens; "
         f"batch {BATCH} x {BLOCK}, AdamW lr {LR} with {WARMUP} warm-up steps then constant, "
-        f"clip 1.0; validation loss over the first {VAL_BATCHES} validation batches, "
+        f"clip 1.0; validation loss over the first {args.val_batches} validation batches, "
         f"{runs[TRAIN_RUNS[0][0]]['val_tokens']:,} tokens):",
         "",
         "| preset | parameters | steps | tokens/s | validation loss (nats/byte) | last-20 train loss | spike rates | command |",
@@ -381,41 +398,96 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
     return "\n".join(lines)
 
 
+def summary(scan, decode, training, command) -> list[dict[str, str]]:
+    """The rows `python -m benchmarks` puts in the report's summary table: the scan on one
+    tiny-sssm layer's shape, the cache at the longest context, and the same-wall-time training."""
+    code = f"`{command}`"
+    rows = []
+    for row in scan:
+        if row["shape"] != SCAN_SHAPES[0]:
+            continue
+        speedup = ratios(row["sequential"], row["parallel"])
+        rows.append(summary_row(
+            f"SSM scan {row['shape']}, T = {row['length']}, {row['mode']}: parallel scan",
+            f"{statistics.median(row['parallel']) * 1e3:.1f} ms",
+            f"{statistics.median(row['sequential']) * 1e3:.1f} ms (sequential loop)",
+            f"{speedup:.2f}x faster", "", f"≥ 10x: {'met' if speedup >= 10 else 'not met'}",
+            code))
+    longest = max(r["context"] for r in decode)
+    cache = {r["preset"]: r["cache_bytes"] for r in decode if r["context"] == longest}
+    ssm, attention = DECODE_PRESETS
+    rows.append(summary_row(
+        f"decode cache at {longest} tokens, `{ssm}` (pure SSM)", f"{cache[ssm] / 1e6:.2f} MB",
+        f"{cache[attention] / 1e6:.2f} MB (`{attention}`, KV cache)",
+        f"{cache[ssm] / cache[attention]:.3f}x", "", "", code))
+    runs = training["runs"]
+    hybrid, peer = runs["tiny-sssm"], runs["tiny-gpt2"]
+    rows.append(summary_row(
+        "training tok/s on Shakespeare, `tiny-sssm`, same wall time",
+        f"{hybrid['tokens_per_second']:,.0f} tok/s (val loss {hybrid['val_loss']:.3f})",
+        f"{peer['tokens_per_second']:,.0f} tok/s (`tiny-gpt2`, val loss {peer['val_loss']:.3f})",
+        f"{hybrid['tokens_per_second'] / peer['tokens_per_second']:.2f}x", "", "", code))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0,
                         help="training seconds per model")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--val-batches", type=int, default=VAL_BATCHES,
+                        help="validation batches after training")
+    parser.add_argument("--scan-length", type=int, default=SCAN_LENGTH,
+                        help="T of the scan comparison")
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(DECODE_CONTEXTS),
+                        help=f"decode-memory prompt lengths, at most {max(DECODE_CONTEXTS)}")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary rows of `python -m benchmarks` here")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small settings for a smoke run: {QUICK} unless given")
     parser.add_argument("--decode-child", default=None, help=argparse.SUPPRESS)
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     if args.decode_child:
         preset, context = args.decode_child.split(":")
         decode_child(preset, int(context))
         return
-    if args.seconds <= 0 or args.repeats < 1:
-        parser.error("--seconds must be positive and --repeats at least 1")
+    if args.seconds <= 0 or min(args.repeats, args.scan_length, args.val_batches) < 1:
+        parser.error("--seconds must be positive; --repeats, --scan-length and --val-batches at "
+                     "least 1")
+    args.contexts = sorted(set(args.contexts))
+    if args.contexts[0] <= NEW_TOKENS or args.contexts[-1] > max(DECODE_CONTEXTS):
+        parser.error(f"--contexts must lie in {NEW_TOKENS + 1}..{max(DECODE_CONTEXTS)}")
     import torch
 
     command = f"python benchmarks/ssm.py --seconds {args.seconds:g} --repeats {args.repeats}"
+    if args.val_batches != VAL_BATCHES:
+        command += f" --val-batches {args.val_batches}"
+    if args.scan_length != SCAN_LENGTH:
+        command += f" --scan-length {args.scan_length}"
+    if args.contexts != list(DECODE_CONTEXTS):
+        command += f" --contexts {' '.join(map(str, args.contexts))}"
     if args.write:
         command += f" --write {shlex.quote(str(args.write))}"
     started = datetime.datetime.now(datetime.timezone.utc)
     args.load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     clock = time.perf_counter()
     print("decode memory, fresh subprocesses", flush=True)
-    decode = measure_decode_memory()  # first: this process is still small
+    decode = measure_decode_memory(args.contexts)  # first: this process is still small
     torch.set_num_threads(cores())
-    print(f"scan, T = {SCAN_LENGTH}", flush=True)
-    scan = measure_scan(args.repeats)
+    print(f"scan, T = {args.scan_length}", flush=True)
+    scan = measure_scan(args.repeats, args.scan_length)
     print(f"training, {args.seconds:g} s per model", flush=True)
-    training = measure_training(args.seconds)
+    training = measure_training(args.seconds, args.val_batches)
     body = render(scan, decode, training, args, command, started, time.perf_counter() - clock)
     print()
     print(body)
     if args.write:
         write_section(args.write, START, END, body, heading=HEADING)
         print(f"\nwrote the ssm section of {args.write}")
+    write_summary_rows(args.json, summary(scan, decode, training, command))
 
 
 if __name__ == "__main__":

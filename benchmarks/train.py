@@ -1,6 +1,7 @@
 """Training speed, MFU and peak memory, ours against transformers.
 
     python benchmarks/train.py [--repeats N] [--write docs/BENCHMARKS.md] [--profile]
+        [--json ROWS.json] [--quick]
 
 Every figure has a peer measured in the same run (the machine is shared and noisy):
 
@@ -12,7 +13,8 @@ Every figure has a peer measured in the same run (the machine is shared and nois
   not timed; each round runs every engine/dtype for --steps steps, in an order that rotates from
   round to round; ratios are taken within a round, the median over rounds is reported.
 * MFU: model FLOPs per token x tokens/s / the matmul peak measured just before and after each
-  round (a 2048^3 torch.matmul in the same dtype, fp32 or bf16, same thread count).
+  round (a 2048^3 torch.matmul in the same dtype, fp32 or bf16, same thread count, the median
+  of up to 5 passes: `benchmarks/machine.py`).
   FLOPs per token = 6 N + 12 L T d (PaLM, appendix B), N = the parameters that take part in a
   matmul: every non-embedding parameter plus the head (vocab x d, tied or not); position and token
   embedding lookups are not matmuls and are left out. Recomputation (checkpointing) is not counted.
@@ -22,7 +24,9 @@ Every figure has a peer measured in the same run (the machine is shared and nois
   own subprocess, engines alternating within a round.
 
 With --write FILE the results replace the part of FILE between `<!-- train:start -->` and
-`<!-- train:end -->` (appended with a `## Training` heading if absent).
+`<!-- train:end -->` (appended with a `## Training` heading if absent). With --json FILE the
+summary rows of `python -m benchmarks` are written there. --quick: one round of one step at batch
+4 and no gpt2-small runs (`--big-repeats 0`), for a smoke run.
 """
 
 from __future__ import annotations
@@ -43,7 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cores, cpu_description, ratios, write_section
+from benchmarks.common import (  # noqa: E402
+    cores,
+    cpu_description,
+    ratios,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
+from benchmarks.machine import measure_matmul_peak  # noqa: E402
 
 START, END = "<!-- train:start -->", "<!-- train:end -->"
 HEADING = (
@@ -63,6 +75,8 @@ DTYPES = ("fp32", "bf16")
 # "ours-bf16-moments": ours with BFloat16MomentsAdamW (optimizer_moments = "bf16"), the
 # low-memory setting for the seed's 8 GB machine.
 LOW_MEMORY = "ours-bf16-moments"
+# --quick: one round of one step at batch 4, no gpt2-small runs (minutes of their own on two cores).
+QUICK = {"repeats": 1, "steps": 1, "warmup": 1, "batch": 4, "big_repeats": 0}
 BIG_RUNS = tuple((engine, ckpt) for ckpt in (True, False) for engine in ENGINES) + ((LOW_MEMORY, True),)
 
 
@@ -184,28 +198,17 @@ def matmul_params(engine: str, model) -> int:
 
 
 # ---------------------------------------------------------------------------------- peak
-def matmul_peak(dtype_name: str, size: int = 2048, passes: int = 4) -> float:
-    """FLOP/s of a size^3 matmul in the dtype (the best of `passes`, after one warm-up)."""
-    import torch
-
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(passes):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
+def matmul_peak(dtype_name: str) -> float:
+    """FLOP/s of a 2048^3 matmul in the dtype, same thread count (benchmarks/machine.py)."""
+    return measure_matmul_peak(dtype_name, size=2048, passes=5, budget_s=2.0)
 
 
 # ---------------------------------------------------------------------------------- small GPT-2
-def measure_small(repeats: int, steps: int, warmup: int) -> dict:
+def measure_small(repeats: int, steps: int, warmup: int, batch: int = SMALL["batch"]) -> dict:
     import torch
 
     torch.set_num_threads(cores())
-    shape = SMALL
+    shape = {**SMALL, "batch": batch}
     length, batch = shape["context_length"], shape["batch"]
     models = {engine: build(engine, shape) for engine in ENGINES}
     params = {engine: matmul_params(engine, models[engine][0]) for engine in ENGINES}
@@ -233,7 +236,7 @@ def measure_small(repeats: int, steps: int, warmup: int) -> dict:
         peak_line = " ".join(f"{d} {peaks[d][-1] / 1e9:.0f}" for d in DTYPES)
         print(f"  round {repeat + 1}/{repeats}: {line}  (matmul GFLOP/s {peak_line})", flush=True)
     attn = getattr(models["transformers"][0].config, "_attn_implementation", None) or "?"
-    return {"tps": tps, "peaks": peaks, "fpt": fpt, "params": params, "attn": attn}
+    return {"tps": tps, "peaks": peaks, "fpt": fpt, "params": params, "attn": attn, "batch": batch}
 
 
 # ---------------------------------------------------------------------------------- gpt2-small
@@ -312,7 +315,7 @@ def render(small, big, info, args, command, started, elapsed) -> str:
         mfu[theirs] = ratios(tps[theirs], peak_tps)
         rows.append(
             [
-                f"train tok/s, small GPT-2 (6L, 384 wide, T=256, batch 16), {dtype}"
+                f"train tok/s, small GPT-2 (6L, 384 wide, T=256, batch {small['batch']}), {dtype}"
                 + (" autocast" if dtype == "bf16" else ""),
                 f"{med[ours]:.0f} tok/s",
                 f"{med[theirs]:.0f} tok/s (transformers {dtype})",
@@ -346,74 +349,99 @@ def render(small, big, info, args, command, started, elapsed) -> str:
             code,
         ]
     )
-    big_tps = {run: [r["tps"] for r in records] for run, records in big.items()}
-    big_mb = {run: [r["vm_hwm_kib"] * 1024 / 1e6 for r in records] for run, records in big.items()}
-    big_params = big[("ours", True)][0]["params"]
-    big_fpt = flops_per_token(BIG, BIG_LENGTH, big_params)
-    weights_mb = big_params * 4 / 1e6  # fp32 weights; + grads + 2 Adam moments = 4x
-    bf16_peak = statistics.median(peaks["bf16"])
-    for ckpt in (True, False):
-        ours, theirs = ("ours", ckpt), ("transformers", ckpt)
-        label = "on" if ckpt else "off"
-        recompute = 4 / 3 if ckpt else 1
+    if any(big.values()):  # --big-repeats 0 (as --quick does) leaves gpt2-small out
+        big_tps = {run: [r["tps"] for r in records] for run, records in big.items()}
+        big_mb = {run: [r["vm_hwm_kib"] * 1024 / 1e6 for r in records]
+                  for run, records in big.items()}
+        big_params = big[("ours", True)][0]["params"]
+        big_fpt = flops_per_token(BIG, BIG_LENGTH, big_params)
+        weights_mb = big_params * 4 / 1e6  # fp32 weights; + grads + 2 Adam moments = 4x
+        bf16_peak = statistics.median(peaks["bf16"])
+        for ckpt in (True, False):
+            ours, theirs = ("ours", ckpt), ("transformers", ckpt)
+            label = "on" if ckpt else "off"
+            recompute = 4 / 3 if ckpt else 1
+            rows.append(
+                [
+                    f"train tok/s, gpt2-small 2×512 ×4 accumulation, bf16 autocast, checkpointing {label}",
+                    f"{statistics.median(big_tps[ours]):.0f} tok/s "
+                    f"(MFU {statistics.median(big_tps[ours]) * big_fpt / bf16_peak:.0%})",
+                    f"{statistics.median(big_tps[theirs]):.0f} tok/s (transformers, checkpointing "
+                    f"{label})",
+                    f"**{ratios(big_tps[ours], big_tps[theirs]):.2f}x**",
+                    f"≤ {bf16_peak / big_fpt / recompute:.0f} tok/s at the bf16 matmul peak "
+                    f"({big_fpt / 1e9:.2f} GFLOP/token" + (" x 4/3 recompute)" if ckpt else ")"),
+                    code,
+                ]
+            )
+        for ckpt in (True, False):
+            ours, theirs = ("ours", ckpt), ("transformers", ckpt)
+            label = "on" if ckpt else "off"
+            rows.append(
+                [
+                    f"peak RSS (VmHWM, fresh process), gpt2-small 2×512 ×4, bf16, checkpointing {label}",
+                    f"{statistics.median(big_mb[ours]):.0f} MB",
+                    f"{statistics.median(big_mb[theirs]):.0f} MB (transformers, checkpointing {label})",
+                    f"**{ratios(big_mb[ours], big_mb[theirs]):.2f}x**",
+                    f"≥ {4 * weights_mb:.0f} MB = fp32 weights + grads + 2 AdamW moments "
+                    f"({big_params / 1e6:.0f}M × 16 B), before imports and activations",
+                    code,
+                ]
+            )
+        low, theirs = (LOW_MEMORY, True), ("transformers", True)
         rows.append(
             [
-                f"train tok/s, gpt2-small 2×512 ×4 accumulation, bf16 autocast, checkpointing {label}",
-                f"{statistics.median(big_tps[ours]):.0f} tok/s "
-                f"(MFU {statistics.median(big_tps[ours]) * big_fpt / bf16_peak:.0%})",
-                f"{statistics.median(big_tps[theirs]):.0f} tok/s (transformers, checkpointing "
-                f"{label})",
-                f"**{ratios(big_tps[ours], big_tps[theirs]):.2f}x**",
-                f"≤ {bf16_peak / big_fpt / recompute:.0f} tok/s at the bf16 matmul peak "
-                f"({big_fpt / 1e9:.2f} GFLOP/token" + (" x 4/3 recompute)" if ckpt else ")"),
+                "peak RSS (VmHWM, fresh process), gpt2-small 2×512 ×4, bf16, checkpointing on, "
+                "AdamW moments in bf16 (`--set optimizer_moments=bf16`)",
+                f"{statistics.median(big_mb[low]):.0f} MB ({statistics.median(big_tps[low]):.0f} tok/s)",
+                f"{statistics.median(big_mb[theirs]):.0f} MB (transformers, checkpointing on, "
+                f"{statistics.median(big_tps[theirs]):.0f} tok/s)",
+                f"**{ratios(big_mb[low], big_mb[theirs]):.2f}x**",
+                f"≥ {3 * weights_mb:.0f} MB = fp32 weights + grads + 2 bf16 moments "
+                f"({big_params / 1e6:.0f}M × 12 B), before imports and activations",
                 code,
             ]
         )
-    for ckpt in (True, False):
-        ours, theirs = ("ours", ckpt), ("transformers", ckpt)
-        label = "on" if ckpt else "off"
-        rows.append(
-            [
-                f"peak RSS (VmHWM, fresh process), gpt2-small 2×512 ×4, bf16, checkpointing {label}",
-                f"{statistics.median(big_mb[ours]):.0f} MB",
-                f"{statistics.median(big_mb[theirs]):.0f} MB (transformers, checkpointing {label})",
-                f"**{ratios(big_mb[ours], big_mb[theirs]):.2f}x**",
-                f"≥ {4 * weights_mb:.0f} MB = fp32 weights + grads + 2 AdamW moments "
-                f"({big_params / 1e6:.0f}M × 16 B), before imports and activations",
-                code,
-            ]
-        )
-    low, theirs = (LOW_MEMORY, True), ("transformers", True)
-    rows.append(
-        [
-            "peak RSS (VmHWM, fresh process), gpt2-small 2×512 ×4, bf16, checkpointing on, "
-            "AdamW moments in bf16 (`--set optimizer_moments=bf16`)",
-            f"{statistics.median(big_mb[low]):.0f} MB ({statistics.median(big_tps[low]):.0f} tok/s)",
-            f"{statistics.median(big_mb[theirs]):.0f} MB (transformers, checkpointing on, "
-            f"{statistics.median(big_tps[theirs]):.0f} tok/s)",
-            f"**{ratios(big_mb[low], big_mb[theirs]):.2f}x**",
-            f"≥ {3 * weights_mb:.0f} MB = fp32 weights + grads + 2 bf16 moments "
-            f"({big_params / 1e6:.0f}M × 12 B), before imports and activations",
-            code,
-        ]
-    )
     header = ["what", "ours", "peer, same run", "ratio", "physical limit", "command"]
     table = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(row) + " |" for row in rows]
     meets = lambda ok: "met" if ok else "**not met**"
     bf16_x = ratios(tps[("ours", "bf16")], tps[("transformers", "bf16")])
     mfu16 = mfu[("ours", "bf16")]
-    rss_on = statistics.median(big_mb[("ours", True)])
-    rss_low = statistics.median(big_mb[(LOW_MEMORY, True)])
-    big_x = ratios(big_tps[("ours", True)], big_tps[("transformers", True)])
     per_round = "; ".join(
         f"{k[0]} {k[1]} " + ", ".join(f"{t:.0f}" for t in v) for k, v in tps.items()
     )
-    big_round = "; ".join(
-        f"{k[0]} ckpt {'on' if k[1] else 'off'} "
-        + ", ".join(f"{t:.0f} tok/s {m:.0f} MB" for t, m in zip(big_tps[k], big_mb[k]))
-        for k in big_tps
-    )
+    targets = (f"Targets: ≥ 1.5x transformers in bf16 (small GPT-2): {meets(bf16_x >= 1.5)} "
+               f"({bf16_x:.2f}x). MFU ≥ 70%: {meets(mfu16 >= 0.7)} (bf16 {mfu16:.0%}, fp32 "
+               f"{mfu[('ours', 'fp32')]:.0%}).")
+    if any(big.values()):
+        rss_on = statistics.median(big_mb[("ours", True)])
+        rss_low = statistics.median(big_mb[(LOW_MEMORY, True)])
+        big_x = ratios(big_tps[("ours", True)], big_tps[("transformers", True)])
+        big_round = "Per-round gpt2-small: " + "; ".join(
+            f"{k[0]} ckpt {'on' if k[1] else 'off'} "
+            + ", ".join(f"{t:.0f} tok/s {m:.0f} MB" for t, m in zip(big_tps[k], big_mb[k]))
+            for k in big_tps
+        ) + "."
+        big_setup = (
+            "gpt2-small: each engine and setting in a "
+            f"fresh subprocess (a one-micro-batch warm-up step, then {args.big_steps} timed "
+            "optimizer step(s) of "
+            f"{BIG_ACCUM} × {BIG_MICRO} × {BIG_LENGTH} tokens), {args.big_repeats} rounds, "
+            "engines alternating. "
+        )
+        big_flops = (f", {big_params / 1e6:.1f}M → {big_fpt / 1e6:.0f} MFLOP/token for "
+                     "gpt2-small at T=512")
+        targets += (
+            f" gpt2-small peak RSS ≤ 2.4 GB with checkpointing: "
+            f"{meets(rss_low <= 2400)} ({rss_low:.0f} MB with bf16 AdamW moments, {rss_on:.0f} MB "
+            "with fp32 moments; the seed card claims ~7 GB). gpt2-small "
+            f"tok/s ≥ 1.5x transformers: {meets(big_x >= 1.5)} ({big_x:.2f}x with checkpointing, "
+            f"{ratios(big_tps[('ours', False)], big_tps[('transformers', False)]):.2f}x without)."
+        )
+    else:
+        big_round = "gpt2-small: not measured in this run (`--big-repeats 0`)."
+        big_setup, big_flops = "", ""
     features = ", ".join(info["features"]) or "no AVX-512/AMX"
     return "\n".join(
         [
@@ -430,32 +458,74 @@ def render(small, big, info, args, command, started, elapsed) -> str:
             f"`torch.autocast('cpu', torch.bfloat16)`; `torch.set_num_threads({info['cores']})`. "
             f"Small GPT-2: {args.warmup} warm-up step(s), then {args.repeats} rounds of "
             f"{args.steps} steps per engine and dtype in rotating order; each ratio is taken "
-            "within a round and the median reported. gpt2-small: each engine and setting in a "
-            f"fresh subprocess (a one-micro-batch warm-up step, then {args.big_steps} timed "
-            "optimizer step(s) of "
-            f"{BIG_ACCUM} × {BIG_MICRO} × {BIG_LENGTH} tokens), {args.big_repeats} rounds, "
-            "engines alternating. MFU = FLOPs/token × tok/s / matmul peak, FLOPs/token = 6N + "
+            f"within a round and the median reported. {big_setup}"
+            "MFU = FLOPs/token × tok/s / matmul peak, FLOPs/token = 6N + "
             f"12·L·T·d (PaLM app. B), N = parameters in matmuls (non-embedding + the head): "
             f"{small['params']['ours'] / 1e6:.1f}M → {fpt / 1e6:.0f} MFLOP/token for the small "
-            f"model, {big_params / 1e6:.1f}M → {big_fpt / 1e6:.0f} MFLOP/token for gpt2-small "
-            "at T=512 (recomputation not counted). MB = 10^6 bytes.",
+            f"model{big_flops} (recomputation not counted). MB = 10^6 bytes.",
             "",
             *table,
             "",
-            f"Targets: ≥ 1.5x transformers in bf16 (small GPT-2): {meets(bf16_x >= 1.5)} "
-            f"({bf16_x:.2f}x). MFU ≥ 70%: {meets(mfu16 >= 0.7)} (bf16 {mfu16:.0%}, fp32 "
-            f"{mfu[('ours', 'fp32')]:.0%}). gpt2-small peak RSS ≤ 2.4 GB with checkpointing: "
-            f"{meets(rss_low <= 2400)} ({rss_low:.0f} MB with bf16 AdamW moments, {rss_on:.0f} MB "
-            "with fp32 moments; the seed card claims ~7 GB). gpt2-small "
-            f"tok/s ≥ 1.5x transformers: {meets(big_x >= 1.5)} ({big_x:.2f}x with checkpointing, "
-            f"{ratios(big_tps[('ours', False)], big_tps[('transformers', False)]):.2f}x without).",
+            targets,
             "",
             f"Per-round tok/s, small GPT-2: {per_round}.",
-            f"Per-round gpt2-small: {big_round}.",
+            big_round,
             f"Load average at start / end: {args.load_start} / "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
         ]
     )
+
+
+def summary(small: dict, big: dict, command: str) -> list[dict[str, str]]:
+    """The rows `python -m benchmarks` puts in the report's summary table."""
+    tps, peaks, fpt = small["tps"], small["peaks"], small["fpt"]
+    code = f"`{command}`"
+    rows = []
+    for dtype in ("bf16", "fp32"):
+        ours, theirs = ("ours", dtype), ("transformers", dtype)
+        peak_tps = [p / fpt for p in peaks[dtype]]
+        ratio = ratios(tps[ours], tps[theirs])
+        mfu, peer_mfu = ratios(tps[ours], peak_tps), ratios(tps[theirs], peak_tps)
+        rows.append(summary_row(
+            f"training tok/s, small GPT-2 (6L, 384 wide, T=256, batch {small['batch']}), {dtype}",
+            f"{statistics.median(tps[ours]):.0f} tok/s (MFU {mfu:.0%})",
+            f"{statistics.median(tps[theirs]):.0f} tok/s (transformers, MFU {peer_mfu:.0%})",
+            f"{ratio:.2f}x",
+            f"{statistics.median(peak_tps):.0f} tok/s at the {dtype} matmul peak "
+            f"({statistics.median(peaks[dtype]) / 1e9:.0f} GFLOP/s)",
+            (f"≥ 1.5x: {'met' if ratio >= 1.5 else 'not met'}; MFU ≥ 70%: "
+             f"{'met' if mfu >= 0.7 else 'not met'}") if dtype == "bf16" else "",
+            code,
+        ))
+    if any(big.values()):
+        big_tps = {run: [r["tps"] for r in records] for run, records in big.items()}
+        big_mb = {run: [r["vm_hwm_kib"] * 1024 / 1e6 for r in records]
+                  for run, records in big.items()}
+        big_fpt = flops_per_token(BIG, BIG_LENGTH, big[("ours", True)][0]["params"])
+        bf16_peak = statistics.median(peaks["bf16"])
+        ours, theirs = ("ours", True), ("transformers", True)
+        ratio = ratios(big_tps[ours], big_tps[theirs])
+        rows.append(summary_row(
+            "training tok/s, gpt2-small 2×512 ×4, bf16 autocast, checkpointing on",
+            f"{statistics.median(big_tps[ours]):.0f} tok/s",
+            f"{statistics.median(big_tps[theirs]):.0f} tok/s (transformers)",
+            f"{ratio:.2f}x",
+            f"{bf16_peak / big_fpt / (4 / 3):.0f} tok/s at the bf16 matmul peak (with recompute)",
+            f"≥ 1.5x: {'met' if ratio >= 1.5 else 'not met'}",
+            code,
+        ))
+        low = statistics.median(big_mb[(LOW_MEMORY, True)])
+        rows.append(summary_row(
+            "peak RSS, gpt2-small training, bf16, checkpointing, bf16 AdamW moments",
+            f"{low:.0f} MB",
+            f"{statistics.median(big_mb[theirs]):.0f} MB (transformers, checkpointing)",
+            f"{ratios(big_mb[(LOW_MEMORY, True)], big_mb[theirs]):.2f}x",
+            f"≥ {3 * big[('ours', True)][0]['params'] * 4 / 1e6:.0f} MB "
+            "(weights, grads, moments)",
+            f"≤ 2400 MB: {'met' if low <= 2400 else 'not met'}",
+            code,
+        ))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -463,13 +533,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds, small GPT-2")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=SMALL["batch"], help="batch, small GPT-2")
     parser.add_argument("--big-repeats", type=int, default=2, help="rounds, gpt2-small")
     parser.add_argument("--big-steps", type=int, default=1, help="timed steps, gpt2-small")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary rows of `python -m benchmarks` here")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small settings for a smoke run: {QUICK} unless given")
     parser.add_argument("--profile", action="store_true", help="profile one step, then exit")
     parser.add_argument("--big-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1 or args.batch < 1 or args.big_repeats < 0:
+        parser.error("--repeats, --steps and --batch must be at least 1, --big-repeats at least 0")
     if args.big_child:
         big_child(args.big_child, args.checkpointing, args.big_steps)
         return
@@ -477,10 +556,10 @@ def main(argv: list[str] | None = None) -> None:
         for engine in ENGINES:
             profile(engine, SMALL, "bf16")
         return
-    command = (
-        f"python benchmarks/train.py --repeats {args.repeats} --steps {args.steps} "
-        f"--big-repeats {args.big_repeats} --big-steps {args.big_steps}"
-    )
+    command = f"python benchmarks/train.py --repeats {args.repeats} --steps {args.steps} "
+    if args.batch != SMALL["batch"]:
+        command += f"--batch {args.batch} "
+    command += f"--big-repeats {args.big_repeats} --big-steps {args.big_steps}"
     if args.write:
         command += f" --write {shlex.quote(str(args.write))}"
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -489,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"gpt2-small, {len(BIG_RUNS)} subprocesses x {args.big_repeats} rounds", flush=True)
     big = measure_big(args.big_repeats, args.big_steps)  # first: this process is still small
     print(f"small GPT-2, 4 engine/dtype pairs x {args.repeats} rounds", flush=True)
-    small = measure_small(args.repeats, args.steps, args.warmup)
+    small = measure_small(args.repeats, args.steps, args.warmup, args.batch)
     import torch
     import transformers
 
@@ -505,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         write_section(args.write, START, END, body, heading=HEADING)
         print(f"\nwrote the train section of {args.write}")
+    write_summary_rows(args.json, summary(small, big, command))
 
 
 if __name__ == "__main__":
