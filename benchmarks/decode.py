@@ -1,26 +1,34 @@
-"""Decode speed and peak memory of GPT-2 small (124M, random weights), ours against transformers.
+"""Decode speed and peak memory of GPT-2 small (124M, random weights), ours against transformers,
+in fp32, bf16 and weight-only int8.
 
     python benchmarks/decode.py [--new-tokens 128] [--repeats 3] [--write docs/BENCHMARKS.md]
+        [--json ROWS.json]
 
 What it measures, all in one run so that every figure has a peer measured under the same noise:
 
 * tokens/s of a greedy, batch-1 generation of exactly --new-tokens tokens after a 16-token random
   prompt, for promethean's `generate` and `transformers`' `GPT2LMHeadModel.generate` (same config,
-  random weights, KV cache), in fp32 and bf16. The clock covers the whole `generate` call, the
+  random weights, KV cache), in fp32 and bf16, and ours in int8 (transformers has no int8 CPU
+  path of its own: its int8 needs bitsandbytes or torchao). Ours in bf16 and int8 is the
+  fp32 model converted by `promethean.inference.quantize.prepare_for_inference`, exactly what
+  `promethean generate --dtype` runs. The clock covers the whole `generate` call, the
   16-token prefill included. One warm-up per engine, then --repeats rounds; each round runs every
   engine once, in an order that rotates from round to round, so that noise hits all alike. Ratios
   are taken within a round and the median over rounds is reported.
 * the memory-bandwidth bound: just before and just after each round, reading an fp32 buffer as
   large as the weights is timed with `torch.sum` and with `torch.mv` (bytes read / seconds; the
   faster counts). At batch 1 every weight is read once per token, so weight bytes / bandwidth is
-  the least possible time per token.
+  the least possible time per token. Weight bytes are those a step really reads: 4, 2 or 1 per
+  weight (int8 adds its per-channel bf16 scales), a tied head once, the position table not at all
+  (one row of it is read).
 * peak RSS (getrusage ru_maxrss) of "import + build model + one generation", each engine and dtype
   in its own fresh subprocess, --repeats times, median. These run first, while this parent process
   is still small: Linux carries the parent's high-water mark into a child across vfork+exec, which
   would otherwise inflate them.
 
 With --write FILE the results replace the part of FILE between `<!-- decode:start -->` and
-`<!-- decode:end -->` (appended if absent); the rest of the file is left as it is.
+`<!-- decode:end -->` (appended if absent); the rest of the file is left as it is. With --json FILE
+the summary rows of `python -m benchmarks` are written there.
 """
 
 from __future__ import annotations
@@ -41,20 +49,31 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cores, cpu_description, ratios, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cores,
+    cpu_description,
+    ratios,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
 
 PRESET = "gpt2-small"
 PROMPT_LENGTH = 16
 SEED = 0
 START, END = "<!-- decode:start -->", "<!-- decode:end -->"
-DTYPE_NAMES = ("fp32", "bf16")
-ENGINES = ("ours", "transformers")
+DTYPE_NAMES = ("fp32", "bf16", "int8")
+# The dtypes each engine runs: transformers has no int8 CPU kernel without extra packages.
+ENGINE_DTYPES = {"ours": DTYPE_NAMES, "transformers": ("fp32", "bf16")}
+# The share of the memory-bandwidth bound a batch-1 decode must reach (issue 9).
+BOUND_TARGET = {"bf16": 0.60, "int8": 0.60}
 # Peak-RSS runs: (label, engine, dtype, whether a model is built and run).
 RSS_RUNS = (
     ("ours-fp32", "ours", "fp32", True),
     ("transformers-fp32", "transformers", "fp32", True),
     ("ours-bf16", "ours", "bf16", True),
     ("transformers-bf16", "transformers", "bf16", True),
+    ("ours-int8", "ours", "int8", True),
     ("ours-import", "ours", "fp32", False),
     ("transformers-import", "transformers", "fp32", False),
 )
@@ -69,23 +88,17 @@ def prompt_ids() -> list[int]:
 
 # ---------------------------------------------------------------------------------- engines
 def build_ours(dtype_name: str):
-    """promethean's Transformer with random weights, built directly in the dtype (as
-    transformers' bf16 build below is), so no fp32 copy exists on the way."""
+    """promethean's Transformer with random weights in fp32, converted for inference in bf16 or
+    int8 by `prepare_for_inference` (what the CLI does after loading an fp32 checkpoint)."""
     import torch
 
     from promethean.config import load_preset
+    from promethean.inference.quantize import prepare_for_inference
     from promethean.model import Transformer
 
     config = load_preset(PRESET).model
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.manual_seed(SEED)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = Transformer(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
+    return prepare_for_inference(Transformer(config), dtype_name)
 
 
 def generate_ours(model, prompt: list[int], new_tokens: int) -> int:
@@ -135,14 +148,19 @@ GENERATE = {"ours": generate_ours, "transformers": generate_theirs}
 
 
 def weight_bytes_per_token(model) -> int:
-    """Bytes of weights a batch-1 decode step reads: every distinct parameter (a tied head counts
-    once), except the position table, of which only one row is read."""
+    """Bytes of weights a batch-1 decode step reads: every distinct parameter and buffer (int8
+    weights, their scales and biases are buffers; a tied head counts once), plus the oneDNN-packed
+    bf16 matrices, which are neither, except the position table, of which only one row is read."""
     seen, total = set(), 0
-    for name, parameter in model.named_parameters(remove_duplicate=True):
-        if id(parameter) in seen or "position" in name or name.endswith("wpe.weight"):
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if id(tensor) in seen or "position" in name or name.endswith("wpe.weight"):
             continue
-        seen.add(id(parameter))
-        total += parameter.numel() * parameter.element_size()
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+    for module in model.modules():
+        if hasattr(module, "packed_weight"):  # promethean.inference.quantize.PackedLinear
+            total += module.weight_bytes()
     return total
 
 
@@ -229,7 +247,7 @@ def measure_speed(new_tokens: int, repeats: int) -> dict:
 
     torch.set_num_threads(cores())
     prompt = prompt_ids()
-    keys = [(engine, dtype) for engine in ENGINES for dtype in DTYPE_NAMES]
+    keys = [(engine, dtype) for engine, dtypes in ENGINE_DTYPES.items() for dtype in dtypes]
     models = {key: BUILD[key[0]](key[1]) for key in keys}
     weights = {key: weight_bytes_per_token(model) for key, model in models.items()}
     # fp32 buffers as large as each dtype's weights (fp32 reads run at full speed on every CPU;
@@ -317,29 +335,33 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
             ]
         )
 
-    ours32, ours16 = ("ours", "fp32"), ("ours", "bf16")
+    ours32, ours16, ours8 = ("ours", "fp32"), ("ours", "bf16"), ("ours", "int8")
     theirs32, theirs16 = ("transformers", "fp32"), ("transformers", "bf16")
     speed_row("decode tok/s, ours fp32 vs transformers fp32", ours32, theirs32)
     speed_row("decode tok/s, ours bf16 vs transformers fp32", ours16, theirs32)
+    speed_row("decode tok/s, ours int8 vs transformers fp32", ours8, theirs32)
     speed_row("decode tok/s, transformers bf16 vs transformers fp32", theirs16, theirs32)
     speed_row("decode tok/s, ours bf16 vs transformers bf16", ours16, theirs16)
     speed_row("decode tok/s, ours bf16 vs ours fp32", ours16, ours32)
-
-    def ms_per_token(values: list[float]) -> float:
-        return statistics.median(1e3 / value for value in values)
+    speed_row("decode tok/s, ours int8 vs ours bf16", ours8, ours16)
 
     for dtype in DTYPE_NAMES:
-        mine, theirs = ("ours", dtype), ("transformers", dtype)
+        mine = ("ours", dtype)
         ours_fraction = ratios(tps[mine], bound_tps[dtype])
-        theirs_fraction = ratios(tps[theirs], bound_tps[dtype])
         gb_per_s = statistics.median(bandwidth[dtype]) / 1e9
+        if ("transformers", dtype) in tps:
+            theirs = ("transformers", dtype)
+            peer = (f"{ratios(tps[theirs], bound_tps[dtype]):.0%} (transformers {dtype}, "
+                    f"{ms_per_token(tps[theirs]):.1f} ms/token)")
+            ratio = f"{ratios(tps[mine], tps[theirs]):.2f}x"
+        else:
+            peer, ratio = "— (transformers has no int8 CPU path without bitsandbytes/torchao)", "—"
         rows.append(
             [
                 f"fraction of the memory-bandwidth bound, {dtype}",
                 f"{ours_fraction:.0%} ({ms_per_token(tps[mine]):.1f} ms/token)",
-                f"{theirs_fraction:.0%} (transformers {dtype}, "
-                f"{ms_per_token(tps[theirs]):.1f} ms/token)",
-                f"{ratios(tps[mine], tps[theirs]):.2f}x",
+                peer,
+                ratio,
                 f"100% = {ms_per_token(bound_tps[dtype]):.1f} ms/token = "
                 f"{weights[mine] / 1e6:.0f} MB / {gb_per_s:.1f} GB/s",
                 code,
@@ -367,9 +389,10 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
 
     floor = {"ours": rss["ours-import"]["mb"], "transformers": rss["transformers-import"]["mb"]}
 
-    def rss_row(what, label, peer_label, engine, dtype):
+    def rss_row(what, label, peer_label, engine, dtype, limit_dtype=None):
         mine, peer = rss[label]["mb"], rss[peer_label]["mb"]
-        weights_mb = weights[(engine, dtype)] / 1e6
+        # bf16 and int8 are converted from an fp32 model, which is whole in memory first.
+        weights_mb = weights[(engine, limit_dtype or dtype)] / 1e6
         rows.append(
             [
                 what,
@@ -377,7 +400,7 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
                 f"{peer:.0f} MB ({peer_label})",
                 f"**{mine / peer:.2f}x**",
                 f"≥ {floor[engine] + weights_mb:.0f} MB = imports {floor[engine]:.0f} MB "
-                f"+ weights {weights_mb:.0f} MB",
+                f"+ {limit_dtype or dtype} weights {weights_mb:.0f} MB",
                 code,
             ]
         )
@@ -389,7 +412,10 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
         "ours",
         "fp32",
     )
-    rss_row("peak RSS, ours bf16", "ours-bf16", "transformers-bf16", "ours", "bf16")
+    rss_row("peak RSS, ours bf16 (converted from fp32)", "ours-bf16", "transformers-bf16", "ours",
+            "bf16", limit_dtype="fp32")
+    rss_row("peak RSS, ours int8 (converted from fp32)", "ours-int8", "transformers-bf16", "ours",
+            "int8", limit_dtype="fp32")
     rows.append(
         [
             "peak RSS of the imports alone (torch + the engine)",
@@ -400,6 +426,39 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
             code,
         ]
     )
+    return rows
+
+
+def ms_per_token(values: list[float]) -> float:
+    return statistics.median(1e3 / value for value in values)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def summary_rows(speed: dict, summary: dict, command: str) -> list[dict[str, str]]:
+    """The rows of `python -m benchmarks`' summary: speed against transformers fp32 in each dtype,
+    and the share of the bandwidth bound reached in each, with the targets."""
+    tps, bound_tps, weights = summary["tps"], summary["bound_tps"], speed["weights"]
+    peer = ("transformers", "fp32")
+    code = f"`{command}`"
+    rows = []
+    for dtype in DTYPE_NAMES:
+        mine = ("ours", dtype)
+        fraction = ratios(tps[mine], bound_tps[dtype])
+        target = BOUND_TARGET.get(dtype)
+        rows.append(summary_row(
+            f"decode gpt2-small batch 1, ours {dtype}",
+            f"{statistics.median(tps[mine]):.1f} tok/s ({fraction:.0%} of the bandwidth bound)",
+            f"{statistics.median(tps[peer]):.1f} tok/s (transformers fp32)",
+            f"{ratios(tps[mine], tps[peer]):.2f}x",
+            f"{statistics.median(bound_tps[dtype]):.0f} tok/s = {weights[mine] / 1e6:.0f} MB read "
+            "per token / read bandwidth",
+            f"≥ {target:.0%} of the bound: {'met' if fraction >= target else 'not met'}"
+            if target else "",
+            code,
+        ))
     return rows
 
 
@@ -421,11 +480,17 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
     speed_x = {
         dtype: ratios(tps[("ours", dtype)], tps[("transformers", "fp32")]) for dtype in DTYPE_NAMES
     }
+    fraction = {
+        dtype: ratios(tps[("ours", dtype)], summary["bound_tps"][dtype]) for dtype in DTYPE_NAMES
+    }
     ceiling = ratios(summary["bound_tps"]["fp32"], tps[("transformers", "fp32")])
     peak = rss["ours-fp32"]["mb"]
     floor = rss["ours-import"]["mb"] + speed["weights"][("ours", "fp32")] / 1e6
-    meets = lambda ok: "met" if ok else "**not met**"  # noqa: E731
     features = ", ".join(info["features"]) or "no AVX-512/AMX"
+    bound_targets = ", ".join(
+        f"{met(fraction[dtype] >= target)} in {dtype} ({fraction[dtype]:.0%})"
+        for dtype, target in BOUND_TARGET.items()
+    )
     return "\n".join(
         [
             f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on "
@@ -444,10 +509,12 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
             "",
             *lines,
             "",
-            f"Targets: ours ≥ 3x transformers fp32 tok/s: {meets(speed_x['fp32'] >= 3)} in fp32 "
+            f"Targets: ours ≥ 3x transformers fp32 tok/s: {met(speed_x['fp32'] >= 3)} in fp32 "
             f"({speed_x['fp32']:.2f}x; the bandwidth bound allows at most {ceiling:.2f}x), "
-            f"{meets(speed_x['bf16'] >= 3)} in bf16 ({speed_x['bf16']:.2f}x). "
-            f"Peak RSS of a 124M fp32 generation (ours) ≤ 600 MB: {meets(peak <= 600)} "
+            f"{met(speed_x['bf16'] >= 3)} in bf16 ({speed_x['bf16']:.2f}x), "
+            f"{met(speed_x['int8'] >= 3)} in int8 ({speed_x['int8']:.2f}x). "
+            f"≥ 60% of the memory-bandwidth bound: {bound_targets}. "
+            f"Peak RSS of a 124M fp32 generation (ours) ≤ 600 MB: {met(peak <= 600)} "
             f"({peak:.0f} MB; imports + fp32 weights alone are {floor:.0f} MB).",
             "",
             f"Per-round tok/s: {per_round}.",
@@ -455,12 +522,14 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
             f"Load average at start / end: {args.load_start} / "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}.",
             "",
-            "How the models are built: ours `Transformer(config)` with the default dtype set to "
-            "the run's dtype (a tied head is never allocated on its own); transformers "
-            "`GPT2LMHeadModel(config)`, and `GPT2LMHeadModel._from_config(config, "
-            "dtype=torch.bfloat16)` for bf16. The physical limit of a peak RSS is the imports-only "
-            "run plus the weights; that of a decode speed is weight bytes / measured read "
-            "bandwidth.",
+            "How the models are built: ours `Transformer(config)` in fp32, and for bf16 and int8 "
+            "then `prepare_for_inference(model, dtype)` (bf16: oneDNN-prepacked bf16 matrices, the "
+            "tied head multiplied with `torch.mv`; int8: per-channel int8 weights through "
+            "`torch._weight_int8pack_mm`, bf16 activations), as `promethean generate --dtype` "
+            "does; transformers `GPT2LMHeadModel(config)`, and `GPT2LMHeadModel._from_config("
+            "config, dtype=torch.bfloat16)` for bf16. The physical limit of a peak RSS is the "
+            "imports-only run plus the weights it holds at its fullest (fp32 before a "
+            "conversion); that of a decode speed is weight bytes / measured read bandwidth.",
         ]
     )
 
@@ -470,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None, help="file for the summary rows")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
@@ -486,7 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter()
     print(f"peak RSS, {len(RSS_RUNS)} subprocesses x {args.repeats} rounds", flush=True)
     rss = measure_rss(args.new_tokens, args.repeats)  # first: this process is still small
-    print(f"decode speed, 4 engines x ({args.repeats} rounds + 1 warm-up)", flush=True)
+    engines = sum(len(dtypes) for dtypes in ENGINE_DTYPES.values())
+    print(f"decode speed, {engines} engines x ({args.repeats} rounds + 1 warm-up)", flush=True)
     speed = measure_speed(args.new_tokens, args.repeats)
     info = machine()
     summary = summarise(speed, args.new_tokens)
@@ -497,6 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         write_section(args.write, START, END, body)
         print(f"\nwrote the decode section of {args.write}")
+    write_summary_rows(args.json, summary_rows(speed, summary, command))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ batching; the batch is at least every concurrency measured) and one with `--max-
 (each request decoded alone: the peer). At concurrency 1, 8 and 32, `--requests`-many 16-token
 completions (greedy, one short prompt) are sent by that many concurrent `httpx` clients; a round
 measures both servers, in an order that alternates from round to round, so the ratio (taken within
-a round, median over rounds) sees the same noise on both sides. Requests/s = requests / wall
+a round, median over rounds) sees the same noise on both sides. gpt2-small is measured once per
+`--small-dtypes` value (`serve --dtype`: fp32 and bf16 weights by default), both servers of a
+pair with the same weights. Requests/s = requests / wall
 seconds of the whole burst; latency = send to full response, p50/p95 over every round's requests.
 
 Then a load test: 1000 requests at concurrency 32 against the tiny model's server with the
@@ -72,13 +74,14 @@ def free_port() -> int:
 class ServerProcess:
     """`promethean serve CHECKPOINT` in a subprocess, ready once /health answers."""
 
-    def __init__(self, checkpoint: Path, max_batch_size: int, max_queue: int, log: Path) -> None:
+    def __init__(self, checkpoint: Path, max_batch_size: int, max_queue: int, log: Path,
+                 dtype: str = "fp32") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "promethean", "serve", str(checkpoint), "--port", str(self.port),
              "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue),
-             "--chat-log", str(log)],
+             "--chat-log", str(log), "--dtype", dtype],
             stdout=subprocess.DEVNULL, stderr=open(log.with_suffix(".stderr"), "w"))
         self.log = log.with_suffix(".stderr")
         deadline = time.monotonic() + 120
@@ -145,11 +148,15 @@ def init_checkpoint(preset: str, directory: Path) -> Path:
     return out
 
 
-def measure_model(preset: str, directory: Path, counts: dict[int, int], rounds: int) -> dict:
-    checkpoint = init_checkpoint(preset, directory)
+def measure_model(preset: str, directory: Path, counts: dict[int, int], rounds: int,
+                  dtype: str = "fp32") -> dict:
+    checkpoint = directory / preset
+    if not checkpoint.exists():
+        init_checkpoint(preset, directory)
+    label = f"{preset}-{dtype}"
     servers = {BATCHED: ServerProcess(checkpoint, max(CONCURRENCIES), 1024,
-                                      directory / f"{preset}-batched.jsonl"),
-               ALONE: ServerProcess(checkpoint, 1, 1024, directory / f"{preset}-alone.jsonl")}
+                                      directory / f"{label}-batched.jsonl", dtype),
+               ALONE: ServerProcess(checkpoint, 1, 1024, directory / f"{label}-alone.jsonl", dtype)}
     results: dict = {}
     try:
         for server in servers.values():  # warm-up: first-call allocations, thread start-up
@@ -161,7 +168,7 @@ def measure_model(preset: str, directory: Path, counts: dict[int, int], rounds: 
                     result = asyncio.run(burst(servers[mode].url, counts[concurrency],
                                                concurrency))
                     results.setdefault((concurrency, mode), []).append(result)
-                    print(f"{preset} c={concurrency} {mode}: "
+                    print(f"{label} c={concurrency} {mode}: "
                           f"{result['requests'] / result['seconds']:.1f} req/s "
                           f"{dict(result['statuses'])}", flush=True)
     finally:
@@ -179,12 +186,12 @@ def load_test(directory: Path, requests: int, concurrency: int) -> dict:
         server.stop()
 
 
-def summarise(results: dict, preset: str, counts: dict[int, int]) -> list[dict]:
+def summarise(results: dict, preset: str, counts: dict[int, int], dtype: str = "fp32") -> list[dict]:
     rows = []
     for concurrency in CONCURRENCIES:
         rates = {mode: [r["requests"] / r["seconds"] for r in results[concurrency, mode]]
                  for mode in (BATCHED, ALONE)}
-        row = {"model": preset, "concurrency": concurrency, "requests": counts[concurrency],
+        row = {"model": preset, "dtype": dtype, "concurrency": concurrency, "requests": counts[concurrency],
                "ratio": ratios(rates[BATCHED], rates[ALONE])}
         for mode in (BATCHED, ALONE):
             latencies = [x for r in results[concurrency, mode] for x in r["latencies"]]
@@ -218,14 +225,14 @@ def render(rows: list[dict], load: dict, args, command: str, started, elapsed: f
         f"over rounds, the ratio is taken within a round (median), latencies are p50/p95 over "
         f"every request of every round.",
         "",
-        "| model | concurrency | requests per round | batched req/s | one-at-a-time req/s | "
+        "| model | weights | concurrency | requests per round | batched req/s | one-at-a-time req/s | "
         "**ratio** | batched p50 / p95 | one-at-a-time p50 / p95 | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         b, a = row[BATCHED], row[ALONE]
         lines.append(
-            f"| {row['model']} | {row['concurrency']} | {row['requests']} | {b['rate']:.1f} | "
+            f"| {row['model']} | {row['dtype']} | {row['concurrency']} | {row['requests']} | {b['rate']:.1f} | "
             f"{a['rate']:.1f} | **{row['ratio']:.2f}x** | {b['p50']:.2f} s / {b['p95']:.2f} s | "
             f"{a['p50']:.2f} s / {a['p95']:.2f} s | `{command}` |")
     bad = {code: n for row in rows for mode in (BATCHED, ALONE)
@@ -243,12 +250,13 @@ def render(rows: list[dict], load: dict, args, command: str, started, elapsed: f
         f"{percentile(load['latencies'], 0.5):.2f} s, p95 {percentile(load['latencies'], 0.95):.2f} "
         f"s); {other_5xx} responses were a 5xx other than 503 or a transport error.",
     ]
-    at8 = {r["model"]: r for r in rows if r["concurrency"] == 8}
+    at8 = {f"{r['model']} {r['dtype']}": r for r in rows if r["concurrency"] == 8}
     target = ", ".join(f"{model} {row['ratio']:.2f}x" for model, row in at8.items())
     lines += ["", f"Targets: batched ≥ 4x one-at-a-time at concurrency 8: {target}"]
-    if "gpt2-small" in at8:
-        lines[-1] += (f"; gpt2-small ≥ 10 req/s at concurrency 8: "
-                      f"{at8['gpt2-small'][BATCHED]['rate']:.1f} req/s")
+    small = ", ".join(f"{model} {row[BATCHED]['rate']:.1f} req/s" for model, row in at8.items()
+                      if row["model"] == "gpt2-small")
+    if small:
+        lines[-1] += f"; gpt2-small ≥ 10 req/s at concurrency 8: {small}"
     lines[-1] += "."
     return "\n".join(lines)
 
@@ -266,7 +274,8 @@ def summary(rows: list[dict], load: dict, command: str) -> list[dict[str, str]]:
         if row["model"] == "gpt2-small":
             target += f"; ≥ 10 req/s: {'met' if batched['rate'] >= 10 else 'not met'}"
         lines.append(summary_row(
-            f"serving {row['model']}, {NEW_TOKENS}-token completions over HTTP, concurrency 8",
+            f"serving {row['model']} ({row['dtype']} weights), {NEW_TOKENS}-token completions "
+            f"over HTTP, concurrency 8",
             f"{batched['rate']:.1f} req/s (p95 {batched['p95']:.2f} s)",
             f"{alone['rate']:.1f} req/s (one at a time, p95 {alone['p95']:.2f} s)",
             f"{row['ratio']:.2f}x", "", target, code))
@@ -291,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-requests", type=int, default=1000)
     parser.add_argument("--load-concurrency", type=int, default=32)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--small-dtypes", nargs="+", default=["fp32", "bf16"],
+                        choices=["fp32", "bf16", "int8"],
+                        help="`serve --dtype` values measured for gpt2-small (tiny-gpt2: fp32)")
     parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
     parser.add_argument("--json", type=Path, default=None,
                         help="write the summary rows of `python -m benchmarks` here")
@@ -306,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
                f"{' '.join(map(str, args.small_requests))} --load-requests {args.load_requests} --load-concurrency {args.load_concurrency}")
     if args.models != list(MODELS):
         command += f" --models {' '.join(args.models)}"
+    if "gpt2-small" in args.models:
+        command += f" --small-dtypes {' '.join(args.small_dtypes)}"
     if args.write:
         command += f" --write {shlex.quote(str(args.write))}"
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -317,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         for preset in args.models:
             wanted = args.tiny_requests if preset == "tiny-gpt2" else args.small_requests
             counts = dict(zip(CONCURRENCIES, wanted))
-            rows += summarise(measure_model(preset, directory, counts, args.rounds), preset, counts)
+            for dtype in args.small_dtypes if preset == "gpt2-small" else ["fp32"]:
+                results = measure_model(preset, directory, counts, args.rounds, dtype)
+                rows += summarise(results, preset, counts, dtype)
         if not (directory / "tiny-gpt2").exists():
             init_checkpoint("tiny-gpt2", directory)
         print(f"load: {args.load_requests} requests at concurrency {args.load_concurrency}",

@@ -41,24 +41,41 @@ err_console = Console(stderr=True)
 DeviceOption = Annotated[
     Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best available).")
 ]
-DtypeOption = Annotated[str, typer.Option("--dtype", help="fp32, bf16 or fp16.")]
+DtypeOption = Annotated[str, typer.Option(
+    "--dtype", help="fp32, bf16, fp16 or int8 (weight-only). bf16 and int8 are converted from "
+    "fp32 weights after any adapter merge.")]
 
 
-def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int = 0):
-    """A checkpoint directory, or a preset name (random weights, said so on stderr)."""
+def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int = 0,
+                adapter: str | None = None):
+    """A checkpoint directory, or a preset name (random weights, said so on stderr), with the
+    checkpoint's adapter `adapter` merged in; bf16 and int8 are prepared from fp32 weights after
+    the merge (`promethean.inference.quantize`), fp32 and fp16 are loaded directly."""
     import torch
 
     from promethean.checkpoint import load_checkpoint
     from promethean.config import load_preset
     from promethean.device import resolve_device, resolve_dtype
+    from promethean.inference.quantize import check_inference_dtype, prepare_for_inference
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
 
     device = resolve_device(device_name)
-    dtype = resolve_dtype(dtype_name, device)
+    check_inference_dtype(dtype_name)
+    prepared = dtype_name in ("bf16", "int8")
+    dtype = torch.float32 if prepared else resolve_dtype(dtype_name, device)
+    if adapter is not None and not Path(source).is_dir():
+        raise PrometheanError(f"--adapter needs a checkpoint directory; '{source}' is a preset.")
     if Path(source).is_dir():
         checkpoint = load_checkpoint(source, device=device, dtype=dtype)
-        return checkpoint.model, checkpoint.tokenizer
+        model, tokenizer = checkpoint.model, checkpoint.tokenizer
+        if adapter is not None:
+            from promethean.continual.adapters import load_adapter_onto
+
+            load_adapter_onto(model, source, adapter)  # merged into the weights: base speed
+        if prepared:
+            prepare_for_inference(model, dtype_name)
+        return model, tokenizer
     preset = load_preset(source)
     err_console.print(
         f"[yellow]note:[/] '{source}' is a preset, not a checkpoint: the weights are random."
@@ -66,6 +83,8 @@ def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(preset.model)
+    if prepared:
+        return prepare_for_inference(model, dtype_name), get_tokenizer(preset.tokenizer)
     return model.to(dtype).eval(), get_tokenizer(preset.tokenizer)
 
 
@@ -161,13 +180,7 @@ def generate(
     """Generate text from a checkpoint (or a randomly initialised preset)."""
     from promethean.inference.generate import SamplingParams, generate_text, stream
 
-    model, tokenizer = _load_model(source, device, dtype, seed=seed or 0)
-    if adapter is not None:
-        from promethean.continual.adapters import load_adapter_onto
-
-        if not Path(source).is_dir():
-            raise PrometheanError(f"--adapter needs a checkpoint directory; '{source}' is a preset.")
-        load_adapter_onto(model, source, adapter)  # merged into the weights: base speed
+    model, tokenizer = _load_model(source, device, dtype, seed=seed or 0, adapter=adapter)
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -788,15 +801,21 @@ def serve(
     max_adapter_engines: Annotated[int, typer.Option(
         help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = 2,
     device: DeviceOption = None,
+    serve_dtype: Annotated[str, typer.Option(
+        "--dtype", help="Weights to serve with: fp32, bf16 or int8 (adapters are merged in fp32 first).")] = "fp32",
+    memory: Annotated[Optional[Path], typer.Option(
+        help="Memory directory that chat requests with \"memory\": true recall from and remember into.")] = None,
+    memory_tokens: Annotated[int, typer.Option(help="Most prompt tokens the recalled memories take.")] = 256,
 ) -> None:
-    """Serve a checkpoint: OpenAI-compatible /v1 API, /chat, /health and /metrics."""
+    """Serve a checkpoint: the web chat at /, OpenAI-compatible /v1 API, /chat, /health and /metrics."""
     from promethean.serve.app import serve as run_server
 
     if not checkpoint.is_dir():
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
     run_server(checkpoint, host=host, port=port, api_key=api_key, chat_log=chat_log,
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
-               max_adapter_engines=max_adapter_engines)
+               max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
+               memory_tokens=memory_tokens)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

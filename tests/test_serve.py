@@ -297,7 +297,8 @@ def test_serve_command_starts_a_server(checkpoint, tmp_path):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "promethean", "serve", str(checkpoint), "--port", str(port),
-         "--chat-log", str(tmp_path / "log.jsonl")],
+         "--chat-log", str(tmp_path / "log.jsonl"), "--dtype", "bf16",
+         "--memory", str(tmp_path / "memory")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
@@ -311,13 +312,17 @@ def test_serve_command_starts_a_server(checkpoint, tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         assert response.json()["model"] == MODEL
-        reply = httpx.post(f"http://127.0.0.1:{port}/chat", json={"message": "hi", "max_tokens": 4},
-                           timeout=60)
+        assert response.json()["memory"] is True
+        reply = httpx.post(f"http://127.0.0.1:{port}/chat", timeout=60,
+                           json={"message": "hi there", "max_tokens": 8, "memory": True})
         assert reply.status_code == 200
+        assert reply.json()["memories"] == []  # a new memory holds nothing yet
         assert (tmp_path / "log.jsonl").read_text().count("\n") == 1
     finally:
         process.terminate()
         process.wait(20)
+    assert reply.json()["response"]  # so the exchange was remembered, and saved at shutdown:
+    assert json.loads((tmp_path / "memory" / "tree.json").read_text())["items"] == 1
 
 
 def test_serve_command_refuses_a_missing_checkpoint(tmp_path):
@@ -326,3 +331,113 @@ def test_serve_command_refuses_a_missing_checkpoint(tmp_path):
     assert result.returncode != 0
     assert "not a checkpoint directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ serve --dtype, engine totals
+def adapter_checkpoint(directory, adapter: str = "loud"):
+    """A checkpoint with one adapter whose random B makes it change the outputs."""
+    import torch
+
+    from promethean.continual.adapters import Adapters, adapter_directory, checkpoint_sha256
+
+    save_checkpoint(directory, build("tiny-llama"), ByteTokenizer())
+    adapters = Adapters(load_checkpoint(directory).model, base_sha256=checkpoint_sha256(directory))
+    adapters.add(adapter, rank=4)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, tensor in adapters.trainable_parameters(adapter).items():
+            if key.endswith("lora_B"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    adapters.save(adapter, adapter_directory(directory, adapter))
+    return directory
+
+
+def greedy_reference(checkpoint, dtype: str, adapter: str | None, prompt: str) -> str:
+    """What `generate` says for the checkpoint (adapter merged in fp32 first), prepared as dtype."""
+    from promethean.continual.adapters import load_adapter_onto
+    from promethean.inference.generate import SamplingParams, generate_text
+    from promethean.inference.quantize import prepare_for_inference
+
+    model = load_checkpoint(checkpoint).model
+    if adapter is not None:
+        load_adapter_onto(model, checkpoint, adapter)
+    model = prepare_for_inference(model, dtype)
+    params = SamplingParams(max_new_tokens=10, temperature=0,
+                            stop_token_ids=(ByteTokenizer().eot_id,))
+    return generate_text(model, ByteTokenizer(), [prompt], params)[0].text
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_serve_dtype_prepares_the_base_and_each_adapter_engine(tmp_path, dtype):
+    from promethean.inference.quantize import PREPARED_ATTRIBUTE
+    from promethean.serve.app import build_app
+
+    checkpoint = adapter_checkpoint(tmp_path / MODEL)
+    app = build_app(checkpoint, chat_log=None, dtype=dtype)
+    running = RunningServer(app)
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+        served = {}
+        for model in (MODEL, f"{MODEL}:loud"):
+            served[model] = client.completions.create(
+                model=model, prompt="Once upon", max_tokens=10, temperature=0).choices[0].text
+        variants = app.state.server.variants
+        prepared = {getattr(engine.model, PREPARED_ATTRIBUTE, None)
+                    for engine in [variants.base, *variants.engines.values()]}
+        # One format for every engine (int8 falls back to bf16 where its kernel is missing).
+        assert len(prepared) == 1 and prepared.pop() in (dtype, "bf16")
+    finally:
+        running.stop()
+    assert served[MODEL] == greedy_reference(checkpoint, dtype, None, "Once upon")
+    assert served[f"{MODEL}:loud"] == greedy_reference(checkpoint, dtype, "loud", "Once upon")
+    assert served[f"{MODEL}:loud"] != served[MODEL]
+
+
+def test_serve_refuses_an_unknown_dtype(checkpoint):
+    from promethean.errors import PrometheanError
+    from promethean.serve.app import build_app
+
+    sentence = r"^--dtype must be one of fp32, bf16, int8, got 'fp8'\.$"
+    with pytest.raises(PrometheanError, match=sentence):
+        build_app(checkpoint, chat_log=None, dtype="fp8")
+
+
+def test_health_and_metrics_count_every_engine():
+    base = Engine(build("tiny-llama"), ByteTokenizer())
+    adapter_engine = slowed_engine(0, max_batch_size=1)
+    gate = threading.Event()
+    original = adapter_engine._step
+
+    def held_step():
+        gate.wait(20)
+        original()
+
+    adapter_engine._step = held_step
+    app = create_app(engine=base, model_name=MODEL)
+    app.state.server.variants.engines["held"] = adapter_engine  # as if built for MODEL:held
+    running = RunningServer(app)
+    try:
+        from promethean.inference.generate import SamplingParams
+
+        handles = [adapter_engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3, temperature=0))
+                   for _ in range(2)]
+        while adapter_engine.running == 0:
+            time.sleep(0.01)
+        health = httpx.get(running.url + "/health").json()
+        assert (health["queue_depth"], health["running"]) == (1, 1)
+        text = httpx.get(running.url + "/metrics").text
+        assert "promethean_queue_depth 1" in text and "promethean_running_requests 1" in text
+        gate.set()
+        for handle in handles:
+            handle.result(20)
+    finally:
+        gate.set()
+        running.stop()
+
+
+def test_the_web_page_is_open_but_the_api_it_calls_is_not(server):
+    assert httpx.get(server.url + "/").status_code == 200
+    assert httpx.get(server.url + "/static/chat.css").status_code == 200
+    assert httpx.get(server.url + "/static/missing.js").status_code == 404
+    assert httpx.get(server.url + "/health").json()["memory"] is False
+    assert httpx.post(server.url + "/v1/chat/completions", json={}).status_code == 401

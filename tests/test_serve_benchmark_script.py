@@ -12,7 +12,7 @@ def test_serve_benchmark_writes_its_section(tmp_path):
     text = target.read_text()
     assert "keep me" in text
     section = text[text.index("<!-- serve:start -->"):text.index("<!-- serve:end -->")]
-    assert "| tiny-gpt2 | 8 | 4 |" in section
+    assert "| tiny-gpt2 | fp32 | 8 | 4 |" in section
     assert "Every timed request above answered 200." in section
     assert "Load: 40 requests at concurrency 8" in section and "200: 40" in section
     assert "0 responses were a 5xx other than 503" in section

@@ -8,6 +8,18 @@ adapter switching), built on first use; at most `max_adapter_engines` are kept, 
 used idle one being shut down to make room. Errors are JSON bodies in OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, so the official client raises the right
 exception with a readable message. A full engine queue answers 503 with Retry-After at once.
+
+`GET /` is the web chat page (`serve/static/`, plain HTML and JS): it streams replies from
+`/v1/chat/completions`. The page and its files need no API key (they are static and hold no
+data); every call the page makes sends the key the user typed, kept in the tab's sessionStorage.
+
+With a memory directory (`serve --memory DIR`), a chat request that says `"memory": true` gets the
+memories most relevant to its last human message packed into its prompt (within a token budget
+that also leaves room for the reply), the response names them (`"memories"`), and the finished
+exchange is offered to the memory through the intake. The tree has no locking of its own, so
+every read and write of it holds one lock, taken only in worker threads (never on the event loop
+nor on an engine thread); the tree is saved atomically every `memory_save_seconds` when it
+changed, and at shutdown.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import asyncio
 import copy
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -25,9 +38,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from promethean.context.intake import Intake
+from promethean.context.tree import TREE_FILE, Memory, MemoryTree
 from promethean.continual.adapters import check_name, list_adapters, load_adapter_onto
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
@@ -39,6 +55,12 @@ from promethean.tokenizer import Tokenizer
 RETRY_AFTER_SECONDS = 1
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MAX_CHATS_REMEMBERED = 1000
+STATIC_DIRECTORY = Path(__file__).parent / "static"
+SERVE_DTYPES = ("fp32", "bf16", "int8")
+NO_MEMORY = ("memory was requested but this server was started without a memory directory "
+             "(--memory DIR).")
+
+log = logging.getLogger("promethean.serve")
 
 
 class ApiError(Exception):
@@ -76,6 +98,7 @@ class _SamplingFields(_Body):
 
 class CompletionBody(_SamplingFields):
     prompt: str | list[str]
+    memory: bool = False  # refused: a plain completion has no conversation to recall or remember
 
 
 class ChatMessage(_Body):
@@ -85,6 +108,8 @@ class ChatMessage(_Body):
 
 class ChatCompletionBody(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    memory: bool = False  # our extension: recall memories into the prompt, remember the exchange
+    chat_id: str | None = Field(None, max_length=200)  # our extension: groups turns in the chat log
 
 
 class ChatBody(_Body):
@@ -94,6 +119,7 @@ class ChatBody(_Body):
     temperature: float = Field(0.8, ge=0, le=2)  # the chat card's defaults
     top_k: int | None = Field(200, ge=1)
     seed: int | None = None
+    memory: bool = False
 
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
@@ -138,7 +164,8 @@ class Metrics:
                 if seconds <= bound:
                     self.latency_counts[index] += 1
 
-    def render(self, engine: Engine) -> str:
+    def render(self, queue_depth: int, running: int) -> str:
+        """The metrics text; `queue_depth` and `running` are summed over every engine."""
         with self._lock:
             lines = ["# HELP promethean_requests_total HTTP requests by route and status.",
                      "# TYPE promethean_requests_total counter"]
@@ -153,10 +180,10 @@ class Metrics:
                 f"promethean_generated_tokens_total {self.generated_tokens}",
                 "# HELP promethean_queue_depth Requests waiting to join the decode batch.",
                 "# TYPE promethean_queue_depth gauge",
-                f"promethean_queue_depth {engine.queue_depth}",
+                f"promethean_queue_depth {queue_depth}",
                 "# HELP promethean_running_requests Requests in the decode batch.",
                 "# TYPE promethean_running_requests gauge",
-                f"promethean_running_requests {engine.running}",
+                f"promethean_running_requests {running}",
                 "# HELP promethean_request_latency_seconds Time from submission to the last token.",
                 "# TYPE promethean_request_latency_seconds histogram",
             ]
@@ -189,16 +216,114 @@ class ChatLog:
                 os.fsync(file.fileno())
 
 
+# --------------------------------------------------------------------------------- memory
+def _embedder_for_memory(directory: Path, checkpoint: str | Path | None, device: str):
+    """(embedder, model or None): the hashed n-gram embedder when the memory was built with one
+    (what `promethean memory add` uses without --checkpoint), else the checkpoint's own
+    mean-pooled hidden states, from a copy of the weights of its own (the engine's model must not
+    run a forward hook on another thread)."""
+    from promethean.context.embed import HashedNgramEmbedder, embedder_for
+
+    recorded = None
+    if (directory / TREE_FILE).is_file():
+        try:
+            record = json.loads((directory / TREE_FILE).read_text())
+            recorded = record.get("info", {}).get("embedder")
+        except (OSError, ValueError):
+            recorded = None  # open_memory below reports the damaged tree
+    if isinstance(recorded, str) and recorded.startswith("hashed-ngrams-"):
+        return HashedNgramEmbedder(int(recorded.rsplit("-", 1)[1])), None
+    if checkpoint is None:
+        raise PrometheanError("a memory embedded with a model needs the checkpoint it was made "
+                              "with.")
+    embedder, _tokenizer, model = embedder_for(str(checkpoint), device=device)
+    return embedder, model
+
+
+class ServerMemory:
+    """A memory directory the server recalls from and remembers into (module docstring). Every
+    method takes the lock and may block: call them from worker threads."""
+
+    def __init__(self, directory: str | Path, tree: MemoryTree, embedder, intake: Intake,
+                 token_budget: int = 256, k: int = 5) -> None:
+        self.directory, self.tree = Path(directory), tree
+        self.embedder, self.intake = embedder, intake
+        self.token_budget, self.k = token_budget, k
+        self.lock = threading.Lock()
+        self.changed = False
+
+    @classmethod
+    def open(cls, directory: str | Path, checkpoint: str | Path | None, tokenizer: Tokenizer,
+             device: str = "cpu", token_budget: int = 256, k: int = 5) -> ServerMemory:
+        """Open (or start) the memory in `directory`, with the intake `promethean memory add`
+        uses: the model's surprise is a salience signal when the embedder is the model."""
+        from promethean.context.intake import MemoryAwareBatcher, activation_bytes_per_token
+        from promethean.context.retrieval import open_memory
+
+        if token_budget < 1 or k < 1:
+            raise PrometheanError("the memory token budget and k must be at least 1.")
+        directory = Path(directory)
+        embedder, model = _embedder_for_memory(directory, checkpoint, device)
+        tree = open_memory(directory, embedder)
+        if model is None:
+            intake = Intake(tree, embedder, tokenizer=tokenizer)
+        else:
+            batcher = MemoryAwareBatcher(tokenizer.encode_ordinary, token_budget=4096,
+                                         memory_budget=256 * 2**20,
+                                         bytes_per_token=activation_bytes_per_token(model.config),
+                                         max_row_tokens=model.config.context_length)
+            intake = Intake(tree, embedder, tokenizer=tokenizer, batcher=batcher,
+                            surprise=embedder.loss_per_token, vocab_size=model.config.vocab_size)
+        return cls(directory, tree, embedder, intake, token_budget, k)
+
+    def recall(self, query: str, count_tokens, room: int) -> tuple[str, list[Memory]]:
+        """The memory block for `query` within min(room, token_budget) tokens, and its memories."""
+        from promethean.context.retrieval import memory_context
+
+        budget = min(room, self.token_budget)
+        if budget <= 0:
+            return "", []
+        with self.lock:
+            return memory_context(self.tree, self.embedder, query, count_tokens, budget, self.k)
+
+    def remember(self, human: str, assistant: str, source: str) -> list[int]:
+        from promethean.context.retrieval import remember_exchange
+
+        if not human.strip() or not assistant.strip():
+            return []  # the intake takes no empty turn
+        with self.lock:
+            accepted = remember_exchange(self.intake, [Turn("human", human),
+                                                       Turn("assistant", assistant)], source)
+            self.changed = self.changed or bool(accepted)
+            return accepted
+
+    def save(self) -> bool:
+        """Write the tree (atomically) if it changed since the last save; True if it did."""
+        with self.lock:
+            if not self.changed:
+                return False
+            self.tree.prune()
+            self.tree.save(self.directory)
+            self.changed = False
+            return True
+
+
+def _memories_used(memories: list[Memory]) -> list[dict[str, Any]]:
+    return [{"id": int(m.id), "text": m.text,
+             "score": None if m.score is None else round(float(m.score), 4)} for m in memories]
+
+
 # ------------------------------------------------------------------------- model variants
 class ModelVariants:
     """The base model's engine and, built lazily, one engine per adapter (see the module
     docstring). An engine is only shut down when every request given to it has finished."""
 
     def __init__(self, base: Engine, base_name: str, checkpoint: str | Path | None,
-                 max_adapter_engines: int) -> None:
+                 max_adapter_engines: int, dtype: str = "fp32") -> None:
         self.base, self.base_name = base, base_name
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.max_adapter_engines = max_adapter_engines
+        self.dtype = dtype  # what the base was prepared as; adapter engines are prepared alike
         self.engines: dict[str, Engine] = {}  # adapter name -> engine, least recently used first
         self.handles: dict[str, list[RequestHandle]] = {}
         self._loading = asyncio.Lock()
@@ -239,10 +364,26 @@ class ModelVariants:
             return self.engines[adapter]
 
     def _adapted_model(self, adapter: str) -> Transformer:
-        # A copy of the base weights (the base engine keeps decoding from the original meanwhile).
-        model = copy.deepcopy(self.base.model)
+        if self.dtype == "fp32":
+            # A copy of the base weights (the base engine keeps decoding from the original).
+            model = copy.deepcopy(self.base.model)
+            load_adapter_onto(model, self.checkpoint, adapter)
+            return model
+        # A bf16 or int8 base cannot take a merge: merge into fresh fp32 weights, then prepare.
+        from promethean.checkpoint import load_checkpoint
+        from promethean.inference.quantize import prepare_for_inference
+
+        model = load_checkpoint(self.checkpoint, device=self.base.device).model.eval()
         load_adapter_onto(model, self.checkpoint, adapter)
-        return model
+        return prepare_for_inference(model, self.dtype)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.base.queue_depth + sum(e.queue_depth for e in list(self.engines.values()))
+
+    @property
+    def running(self) -> int:
+        return self.base.running + sum(e.running for e in list(self.engines.values()))
 
     def track(self, adapter: str | None, handle: RequestHandle) -> None:
         if adapter is not None:
@@ -271,8 +412,9 @@ class Server:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
                  api_key: str | None, chat_log: ChatLog | None,
-                 variants: ModelVariants | None = None) -> None:
+                 variants: ModelVariants | None = None, memory: ServerMemory | None = None) -> None:
         self.engine = engine
+        self.memory = memory
         self.variants = variants or ModelVariants(engine, model_name, None, 0)
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -363,11 +505,37 @@ class Server:
         seconds = time.monotonic() - handle.submitted_at
         self.metrics.record_generation(handle.prompt_length, len(completion.token_ids), seconds)
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> str:
+    def chat_prompt(self, messages: list[ChatMessage], memory_block: str = "") -> str:
+        """System messages, then the recalled memories, then the conversation."""
         system = "".join(m.content.strip() + "\n" for m in messages if m.role == "system")
         turns = [Turn("human" if m.role == "user" else "assistant", m.content)
                  for m in messages if m.role != "system"]
-        return system + assistant_prompt(turns)
+        return system + memory_block + assistant_prompt(turns)
+
+    # --------------------------------------------------------------------------- memory
+    def check_memory(self, wanted: bool) -> None:
+        if wanted and self.memory is None:
+            raise ApiError(400, NO_MEMORY, param="memory", code="memory_unavailable")
+
+    async def recall(self, query: str, prompt_tokens: int, max_new_tokens: int
+                     ) -> tuple[str, list[Memory]]:
+        """The memory block for a prompt of `prompt_tokens` tokens: it takes at most the room
+        left in the context once the reply's `max_new_tokens` are set aside."""
+        room = self.context_length - 1 - prompt_tokens - max_new_tokens
+        return await asyncio.to_thread(self.memory.recall, query, self.count_tokens, room)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode_ordinary(text))
+
+    async def remember(self, human: str, completion, source: str) -> None:
+        """Offer a finished exchange to the memory. A failure is logged, not raised: the reply
+        has been given by then."""
+        if completion.finish_reason == "cancelled":
+            return
+        try:
+            await asyncio.to_thread(self.memory.remember, human, completion.text.strip(), source)
+        except Exception:  # noqa: BLE001 - the server keeps serving; the log says what broke
+            log.exception("could not remember an exchange")
 
     def log_turn(self, chat_id: str, human: str, completion, route: str) -> None:
         """Append a finished turn (not one whose client left before the reply was complete)."""
@@ -377,13 +545,20 @@ class Server:
                                   "human": human, "assistant": assistant})
 
 
-KNOWN_ROUTES = {"/health", "/metrics", "/chat", "/v1/models", "/v1/completions",
+KNOWN_ROUTES = {"/", "/health", "/metrics", "/chat", "/v1/models", "/v1/completions",
                 "/v1/chat/completions"}
 
 
+def _is_open(path: str) -> bool:
+    """Routes that need no API key: health, and the web page with its static files (they hold
+    no data; the API calls the page makes carry the key)."""
+    return path in ("/", "/health") or path.startswith("/static/")
+
+
 class _AuthoriseAndCount:
-    """ASGI middleware: the API key check (every route but /health) and request counting. Plain
-    ASGI rather than `@app.middleware`, which would hide a client's disconnect from the routes."""
+    """ASGI middleware: the API key check (every route but the open ones) and request counting.
+    Plain ASGI rather than `@app.middleware`, which would hide a client's disconnect from the
+    routes."""
 
     def __init__(self, app, server: Server) -> None:
         self.app = app
@@ -394,9 +569,10 @@ class _AuthoriseAndCount:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        route = path if path in KNOWN_ROUTES else "other"
+        route = (path if path in KNOWN_ROUTES
+                 else "/static" if path.startswith("/static/") else "other")
         key = self.server.api_key
-        if key is not None and path != "/health":
+        if key is not None and not _is_open(path):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, f"Bearer {key}".encode()):
                 response = ApiError(401, "a valid API key is required: send the header "
@@ -438,20 +614,39 @@ def create_app(
     engine: Engine | None = None,
     checkpoint: str | Path | None = None,
     max_adapter_engines: int = 2,
+    dtype: str = "fp32",
+    memory: ServerMemory | None = None,
+    memory_save_seconds: float = 60.0,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
-    directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`."""
+    directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
+    (prepared as `dtype`, as the base model was). With `memory`, chat requests may ask for it."""
     if engine is None:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     tokenizer = tokenizer or engine.tokenizer
-    variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines)
+    variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines, dtype)
     server = Server(engine, tokenizer, model_name, api_key,
-                    ChatLog(chat_log) if chat_log is not None else None, variants)
+                    ChatLog(chat_log) if chat_log is not None else None, variants, memory)
+
+    async def save_memory_periodically() -> None:
+        while True:
+            await asyncio.sleep(memory_save_seconds)
+            try:
+                await asyncio.to_thread(memory.save)
+            except Exception:  # noqa: BLE001 - the next save (or the one at shutdown) retries
+                log.exception("could not save the memory to %s", memory.directory)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        yield
-        variants.shutdown()
+        saver = asyncio.create_task(save_memory_periodically()) if memory is not None else None
+        try:
+            yield
+        finally:
+            if saver is not None:
+                saver.cancel()
+            variants.shutdown()
+            if memory is not None:
+                await asyncio.to_thread(memory.save)
 
     app = FastAPI(title="Promethean", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
@@ -462,14 +657,20 @@ def create_app(
     async def api_error(_request: Request, error: ApiError):
         return error.response()
 
+    app.mount("/static", StaticFiles(directory=STATIC_DIRECTORY), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def web_chat():
+        return FileResponse(STATIC_DIRECTORY / "index.html", media_type="text/html")
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "queue_depth": engine.queue_depth,
-                "running": engine.running}
+        return {"status": "ok", "model": server.model_name, "queue_depth": variants.queue_depth,
+                "running": variants.running, "memory": memory is not None}
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(engine),
+        return PlainTextResponse(server.metrics.render(variants.queue_depth, variants.running),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -481,6 +682,11 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body: CompletionBody = _parse(CompletionBody, await request.body())
+        server.check_memory(body.memory)
+        if body.memory:
+            raise ApiError(400, "memory works with chat requests (/chat and /v1/chat/completions): "
+                           "a plain completion has no conversation to recall for or to remember.",
+                           param="memory", code="invalid_value")
         adapter = server.check_model(body.model)
         model_id = body.model or server.model_name
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -523,17 +729,24 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body: ChatCompletionBody = _parse(ChatCompletionBody, await request.body())
+        server.check_memory(body.memory)
         adapter = server.check_model(body.model)
         model_id = body.model or server.model_name
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's.", param="messages",
                            code="invalid_value")
+        human = body.messages[-1].content
         prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages))
         server.check_prompt(prompt)
         params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
+        memories: list[Memory] = []
+        if body.memory:
+            block, memories = await server.recall(human, len(prompt), params.max_new_tokens)
+            prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages, block))
+            server.check_prompt(prompt)
         handle = await server.submit(prompt, params, adapter)
         identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        chat_id, human = identifier, body.messages[-1].content
+        chat_id = body.chat_id or identifier
 
         def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
             return {"id": identifier, "object": "chat.completion.chunk", "created": created,
@@ -543,7 +756,10 @@ def create_app(
         if body.stream:
             async def events():
                 try:
-                    yield _sse(chunk({"role": "assistant", "content": ""}, None))
+                    first = chunk({"role": "assistant", "content": ""}, None)
+                    if body.memory:
+                        first["memories"] = _memories_used(memories)
+                    yield _sse(first)
                     async for event in handle.aevents():
                         if event.text:
                             yield _sse(chunk({"content": event.text}, None))
@@ -552,6 +768,8 @@ def create_app(
                             server.finished(handle, completion)
                             server.log_turn(chat_id, human, completion, "/v1/chat/completions")
                             yield _sse(chunk({}, _finish_reason(completion.finish_reason)))
+                            if body.memory:  # before [DONE]: a client that saw it can recall it
+                                await server.remember(human, completion, "serve")
                     yield "data: [DONE]\n\n"
                 finally:
                     handle.cancel()
@@ -560,15 +778,20 @@ def create_app(
         completion = await server.wait(request, handle)
         reply = completion.text.strip()
         server.log_turn(chat_id, human, completion, "/v1/chat/completions")
-        return {"id": identifier, "object": "chat.completion", "created": created,
-                "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                             "finish_reason": _finish_reason(completion.finish_reason)}],
-                "usage": _usage(len(prompt), len(completion.token_ids))}
+        result = {"id": identifier, "object": "chat.completion", "created": created,
+                  "model": model_id,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                               "finish_reason": _finish_reason(completion.finish_reason)}],
+                  "usage": _usage(len(prompt), len(completion.token_ids))}
+        if body.memory:
+            await server.remember(human, completion, "serve")
+            result["memories"] = _memories_used(memories)
+        return result
 
     @app.post("/chat")
     async def chat(request: Request):
         body: ChatBody = _parse(ChatBody, await request.body())
+        server.check_memory(body.memory)
         chat_id = body.chat_id or uuid.uuid4().hex
         history = list(server.chats.get(chat_id, []))
         turns = history + [Turn("human", body.message)]
@@ -578,6 +801,11 @@ def create_app(
             prompt = server.tokenizer.encode_ordinary(assistant_prompt(turns))
         server.check_prompt(prompt)
         params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
+        memories: list[Memory] = []
+        if body.memory:
+            block, memories = await server.recall(body.message, len(prompt), params.max_new_tokens)
+            prompt = server.tokenizer.encode_ordinary(block + assistant_prompt(turns))
+            server.check_prompt(prompt)
         handle = await server.submit(prompt, params)
         completion = await server.wait(request, handle)
         reply = completion.text.strip()
@@ -586,9 +814,13 @@ def create_app(
         while len(server.chats) > MAX_CHATS_REMEMBERED:
             server.chats.pop(next(iter(server.chats)))
         server.log_turn(chat_id, body.message, completion, "/chat")
-        return {"response": reply, "chat_id": chat_id,
-                "finish_reason": _finish_reason(completion.finish_reason),
-                "usage": _usage(len(prompt), len(completion.token_ids))}
+        result = {"response": reply, "chat_id": chat_id,
+                  "finish_reason": _finish_reason(completion.finish_reason),
+                  "usage": _usage(len(prompt), len(completion.token_ids))}
+        if body.memory:
+            await server.remember(body.message, completion, "serve")
+            result["memories"] = _memories_used(memories)
+        return result
 
     return app
 
@@ -598,26 +830,45 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def serve(
+def build_app(
     checkpoint: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     api_key: str | None = None,
     chat_log: str | Path | None = "chat.jsonl",
     max_batch_size: int = 16,
     max_queue: int = 64,
     device: str | None = None,
     max_adapter_engines: int = 2,
-) -> None:
-    """Load a checkpoint and serve it until interrupted."""
-    import uvicorn
-
+    dtype: str = "fp32",
+    memory: str | Path | None = None,
+    memory_tokens: int = 256,
+) -> FastAPI:
+    """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
+    or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
+    requests may recall from (opened with the embedder it was built with)."""
     from promethean.checkpoint import load_checkpoint
     from promethean.device import resolve_device
 
-    loaded = load_checkpoint(checkpoint, device=resolve_device(device))
-    app = create_app(loaded.model, loaded.tokenizer, model_name=Path(checkpoint).resolve().name,
-                     api_key=api_key, chat_log=chat_log, max_batch_size=max_batch_size,
-                     max_queue=max_queue, checkpoint=checkpoint,
-                     max_adapter_engines=max_adapter_engines)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if dtype not in SERVE_DTYPES:
+        raise PrometheanError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got '{dtype}'.")
+    resolved = resolve_device(device)
+    loaded = load_checkpoint(checkpoint, device=resolved)
+    model = loaded.model.eval()
+    if dtype != "fp32":
+        from promethean.inference.quantize import prepare_for_inference
+
+        model = prepare_for_inference(model, dtype)
+    server_memory = None
+    if memory is not None:
+        server_memory = ServerMemory.open(memory, checkpoint, loaded.tokenizer,
+                                          device=str(resolved), token_budget=memory_tokens)
+    return create_app(model, loaded.tokenizer, model_name=Path(checkpoint).resolve().name,
+                      api_key=api_key, chat_log=chat_log, max_batch_size=max_batch_size,
+                      max_queue=max_queue, checkpoint=checkpoint,
+                      max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory)
+
+
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
+    """Serve a checkpoint until interrupted (`settings`: those of `build_app`)."""
+    import uvicorn
+
+    uvicorn.run(build_app(checkpoint, **settings), host=host, port=port, log_level="info")

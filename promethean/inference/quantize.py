@@ -1,0 +1,345 @@
+"""Preparing a trained fp32 model for inference in a smaller number format.
+
+`prepare_for_inference(model, dtype)` converts a model in place and returns it:
+
+* ``fp32``: unchanged (eval mode).
+* ``bf16`` / ``fp16``: every weight in that format. On a CPU with oneDNN bf16 support, the
+  matrices of the blocks are also *prepacked* into oneDNN's blocked layout once
+  (`PackedLinear`): a batch-1 decode step then reads them about 1.5x faster than a plain bf16
+  `F.linear`, which re-lays the weight out on every call. A head tied to the token embedding
+  keeps the one shared matrix (the embedding must still look rows up in it) and multiplies a
+  single row with `torch.mv`, which streams a plain matrix nearly as fast.
+* ``int8``: weight-only quantization. Every projection of the blocks and the head holds int8
+  weights with one symmetric scale per output channel (``w ~ int8 * scale``, scale = max|row| /
+  127), and `torch._weight_int8pack_mm` multiplies bf16 activations by them directly, so a decode
+  step reads a quarter of the fp32 bytes. Activations stay in floating point: bf16, the format
+  that kernel takes, as in a bf16 model (the norms still compute in fp32 inside). The token
+  embedding is quantized the same way (per row) and, when tied, *is* the head's int8 matrix:
+  a lookup dequantizes only the rows it needs.
+
+An int8 request on a device where the int8 kernel is missing (checked by running it once on a
+small matrix) falls back to bf16 with a warning, or to fp32 where bf16 is unsupported too: the
+model then still runs, just with more bytes per token.
+
+A prepared model is for inference only: its weights cannot be trained, and it cannot be prepared
+a second time (the precision already lost cannot be recovered, and a LoRA adapter merges into
+fp32 weights): load the checkpoint again instead. Merge any adapter *before* preparing.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promethean.device import resolve_dtype
+from promethean.errors import PrometheanError
+from promethean.model import Transformer
+from promethean.model.ssm import SelectiveSSM
+
+INFERENCE_DTYPES = ("fp32", "bf16", "fp16", "int8")
+# Set on a prepared model; its value is the dtype that was actually applied.
+PREPARED_ATTRIBUTE = "inference_dtype"
+# SSM projections left in floating point: they are small (a few % of an SSM layer) and feed the
+# step size and B/C of the recurrence, where an error compounds through exp(delta * A).
+SSM_FLOAT_PROJECTIONS = ("x_proj", "dt_proj")
+
+
+# ------------------------------------------------------------------------------------ modules
+class PackedLinear(nn.Module):
+    """A bf16 linear layer whose weight oneDNN has reordered once into its blocked layout."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16)
+        # An opaque oneDNN tensor: a plain attribute, not a parameter (it has no storage that
+        # state_dict or autograd could use).
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        bias = linear.bias
+        self.register_buffer(
+            "bias", None if bias is None else bias.detach().to(torch.bfloat16).clone()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(torch.bfloat16), self.packed_weight, self.bias, "none", [], ""
+        )
+
+    def __deepcopy__(self, memo):
+        # The default deepcopy reads tensor storage, which an opaque oneDNN tensor has none of.
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        state = {key: value for key, value in self.__dict__.items() if key != "packed_weight"}
+        clone.__dict__ = copy.deepcopy(state, memo)
+        clone.packed_weight = self.packed_weight.clone()
+        return clone
+
+    def weight_bytes(self) -> int:
+        return self.in_features * self.out_features * 2
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                "bf16 oneDNN-packed")
+
+
+class TiedRowLinear(nn.Module):
+    """The head of a bf16 model tied to the token embedding: one shared plain matrix, multiplied
+    with `addmv` for a single row (batch-1 decoding) and with `F.linear` otherwise."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.weight = embedding.weight  # the same Parameter: no second copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1]:
+            return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
+        return F.linear(x, self.weight)
+
+
+# Rows quantized at a time: the fp32 temporaries of a 50k-row head stay a few MB.
+QUANTIZE_ROWS_AT_ONCE = 4096
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: (int8 matrix, fp32 scales) with weight ~ int8 * scale[:, None]."""
+    weight = weight.detach()
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS_AT_ONCE):
+        rows = weight[start : start + QUANTIZE_ROWS_AT_ONCE].float()
+        row_scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        quantized[start : start + QUANTIZE_ROWS_AT_ONCE] = (
+            torch.round(rows / row_scales[:, None]).clamp_(-127, 127)
+        )
+        scales[start : start + QUANTIZE_ROWS_AT_ONCE] = row_scales
+    return quantized, scales
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer: int8 weight (out, in), one bf16 scale per output channel."""
+
+    def __init__(
+        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> Int8Linear:
+        weight, scales = quantize_rows(linear.weight)
+        bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype).clone()
+        return cls(weight, scales.to(compute_dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
+        y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def weight_bytes(self) -> int:
+        return self.weight.numel() + self.scales.numel() * self.scales.element_size()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding held as int8 rows with one scale per row; a lookup dequantizes only the
+    rows it reads. Shares its tensors with an `Int8Linear` head when the two are tied."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.weight).to(self.scales.dtype)
+        return rows * self.scales[idx].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+# ------------------------------------------------------------------------------------ probes
+@functools.cache
+def _int8_kernel_works(device_type: str) -> bool:
+    """Whether `torch._weight_int8pack_mm` exists and is right on this kind of device."""
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(64, 64, generator=generator)
+        rows = torch.randn(3, 64, generator=generator)
+        quantized, scales = quantize_rows(weight)
+        device = torch.device(device_type)
+        got = torch._weight_int8pack_mm(
+            rows.to(device, torch.bfloat16), quantized.to(device), scales.to(device, torch.bfloat16)
+        ).float().cpu()
+        want = rows @ (quantized.float() * scales[:, None]).t()
+        return bool(torch.allclose(got, want, rtol=0.05, atol=0.05))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+@functools.cache
+def _onednn_packing_works() -> bool:
+    """Whether this CPU build can prepack bf16 weights for oneDNN, and gets the right answer."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(48, 32, generator=generator).bfloat16()
+        rows = torch.randn(2, 32, generator=generator).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        got = torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+        want = F.linear(rows, weight).float()
+        return bool(torch.allclose(got.float(), want, rtol=0.02, atol=0.02))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+# ------------------------------------------------------------------------------------ entry
+def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
+    """Convert an fp32 `model` in place for inference in `dtype` (fp32, bf16, fp16 or int8) and
+    return it, in eval mode. See the module's docstring for what each dtype does."""
+    check_inference_dtype(dtype)
+    already = getattr(model, PREPARED_ATTRIBUTE, None)
+    if already is not None:
+        raise PrometheanError(
+            f"this model was already prepared for inference in {already}; load it again in fp32 "
+            "to prepare it in another dtype."
+        )
+    _check_preparable(model, replaces_layers=dtype in ("bf16", "int8"))
+    device = next(model.parameters()).device
+    model.eval()
+    applied = dtype
+    if dtype == "int8" and not _int8_kernel_works(device.type):
+        applied = "bf16" if _bf16_supported(device) else "fp32"
+        warnings.warn(
+            f"int8 inference is not supported on {device.type} here (torch._weight_int8pack_mm "
+            f"failed its check), so the model runs in {applied} instead.",
+            stacklevel=2,
+        )
+    if applied == "int8":
+        _quantize_int8(model)
+    elif applied in ("bf16", "fp16"):
+        packing = applied == "bf16" and device.type == "cpu" and _onednn_packing_works()
+        tied = _head_is_tied(model)
+        if packing:
+            # Packed straight from fp32, layer by layer, before the rest is converted: the peak
+            # memory is the fp32 model plus one layer, never fp32 and bf16 copies of everything.
+            _pack_bf16(model, tied)
+        model.to(resolve_dtype(applied, device))
+        if packing and tied:
+            model.lm_head = TiedRowLinear(model.token_embedding)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    setattr(model, PREPARED_ATTRIBUTE, applied)
+    return model
+
+
+def check_inference_dtype(dtype: str) -> None:
+    """Refuse a dtype name prepare_for_inference does not know, in one sentence."""
+    if dtype not in INFERENCE_DTYPES:
+        raise PrometheanError(
+            f"unknown inference dtype '{dtype}'; use one of {', '.join(INFERENCE_DTYPES)}."
+        )
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+
+
+def _check_preparable(model: Transformer, replaces_layers: bool) -> None:
+    for name, parameter in model.named_parameters():
+        if parameter.dtype != torch.float32:
+            raise PrometheanError(
+                f"prepare_for_inference needs an fp32 model, but '{name}' is "
+                f"{str(parameter.dtype).removeprefix('torch.')}; load the checkpoint in fp32."
+            )
+    for name, module in model.named_modules():
+        if not replaces_layers or not isinstance(module, nn.Linear):
+            continue
+        # Converting a layer replaces it, hooks and all. A LoRA hook (promethean.continual) whose
+        # adapter is merged adds nothing and may go; any other hook would be lost silently.
+        for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]:
+            owner = _hook_owner(hook)
+            if owner is None:
+                raise PrometheanError(
+                    f"'{name}' carries a forward hook that converting it for inference would drop; "
+                    "remove the hook first."
+                )
+            if owner.active is not None and owner.merged != owner.active:
+                raise PrometheanError(
+                    f"'{name}' carries the unmerged adapter '{owner.active}'; merge the adapter "
+                    "into the weights before preparing the model for inference."
+                )
+
+
+def _hook_owner(hook):
+    """The adapter set (anything with `active` and `merged`) a LoRA forward hook belongs to."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        value = cell.cell_contents
+        if hasattr(value, "active") and hasattr(value, "merged"):
+            return value
+    return None
+
+
+def _block_linears(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """(parent module, attribute name) of every projection of the blocks worth converting:
+    attention, MLP and the SSM's input/output projections. Names, not the layers themselves, so
+    that each original is freed as soon as it is replaced (the peak memory of a conversion is
+    then the fp32 model plus one layer, not two whole models)."""
+    found = []
+    for block in model.blocks:
+        for parent in block.modules():
+            for name, child in parent.named_children():
+                if not isinstance(child, nn.Linear):
+                    continue
+                if isinstance(parent, SelectiveSSM) and name in SSM_FLOAT_PROJECTIONS:
+                    continue
+                found.append((parent, name))
+    return found
+
+
+def _head_is_tied(model: Transformer) -> bool:
+    # A merged adapter gives a tied head its own weight: compare tensors, not the config.
+    return model.lm_head.weight is model.token_embedding.weight
+
+
+@torch.no_grad()
+def _pack_bf16(model: Transformer, tied: bool) -> None:
+    """oneDNN-packed bf16 copies of the blocks' projections and, unless it is the embedding's
+    matrix, of the head (a tied head is wrapped after the embedding is in bf16)."""
+    for parent, name in _block_linears(model):
+        setattr(parent, name, PackedLinear(getattr(parent, name)))
+    if not tied:
+        model.lm_head = PackedLinear(model.lm_head)
+
+
+@torch.no_grad()
+def _quantize_int8(model: Transformer) -> None:
+    compute_dtype = torch.bfloat16  # what torch._weight_int8pack_mm multiplies
+    tied = _head_is_tied(model)
+    for parent, name in _block_linears(model):
+        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), compute_dtype))
+    head = Int8Linear.from_linear(model.lm_head, compute_dtype)
+    if tied:
+        embedding = Int8Embedding(head.weight, head.scales)
+    else:
+        weight, scales = quantize_rows(model.token_embedding.weight)
+        embedding = Int8Embedding(weight, scales.to(compute_dtype))
+    model.lm_head, model.token_embedding = head, embedding
+    # Everything left in floating point (norms, position table, the SSM's small projections)
+    # takes the activations' dtype.
+    model.to(compute_dtype)
