@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from promethean.archives import ArchiveReader, PinnedArchive, cache_dir, fetch_archive, sha256_of_file
 from promethean.errors import PrometheanError
-from promethean.files import atomic_directory
+from promethean.files import atomic_directory, atomic_file
 
 if TYPE_CHECKING:  # imported where used: only the bpe kind needs the library
     import tokenizers
@@ -357,10 +357,8 @@ def _extract_gpt2_ranks(destination: Path) -> Path:
             ranks = handle.read()
     if hashlib.sha256(ranks).hexdigest() != GPT2_RANKS_SHA256:
         raise PrometheanError(f"the GPT-2 ranks in {archive_path.name} failed the sha256 check.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial-{os.getpid()}")
-    partial.write_bytes(ranks)
-    os.replace(partial, destination)
+    with atomic_file(destination) as partial:
+        partial.write_bytes(ranks)
     return destination
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from promethean.continual.adapters import (
     checkpoint_sha256,
 )
 from promethean.errors import PrometheanError
+from promethean.files import atomic_file
 
 RUN_FILE = "continual.json"
 RUN_FORMAT = "promethean-continual-run"
@@ -108,13 +108,8 @@ class StageResult:
 
 def _write_json(path: Path, record: dict) -> None:
     """A JSON file replaced atomically (temp file in the same folder, fsync, rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.partial-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(json.dumps(record, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_run(run: str | Path) -> dict[str, Any]:

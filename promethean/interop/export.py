@@ -33,7 +33,6 @@ import importlib
 import json
 import os
 import re
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
@@ -47,7 +46,7 @@ from torch import nn
 from promethean.checkpoint import load_checkpoint, read_checkpoint_record
 from promethean.config import ModelConfig
 from promethean.errors import PrometheanError
-from promethean.files import atomic_directory
+from promethean.files import atomic_directory, atomic_file
 from promethean.interop.hf import _family_of, _problems_for, _tensor_links, export_hf
 from promethean.model import Transformer
 from promethean.tokenizer import END_OF_TEXT, Tokenizer
@@ -141,20 +140,6 @@ def _importable(name: str) -> bool:
     except ImportError:
         return False
     return True
-
-
-@contextlib.contextmanager
-def _atomic_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; once written, it is renamed over `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.parent / f".{final.name}.partial-{uuid.uuid4().hex}"
-    try:
-        yield partial
-        with open(partial, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ hf + PEFT
@@ -373,7 +358,7 @@ def export_onnx(model: Transformer, out: str | os.PathLike[str]) -> Path:
     batch = torch.export.Dim("batch")
     sequence = torch.export.Dim("sequence", max=config.context_length)
     with (
-        _atomic_file(out) as partial,
+        atomic_file(out) as partial,
         _scan_for_export(),
         _quiet_exporter(),
         torch.no_grad(),
@@ -618,7 +603,7 @@ def export_gguf(model: Transformer, tokenizer: Tokenizer, out: str | os.PathLike
     tokens, types, merges = gguf_vocabulary(tokenizer, config.vocab_size)
     tensors = gguf_tensors(model)
     architecture = gguf_architecture(config)
-    with _atomic_file(out) as partial:
+    with atomic_file(out) as partial:
         writer = _gguf_writer_class()(partial, architecture)
         writer.add_name(config.name)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)

@@ -7,10 +7,10 @@ A run directory holds `metrics.jsonl`, one JSON object per line (the trainer wri
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from promethean.errors import PrometheanError
+from promethean.files import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -71,12 +71,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     lr_axes.set_xlabel("step")
     lr_axes.grid(alpha=0.3)
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        figure.savefig(partial, format="png", dpi=110)
-        os.replace(partial, out)
+        with atomic_file(out) as partial:
+            figure.savefig(partial, format="png", dpi=110)
     finally:
         plt.close(figure)
-        partial.unlink(missing_ok=True)
     return out
