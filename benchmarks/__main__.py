@@ -15,6 +15,11 @@ where one applies, the target, and the command that produced it.
 writes to runs/benchmarks-quick.md unless --write says otherwise, so that it never overwrites the
 real report. A benchmark that fails (or writes no rows) is reported with the last line of its
 stderr; the others still run, and the exit status is 1.
+
+Each benchmark's rows are also kept beside the report (REPORT's name + `.rows.json`, with when
+they were measured), so `--only NAME` re-runs one benchmark and the summary still lists every
+other benchmark's rows from its last run, each dated: on a shared 2-core machine the whole suite
+rarely gets one quiet hour, and a benchmark is best re-run alone when its section is stale.
 """
 
 from __future__ import annotations
@@ -80,6 +85,34 @@ class Outcome:
     rows: list[dict[str, str]]
     seconds: float
     error: str = ""  # empty when the benchmark succeeded
+    measured: str = ""  # "YYYY-MM-DD HH:MM" UTC when the rows come from an earlier run
+
+
+def rows_file(report: Path) -> Path:
+    """Where the rows behind `report`'s summary are kept between runs."""
+    return report.with_name(report.name + ".rows.json")
+
+
+def load_kept_rows(report: Path) -> dict[str, dict]:
+    """{benchmark name: {"rows", "measured", "seconds"}} from earlier runs ({} if none or
+    unreadable: the summary then shows only this run)."""
+    try:
+        kept = json.loads(rows_file(report).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(kept, dict):
+        return {}
+    return {name: entry for name, entry in kept.items()
+            if isinstance(entry, dict) and isinstance(entry.get("rows"), list)
+            and all(isinstance(row, dict) and set(SUMMARY_FIELDS) <= set(row)
+                    for row in entry["rows"])}
+
+
+def keep_rows(report: Path, kept: dict[str, dict]) -> None:
+    from promethean.files import atomic_file
+
+    with atomic_file(rows_file(report)) as partial:
+        partial.write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------- machine
@@ -164,12 +197,16 @@ def render_summary(machine: dict, outcomes: Sequence[Outcome], *, quick: bool, c
         for outcome in outcomes for row in outcome.rows
     ]
     failed = [outcome for outcome in outcomes if outcome.error]
+    earlier = [outcome for outcome in outcomes if outcome.measured]
     names = ", ".join(f"{outcome.benchmark.name} ({outcome.seconds / 60:.1f} min)"
-                      for outcome in outcomes)
+                      for outcome in outcomes if not outcome.measured)
     lines = [
         f"Measured {started:%Y-%m-%d %H:%M} UTC by `{command}` ({elapsed / 60:.0f} min: {names}); "
         f"Python {machine['python']}.",
     ]
+    if earlier:
+        lines += ["", "Rows of benchmarks not re-run this time, from their last run: " + ", ".join(
+            f"{outcome.benchmark.name} ({outcome.measured} UTC)" for outcome in earlier) + "."]
     if quick:
         lines += ["", "**A --quick smoke run**: every benchmark at toy sizes, one round; the "
                       "figures show that the benchmarks run, not how fast anything is."]
@@ -240,13 +277,25 @@ def main(argv: list[str] | None = None, benchmarks: Sequence[Benchmark] = BENCHM
     print(f"  fp32 {machine['matmul_peak']['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{machine['matmul_peak']['bf16'] / 1e9:.0f} GFLOP/s, read "
           f"{machine['bandwidth'] / 1e9:.1f} GB/s", flush=True)
+    kept = load_kept_rows(report)
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="promethean-benchmarks-") as scratch:
-        for benchmark in chosen:
+        for benchmark in benchmarks:
+            if benchmark not in chosen:
+                entry = kept.get(benchmark.name)
+                if entry is not None:  # not re-run: its rows from the last run, dated
+                    outcomes.append(Outcome(benchmark, entry["rows"], entry.get("seconds", 0.0),
+                                            measured=str(entry.get("measured", "an earlier run"))))
+                continue
             outcome = run_benchmark(benchmark, args.quick, report, Path(scratch))
             outcomes.append(outcome)
             status = f"failed: {outcome.error}" if outcome.error else f"{len(outcome.rows)} rows"
             print(f"=== {benchmark.name}: {status} ({outcome.seconds:.0f} s)", flush=True)
+            if not outcome.error:
+                now = datetime.datetime.now(datetime.timezone.utc)
+                kept[benchmark.name] = {"rows": outcome.rows, "seconds": outcome.seconds,
+                                        "measured": f"{now:%Y-%m-%d %H:%M}"}
+                keep_rows(report, kept)
     body = render_summary(machine, outcomes, quick=args.quick, command=command, started=started,
                           elapsed=time.perf_counter() - clock)
     write_summary(report, body)

@@ -157,3 +157,26 @@ def test_quick_run_of_one_benchmark_end_to_end(tmp_path):
             "--documents 150") in summary
     assert "<!-- prepare:start -->" in text and text.index(suite.END) < text.index(
         "<!-- prepare:start -->")
+
+
+def test_rows_of_benchmarks_not_rerun_are_kept_with_their_date(tmp_path):
+    """`--only NAME` re-runs one benchmark; the others' rows stay in the summary, dated."""
+    report = tmp_path / "BENCHMARKS.md"
+    good, _broken, _silent = fake_benchmarks(tmp_path)
+    again = suite.Benchmark("again", good.script, full=good.full)
+    assert suite.main(["--write", str(report), "--only", "good"], benchmarks=[good, again],
+                      measure=lambda: FAKE_MACHINE) == 0
+    assert suite.main(["--write", str(report), "--only", "again"], benchmarks=[good, again],
+                      measure=lambda: FAKE_MACHINE) == 0
+    text = report.read_text()
+    summary = text[text.index(suite.START):text.index(suite.END)]
+    assert summary.count("| fake speed | 2 it/s |") == 2  # good's kept row and again's new one
+    assert "Rows of benchmarks not re-run this time, from their last run: good (20" in summary
+    kept = suite.load_kept_rows(report)
+    assert sorted(kept) == ["again", "good"] and kept["good"]["rows"][0]["what"] == "fake speed"
+    # A damaged rows file is ignored (the summary then shows only this run), never a traceback.
+    suite.rows_file(report).write_text("{not json")
+    assert suite.main(["--write", str(report), "--only", "again"], benchmarks=[good, again],
+                      measure=lambda: FAKE_MACHINE) == 0
+    summary = report.read_text()
+    assert summary.count("| fake speed | 2 it/s |") == 1
