@@ -24,7 +24,10 @@ For each size n (dimension 256):
   dimension).
 
 With --write FILE the results replace the part of FILE between `<!-- context:start -->` and
-`<!-- context:end -->` (appended if absent).
+`<!-- context:end -->` (appended if absent). With --json PATH the summary rows
+(`benchmarks.common.summary_row`) go to PATH: per data set, at its largest n, the fastest beam
+whose recall@10 reaches 0.95 (or the most accurate beam when none does), and the insert-cost
+growth.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_description, write_section  # noqa: E402
+from benchmarks.common import cpu_description, summary_row, write_section, write_summary_rows  # noqa: E402
 from promethean.context.embed import HashedNgramEmbedder  # noqa: E402
 from promethean.context.tree import MemoryTree, normalise, rows_dot  # noqa: E402
 
@@ -228,6 +231,43 @@ def render(results: list[dict], command: str, started, minutes: float, args) -> 
     return "\n".join(lines)
 
 
+def summary(results: list[dict], command: str) -> list[dict[str, str]]:
+    """The report's summary rows: per data set at its largest n, the fastest beam with recall@10
+    >= 0.95 (else the most accurate); then the insert-cost growth of the clustered sets."""
+    code = f"`{command}`"
+    rows = []
+    largest: dict[str, dict] = {}
+    for r in results:
+        if r["name"] not in largest or r["n"] > largest[r["name"]]["n"]:
+            largest[r["name"]] = r
+    for r in largest.values():
+        reached = {beam: b for beam, b in r["beams"].items() if b["recall"] >= 0.95}
+        if reached:
+            beam = max(reached, key=lambda key: reached[key]["ratio"])
+        else:
+            beam = max(r["beams"], key=lambda key: r["beams"][key]["recall"])
+        b = r["beams"][beam]
+        target = ""
+        if r["name"] == "clustered" and r["n"] >= 1_000_000:
+            met = b["recall"] >= 0.95 and b["ratio"] >= 20
+            target = f"recall@10 ≥ 0.95 at ≥ 20x: {'met' if met else 'not met'}"
+        rows.append(summary_row(
+            f"memory tree top-10 search, {r['name']}, n = {r['n']:,}, dim {r['dim']}, beam {beam}",
+            f"{b['ms']:.2f} ms/query (recall@10 {b['recall']:.3f})",
+            f"{r['brute_ms']:.2f} ms/query (exact brute-force numpy)",
+            f"{b['ratio']:.1f}x faster", "", target, code))
+    synthetic = [r for r in results if r["name"] == "clustered"]
+    if len(synthetic) >= 2:
+        small, big = min(synthetic, key=lambda r: r["n"]), max(synthetic, key=lambda r: r["n"])
+        growth = big["single_insert_us"] / small["single_insert_us"]
+        rows.append(summary_row(
+            f"memory tree single insert, clustered, n = {big['n']:,} vs {small['n']:,}",
+            f"{big['single_insert_us']:.0f} µs/item at {big['n']:,}",
+            f"{small['single_insert_us']:.0f} µs/item at {small['n']:,} (same tree, smaller)",
+            f"{growth:.2f}x", "", f"growth ≤ 2x: {'met' if growth <= 2 else 'not met'}", code))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -237,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-corpus", type=Path, default=None,
                         help="a checkpoint: also KJV verses embedded by its hidden states")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the summary rows here")
     args = parser.parse_args(argv)
     command = "python benchmarks/context.py --sizes " + " ".join(map(str, args.sizes))
     command += f" --queries {args.queries} --beams " + " ".join(map(str, args.beams))
@@ -279,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             "recall@10, query latency and their ratio per beam width, and insert cost per item "
             "at each size.\n\n"))
         print(f"wrote the context section of {args.write}")
+    write_summary_rows(args.json, summary(results, command))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,11 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,
     device: DeviceOption = None,
     dtype: DtypeOption = "fp32",
+    memory: Annotated[Optional[Path], typer.Option(
+        "--memory", help="A memory directory (created if absent): relevant memories go into each "
+        "prompt, and every exchange is remembered there for later sessions.")] = None,
+    memory_tokens: Annotated[int, typer.Option(
+        help="Most tokens of memories per prompt (at most half the room the reply leaves).")] = 256,
 ) -> None:
     """Chat in the terminal ('Human: ...' / 'Assistant: ...'); /exit or end of input ends it."""
     from promethean.inference.chat import ChatSession, run_chat
@@ -221,16 +226,25 @@ def chat(
 
     if not checkpoint.is_dir():
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
-    model, tokenizer = _load_model(str(checkpoint), device, dtype)
-    if adapter is not None:
-        from promethean.continual.adapters import load_adapter_onto
-
-        load_adapter_onto(model, checkpoint, adapter)  # merged into the weights: base speed
+    model, tokenizer = _load_model(str(checkpoint), device, dtype, adapter=adapter)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             seed=seed)
+    session_memory = None
+    if memory is not None:
+        from promethean.context.retrieval import SessionMemory
+
+        if memory_tokens < 1:
+            raise PrometheanError(f"--memory-tokens must be at least 1, got {memory_tokens}.")
+        room = model.config.context_length - max_new_tokens
+        session_memory = SessionMemory.open(memory, model, tokenizer,
+                                            token_budget=max(1, min(memory_tokens, room // 2)))
     if sys.stdin.isatty():
         err_console.print("chat: type a message and press Enter; /exit or Ctrl-D ends.")
-    run_chat(ChatSession(model, tokenizer, params), sys.stdin, sys.stdout)
+    try:
+        run_chat(ChatSession(model, tokenizer, params, memory=session_memory), sys.stdin, sys.stdout)
+    finally:  # /exit, end of input (Ctrl-D) and Ctrl-C alike: what was said is kept
+        if session_memory is not None:
+            session_memory.save()
 
 
 @convert_app.command("from-hf")

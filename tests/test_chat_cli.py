@@ -76,3 +76,89 @@ def test_a_reply_is_one_line_and_is_remembered(checkpoint):
     reply = "".join(session.reply("hi"))
     assert "\n" not in reply
     assert session.history == [Turn("human", "hi"), Turn("assistant", reply.strip())]
+
+
+def test_chat_memory_remembers_across_sessions(checkpoint, tmp_path, monkeypatch):
+    from promethean.context.retrieval import SessionMemory, chat_prompt_with_memory
+    from promethean.context.tree import MemoryTree
+    from promethean.inference import chat as chat_module
+
+    memory = tmp_path / "memory"
+    fact = "my secret word is pomegranate"
+    first = chat(checkpoint, f"{fact}\n/exit\n", "--memory", str(memory))
+    assert first.returncode == 0, first.stderr
+    stored = MemoryTree.load(memory)
+    assert len(stored) == 1
+    (remembered,) = [stored.get(i) for i in stored.ids().tolist()]
+    assert remembered.text.startswith(f"Human: {fact}\nAssistant:")
+    assert remembered.metadata["kind"] == "chat"
+
+    # A second session over the reopened directory: the fact is in the prompt the model is given.
+    loaded = load_checkpoint(checkpoint)
+    given = []
+
+    def spy(model, tokenizer, prompt_ids, params, crop=False):
+        given.append(list(prompt_ids))
+        return iter([" ok"])
+
+    monkeypatch.setattr(chat_module, "stream", spy)
+    # (A random tiny model embeds every exchange alike: only an identical one is a near duplicate.)
+    session_memory = SessionMemory.open(memory, loaded.model, loaded.tokenizer, token_budget=64,
+                                        near_duplicate=0.9999)
+    session = ChatSession(loaded.model, loaded.tokenizer,
+                          SamplingParams(max_new_tokens=8, temperature=0), memory=session_memory)
+    question = "what is my secret word?"
+    assert "".join(session.reply(question)) == " ok"
+    text = loaded.tokenizer.decode(given[0])
+    assert text.startswith(f"Human: {fact}\n")
+    assert text.endswith(f"Human: {question}\nAssistant:")
+    expected = chat_prompt_with_memory([Turn("human", question)], session_memory.tree,
+                                       session_memory.embedder, loaded.tokenizer, token_budget=64)
+    assert given[0] == loaded.tokenizer.encode_ordinary(expected)
+    # The new exchange went through the intake; saving keeps both for the next session.
+    assert len(session_memory.remembered) == 1
+    session_memory.save()
+    assert len(MemoryTree.load(memory)) == 2
+
+
+def test_chat_memory_is_saved_at_end_of_input_and_keeps_a_hashed_memory(checkpoint, tmp_path):
+    from promethean.context.tree import MemoryTree
+
+    memory = tmp_path / "notes"
+    added = subprocess.run([sys.executable, "-m", "promethean", "memory", "add", str(memory),
+                            "--text", "The lighthouse keeper's cat is called Biscuit."],
+                           capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0, added.stderr
+    # No /exit: end of input (Ctrl-D) ends the session, and the exchange is still saved.
+    result = chat(checkpoint, "tell me about the lighthouse keeper\n", "--memory", str(memory))
+    assert result.returncode == 0, result.stderr
+    stored = MemoryTree.load(memory)
+    assert stored.info["embedder"] == "hashed-ngrams-256"  # the memory's own embedder was kept
+    texts = [stored.get(i).text for i in sorted(stored.ids().tolist())]
+    assert texts[0] == "The lighthouse keeper's cat is called Biscuit."
+    assert texts[1].startswith("Human: tell me about the lighthouse keeper\nAssistant:")
+    bad = chat(checkpoint, "hi\n", "--memory", str(tmp_path / "notes" / "tree.json"))
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_memory_made_in_fp32_serves_a_converted_model(checkpoint, tmp_path, dtype):
+    """`chat --dtype bf16|int8 --memory DIR` keeps using a memory the fp32 model embedded: the
+    converted model is still named after its fp32 weights."""
+    from promethean.context.embed import ModelEmbedder
+    from promethean.context.tree import MemoryTree
+    from promethean.inference.quantize import prepare_for_inference
+
+    fp32 = load_checkpoint(checkpoint)
+    converted = prepare_for_inference(load_checkpoint(checkpoint).model, dtype)
+    assert converted.weights_fingerprint() == fp32.model.weights_fingerprint()
+    vectors = ModelEmbedder(converted, fp32.tokenizer).embed(["the tide comes in twice a day"])
+    assert vectors.shape == (1, fp32.model.config.n_embd) and vectors.dtype.name == "float32"
+
+    memory = tmp_path / "memory"
+    assert chat(checkpoint, "the tide comes in twice a day\n", "--memory", str(memory)).returncode == 0
+    embedder = MemoryTree.load(memory).info["embedder"]
+    later = chat(checkpoint, "when does the tide come in?\n", "--memory", str(memory),
+                 "--dtype", dtype)
+    assert later.returncode == 0, later.stderr
+    assert MemoryTree.load(memory).info["embedder"] == embedder

@@ -69,6 +69,32 @@ def test_exact_and_near_duplicates_are_dropped():
     assert fresh.process([DocumentRecord(text=FACTS[2])]).exact_duplicates == 1
 
 
+def test_a_pruned_or_deleted_text_is_no_longer_a_duplicate(tmp_path):
+    intake = _intake()
+    first = intake.process([DocumentRecord(text=t) for t in FACTS]).accepted
+    assert intake.process([DocumentRecord(text=FACTS[0])]).exact_duplicates == 1
+    intake.tree.delete(first[0])
+    report = intake.process([DocumentRecord(text=FACTS[0])])
+    assert report.exact_duplicates == 0 and len(report.accepted) == 1
+    # Pruning evicts the least salient: whatever it evicted may be remembered again; what it
+    # kept is still a duplicate, for this intake and one over the reloaded tree alike.
+    evicted = intake.tree.prune(max_items=2)
+    kept_texts = [intake.tree.get(i).text for i in intake.tree.ids().tolist()]
+    evicted_texts = [t for t in FACTS if t not in kept_texts]
+    assert len(evicted) == 2 and len(evicted_texts) == 2
+    intake.tree.save(tmp_path / "memory")
+    for current in (intake, Intake(MemoryTree.load(tmp_path / "memory"), intake.embedder)):
+        again = current.process([DocumentRecord(text=t) for t in kept_texts])
+        assert again.exact_duplicates == 2
+    back = intake.process([DocumentRecord(text=t) for t in evicted_texts])
+    assert back.exact_duplicates == 0 and len(back.accepted) == 2
+    # A text another intake added to the same tree is a duplicate here too.
+    other = Intake(intake.tree, intake.embedder)
+    other.process([DocumentRecord(text="Volcanoes form where tectonic plates diverge or converge.")])
+    volcano = DocumentRecord(text="Volcanoes form where tectonic plates diverge or converge.")
+    assert intake.process([volcano]).exact_duplicates == 1
+
+
 def test_salience_combines_novelty_quality_and_surprise():
     weights = SalienceWeights(surprise=1, novelty=1, quality=2)
     assert combine_salience(weights, None, 0.9, 0.3) == pytest.approx((0.9 + 0.6) / 3)

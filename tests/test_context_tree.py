@@ -248,3 +248,95 @@ def test_identical_vectors_still_split_and_stay_shallow():
     found, scores = tree.exact_search(same, k=600)
     assert sorted(found.tolist()) == sorted(ids) and np.allclose(scores, 1)
     assert len(tree.search_ids(same, k=10, beam=2)[0]) == 10
+
+
+def test_threads_can_share_a_tree(tmp_path):
+    """Adds, deletes, prunes, searches and saves from several threads at once (as a server's
+    requests would): the structure stays whole and every answer is consistent."""
+    import threading
+
+    tree = MemoryTree(DIM, capacity=4, max_items=400)
+    tree.add_many(np.stack([_vector(i) for i in range(200)]))
+    errors: list[BaseException] = []
+    added: list[list[int]] = [[] for _ in range(3)]
+
+    def writer(index: int) -> None:
+        try:
+            for step in range(150):
+                new = tree.add(_vector(1000 * index + step), text=f"w{index}-{step}")
+                added[index].append(new)
+                if step % 3 == 0:
+                    tree.delete(added[index][step // 2])
+                if step % 50 == 49:
+                    tree.add_many(np.stack([_vector(7 * step + j) for j in range(20)]))
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    def reader() -> None:
+        try:
+            for step in range(150):
+                ids, scores = tree.search_ids(_vector(step), k=5, beam=4)
+                assert len(ids) == 5 and np.all(np.diff(scores) <= 1e-6)
+                # One call, one consistent view: (a `get` after it may find the item deleted.)
+                found = tree.search(_vector(step), k=3, beam=4)
+                assert len(found) == 3 and all(m.score is not None for m in found)
+                if step % 60 == 0:
+                    tree.save(tmp_path / f"copy{threading.get_ident()}")
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    tree.check()
+    assert len(tree) <= 400
+    for item_id in tree.ids().tolist():
+        assert tree.exact_search(tree.vector(item_id), 1)[1][0] > 0.999
+    for copy in tmp_path.iterdir():
+        MemoryTree.load(copy).check()
+
+
+def test_a_version_1_tree_still_loads(tmp_path):
+    """Version 1 kept one hyperplane per internal node (`directions.npy`, `thresholds.npy`)."""
+    import json
+
+    # Single adds and no rebuilds (a huge imbalance ratio): only leaf splits, each by 2-means.
+    tree = MemoryTree(DIM, capacity=8, imbalance_ratio=1000)
+    for i in range(120):
+        tree.add(_vector(i), text=f"memory {i}")
+    tree.save(tmp_path / "memory")
+    folder = tmp_path / "memory"
+    routers = np.load(folder / "routers.npy")
+    counts = np.load(folder / "router_counts.npy")
+    sides = np.load(folder / "router_sides.npy")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    directions, thresholds = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        assert b - a == 2  # (version 1 had only hyperplanes)
+        first, second = (routers[a], routers[a + 1]) if sides[a] == 0 else (routers[a + 1], routers[a])
+        first, second = first.astype(np.float64), second.astype(np.float64)
+        directions.append(first - second)
+        thresholds.append((first @ first - second @ second) / 2)
+    for name in ("routers", "router_counts", "router_sides"):
+        (folder / f"{name}.npy").unlink()
+    np.save(folder / "directions.npy", np.array(directions, dtype=np.float32))
+    np.save(folder / "thresholds.npy", np.array(thresholds))
+    record = json.loads((folder / "tree.json").read_text())
+    (folder / "tree.json").write_text(json.dumps({**record, "version": 1}))
+    old = MemoryTree.load(folder)
+    old.check()
+    query = _vector(4242)
+    assert old.search_ids(query, 10, beam=4)[0].tolist() == tree.search_ids(query, 10, beam=4)[0].tolist()
+
+    def leaf_ids(memory: MemoryTree, vector: np.ndarray) -> list[int]:
+        node, unit = memory.root, normalise(vector)
+        while not node.is_leaf:
+            node = node.children[node.side_of(unit)]
+        return sorted(memory._ids[node.slots[: node.size]].tolist())
+
+    for seed in range(500, 540):  # inserts are routed as they were
+        assert leaf_ids(old, _vector(seed)) == leaf_ids(tree, _vector(seed))

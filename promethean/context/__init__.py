@@ -8,10 +8,15 @@ memories packed into the chat prompt within a token budget).
 
 from promethean.context.embed import HashedNgramEmbedder, ModelEmbedder
 from promethean.context.intake import ChatRecord, DocumentRecord, Intake, MemoryAwareBatcher
-from promethean.context.retrieval import chat_prompt_with_memory, open_memory, remember_exchange
+from promethean.context.retrieval import (
+    SessionMemory,
+    chat_prompt_with_memory,
+    open_memory,
+    remember_exchange,
+)
 from promethean.context.tree import Memory, MemoryTree
 
 __all__ = [
     "ChatRecord", "DocumentRecord", "HashedNgramEmbedder", "Intake", "Memory", "MemoryAwareBatcher",
-    "MemoryTree", "ModelEmbedder", "chat_prompt_with_memory", "open_memory", "remember_exchange",
+    "MemoryTree", "ModelEmbedder", "SessionMemory", "chat_prompt_with_memory", "open_memory", "remember_exchange",
 ]

@@ -59,12 +59,9 @@ class HashedNgramEmbedder:
 
 
 def weights_fingerprint(model) -> str:
-    """12 hex digits of the SHA-256 of the token embedding table (cheap, and it changes whenever
-    training touches the model)."""
-    import hashlib
-
-    table = model.token_embedding.weight.detach().float().cpu().numpy()
-    return hashlib.sha256(table.tobytes()).hexdigest()[:12]
+    """The model's weights fingerprint (Transformer.weights_fingerprint: that of the fp32 weights,
+    also for a model converted to bf16 or int8 for inference)."""
+    return model.weights_fingerprint()
 
 
 class ModelEmbedder:

@@ -3,8 +3,9 @@
 Texts arrive as typed records (`ChatRecord`, `DocumentRecord`; pydantic, strict). For a batch:
 
 1. Exact duplicates are dropped: the SHA-256 of the whitespace-normalised, lower-cased text is
-   compared with the batch so far and with every memory already in the tree (their hashes are
-   kept in the memories' metadata).
+   compared with the batch so far and with every memory in the tree at that moment (the hashes
+   are kept in the memories' metadata, which the tree indexes: a text that was pruned or deleted
+   since is no longer a duplicate, and texts another intake added are).
 2. Texts are embedded (the pluggable `Embedder`; mean-pooled hidden states of the loaded model by
    default, see `context.embed`) in batches packed by `MemoryAwareBatcher`.
 3. Each text gets a salience in [0, 1], a weighted mean of
@@ -231,7 +232,6 @@ class Intake:
         encode = tokenizer.encode_ordinary if tokenizer is not None else str.split
         self.batcher = batcher or MemoryAwareBatcher(encode)
         self._decode = tokenizer.decode if tokenizer is not None else " ".join
-        self._hashes = tree.metadata_values("sha256")
 
     def process(self, records: Sequence[ChatRecord | DocumentRecord]) -> IntakeReport:
         report = IntakeReport()
@@ -242,7 +242,7 @@ class Intake:
         for record in records:
             text = record.text()
             digest = text_hash(text)
-            if digest in self._hashes or digest in hashes_seen:
+            if digest in hashes_seen or self.tree.ids_with("sha256", digest):
                 report.exact_duplicates += 1
                 continue
             texts.append(text)
@@ -305,7 +305,6 @@ class Intake:
                          else time.time() for entry in decided],
             )
             report.accepted = ids.tolist()
-            self._hashes.update(entry[3]["sha256"] for entry in decided)
             if self.replay is not None and self.tokenizer is not None:
                 report.replay_windows = self._to_replay([kept[e[0]] for e in decided],
                                                         [texts[e[0]] for e in decided])

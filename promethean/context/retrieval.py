@@ -8,8 +8,10 @@ document becomes a `Human:` line; the most relevant memory comes last, nearest t
 
 `chat_prompt_with_memory` is what a chat loop calls: memory block + the conversation's
 `assistant_prompt`. `remember_exchange` stores a finished exchange back through the intake, so a
-later session can recall it. (`promethean chat` does not exist yet; when it does, its `--memory DIR`
-is `open_memory(DIR)` + these two functions.)
+later session can recall it. `SessionMemory` is the two of them over a memory directory, in the
+shape of `promethean.inference.chat.ChatMemory`: `promethean chat CKPT --memory DIR` gives one to
+its `ChatSession` (its prompts are exactly `chat_prompt_with_memory`'s) and saves the tree when
+the chat ends.
 
 `open_memory` opens (or creates) a memory directory and checks that the embedder it was built with
 is the one in use: vectors of two embedders are not comparable.
@@ -17,9 +19,10 @@ is the one in use: vectors of two embedders are not comparable.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from promethean.context.embed import Embedder
+from promethean.context.embed import Embedder, HashedNgramEmbedder, ModelEmbedder
 from promethean.context.tree import TREE_FILE, Memory, MemoryTree
 from promethean.data.chat import ROLE_PREFIXES, Turn, assistant_prompt, render_turn
 from promethean.errors import PrometheanError
@@ -102,3 +105,64 @@ def remember_exchange(intake, turns: list[Turn], source: str = "chat") -> list[i
         return []
     record = ChatRecord(turns=[ChatTurn(role=t.role, text=t.text) for t in turns], source=source)
     return intake.process([record]).accepted
+
+
+class SessionMemory:
+    """A chat's memory over a directory (see `promethean.inference.chat.ChatMemory`): each
+    message's prompt starts with the memories most relevant to it, within `token_budget` tokens;
+    each finished exchange goes through the intake into the tree; `save()` writes the tree
+    (atomically) when anything was remembered."""
+
+    def __init__(self, directory: str | Path, tree: MemoryTree, embedder: Embedder, tokenizer,
+                 intake, token_budget: int = 256, k: int = 5, beam: int = 32) -> None:
+        self.directory, self.tree, self.embedder, self.tokenizer = Path(directory), tree, embedder, tokenizer
+        self.intake, self.token_budget, self.k, self.beam = intake, token_budget, k, beam
+        self.remembered: list[int] = []  # ids stored during this session
+        self._last: tuple[str, str] | None = None  # (message, its memory block): one retrieval each
+
+    @classmethod
+    def open(cls, directory: str | Path, model, tokenizer, token_budget: int = 256, k: int = 5,
+             beam: int = 32, **intake_options) -> SessionMemory:
+        """Open (or create) a chat memory for this model. A memory made by the hashed n-gram
+        embedder (`promethean memory add` without a checkpoint) keeps that embedder; otherwise
+        texts are embedded by the chat model's mean-pooled hidden states, and the model's loss
+        on them is the intake's surprise signal."""
+        from promethean.context.intake import Intake
+
+        directory = Path(directory)
+        embedder: Embedder = ModelEmbedder(model, tokenizer)
+        if (directory / TREE_FILE).is_file():
+            try:  # only the record's `info`: open_memory reads (and checks) the whole tree
+                recorded = str(json.loads((directory / TREE_FILE).read_text()).get("info", {}).get("embedder", ""))
+            except (OSError, ValueError, AttributeError):
+                recorded = ""  # open_memory says what is wrong with it
+            if recorded.startswith("hashed-ngrams-") and recorded[len("hashed-ngrams-"):].isdigit():
+                embedder = HashedNgramEmbedder(int(recorded[len("hashed-ngrams-"):]))
+        tree = open_memory(directory, embedder)
+        surprise = embedder.loss_per_token if isinstance(embedder, ModelEmbedder) else None
+        intake = Intake(tree, embedder, tokenizer=tokenizer, surprise=surprise,
+                        vocab_size=model.config.vocab_size if surprise is not None else None,
+                        **intake_options)
+        return cls(directory, tree, embedder, tokenizer, intake, token_budget, k, beam)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode_ordinary(text))
+
+    def context(self, message: str) -> str:
+        if self._last is None or self._last[0] != message:
+            block, _ = memory_context(self.tree, self.embedder, message, self.count_tokens,
+                                      self.token_budget, self.k, self.beam)
+            self._last = (message, block)
+        return self._last[1]
+
+    def remember(self, exchange: list[Turn]) -> None:
+        turns = [turn for turn in exchange if turn.text.strip()]  # a reply can be empty
+        if any(turn.role == "human" for turn in turns):
+            self.remembered += remember_exchange(self.intake, turns)
+
+    def save(self) -> Path | None:
+        """Write the tree when this session added to it (and the directory when it is new)."""
+        if self.remembered or not (self.directory / TREE_FILE).is_file():
+            self.tree.prune()
+            return self.tree.save(self.directory)
+        return None

@@ -124,6 +124,19 @@ class Transformer(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied tensors are counted once
 
+    def weights_fingerprint(self) -> str:
+        """12 hex digits of the SHA-256 of the fp32 token embedding table: a cheap name for these
+        weights that changes whenever training touches them. A model converted for inference
+        (`promethean.inference.quantize`) keeps the fingerprint of the fp32 weights it came from,
+        so what was named after them (a memory's embedder) still matches."""
+        recorded = getattr(self, "fp32_weights_fingerprint", None)
+        if recorded is not None:
+            return recorded
+        import hashlib
+
+        table = self.token_embedding.weight.detach().float().cpu().numpy()
+        return hashlib.sha256(table.tobytes()).hexdigest()[:12]
+
     def num_embedding_parameters(self) -> int:
         """Vocabulary- and position-sized tables: token embeddings, learned positions, and the
         output head when it is not tied to the embeddings."""
