@@ -65,6 +65,8 @@ class Benchmark:
                 "--json", str(rows)]
 
 
+CONTINUAL_BASE = Path("runs/continual/base/checkpoint")
+
 # In the report's order. decode.py and context.py take explicit small sizes for --quick.
 BENCHMARKS = (
     Benchmark("decode", "benchmarks/decode.py", quick=("--new-tokens", "16", "--repeats", "1")),
@@ -72,6 +74,10 @@ BENCHMARKS = (
     Benchmark("train", "benchmarks/train.py"),
     Benchmark("ssm", "benchmarks/ssm.py"),
     Benchmark("context", "benchmarks/context.py",
+              full=("--beams", "4", "8", "16", "24", "32", "64", "--corpus", "100000",
+                    # KJV embedded by the continual-learning experiment's base model, when this
+                    # machine has run it (docs/CONTINUAL.md)
+                    *(("--model-corpus", str(CONTINUAL_BASE)) if (ROOT / CONTINUAL_BASE).is_dir() else ())),
               quick=("--sizes", "10000", "--queries", "20", "--beams", "8", "32")),
     Benchmark("serve", "benchmarks/serve.py"),
 )
