@@ -220,9 +220,10 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             "to prepare it in another dtype."
         )
     _check_preparable(model, replaces_layers=dtype in ("bf16", "int8"))
-    # Named after the fp32 weights before they change: a memory embedded by this checkpoint in
-    # fp32 stays usable by the converted model.
-    model.fp32_weights_fingerprint = model.weights_fingerprint()
+    if dtype != "fp32":
+        # Named after the fp32 weights before they change: a memory embedded by this checkpoint
+        # in fp32 stays usable by the converted model.
+        model.fp32_weights_fingerprint = model.weights_fingerprint()
     device = next(model.parameters()).device
     model.eval()
     applied = dtype
