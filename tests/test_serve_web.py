@@ -105,6 +105,34 @@ def test_a_streamed_reply_equals_the_servers_greedy_completion_and_is_logged(pag
     assert mine[0]["route"] == "/v1/chat/completions"
 
 
+def test_the_conversation_is_sent_whole_until_a_new_one_is_started(page, server):
+    page.evaluate(f"sessionStorage.setItem('promethean-api-key', '{API_KEY}')")
+    page.reload()
+    page.wait_for_selector("body[data-ready='true']")
+    sent = []
+    page.on("request", lambda request: sent.append(request.post_data_json)
+            if request.url.endswith("/v1/chat/completions") else None)
+
+    def say(message: str, replies_before: int) -> None:
+        page.fill("#message", message)
+        page.press("#message", "Enter")
+        page.wait_for_function(
+            f"document.querySelectorAll(\".turn.assistant[data-state='done']\").length > "
+            f"{replies_before}")
+
+    say("first", 0)
+    say("second", 1)
+    first_reply = page.query_selector_all(".turn.assistant .text")[0].text_content()
+    assert [m["content"] for m in sent[1]["messages"]] == ["first", first_reply, "second"]
+    assert sent[0]["chat_id"] == sent[1]["chat_id"]
+
+    page.click("#new-conversation")
+    assert page.query_selector_all(".turn") == []
+    say("third", 0)
+    assert [m["content"] for m in sent[2]["messages"]] == ["third"]
+    assert sent[2]["chat_id"] != sent[1]["chat_id"] and sent[2]["chat_id"].startswith("web-")
+
+
 def test_an_overloaded_server_is_shown_as_a_clear_error(page):
     body = {"error": {"message": "the server is busy: 64 requests are already waiting.",
                       "type": "server_overloaded", "param": None, "code": "overloaded"}}

@@ -24,7 +24,7 @@ const memorySetting = document.getElementById("memory-setting");
 const memoryBox = document.getElementById("memory");
 
 const conversation = []; // finished turns: {role, content}
-const chatId = newChatId(); // groups this page's turns in the server's chat log
+let chatId = newChatId(); // groups this conversation's turns in the server's chat log
 let busy = false;
 
 function numberFromQuery(name, fallback) {
@@ -209,6 +209,17 @@ messageBox.addEventListener("keydown", (event) => {
     event.preventDefault();
     send();
   }
+});
+
+// A new conversation: the model sees none of the old turns, and the chat log files the next
+// turns under a new chat_id (finetune-chat then treats them as a conversation of their own).
+document.getElementById("new-conversation").addEventListener("click", () => {
+  if (busy) return;
+  conversation.length = 0;
+  conversationView.replaceChildren();
+  chatId = newChatId();
+  hideError();
+  messageBox.focus();
 });
 
 keyField.addEventListener("keydown", (event) => {
