@@ -93,3 +93,24 @@ def write_summary_rows(path: Path | None, rows: list[dict[str, str]]) -> None:
             raise ValueError(f"summary row {row!r} lacks {sorted(missing)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+
+
+def add_report_options(parser, quick: dict | None = None) -> None:
+    """The options every benchmark script shares: `--write REPORT` (rewrite its section),
+    `--json ROWS` (its summary rows for `python -m benchmarks`) and, when the script has small
+    settings for a smoke run, `--quick` (those settings, unless an option is given explicitly)."""
+    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write the summary rows of `python -m benchmarks` here")
+    if quick is not None:
+        parser.add_argument("--quick", action="store_true",
+                            help=f"small settings for a smoke run: {quick} unless given")
+
+
+def parse_report_arguments(parser, argv, quick: dict | None = None):
+    """parse_args, with --quick's settings as the defaults when it is given (so an explicit
+    option still wins)."""
+    if quick is not None and parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
+

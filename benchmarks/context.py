@@ -48,7 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cpu_description, summary_row, write_section, write_summary_rows  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_report_options,
+    cpu_description,
+    summary_row,
+    write_section,
+    write_summary_rows,
+)
 from promethean.context.embed import HashedNgramEmbedder  # noqa: E402
 from promethean.context.tree import MemoryTree, normalise, rows_dot  # noqa: E402
 
@@ -276,8 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus", type=int, default=0, help="also N stdlib lines, hashed n-grams")
     parser.add_argument("--model-corpus", type=Path, default=None,
                         help="a checkpoint: also KJV verses embedded by its hidden states")
-    parser.add_argument("--write", type=Path, default=None)
-    parser.add_argument("--json", type=Path, default=None, help="write the summary rows here")
+    add_report_options(parser)
     args = parser.parse_args(argv)
     command = "python benchmarks/context.py --sizes " + " ".join(map(str, args.sizes))
     command += f" --queries {args.queries} --beams " + " ".join(map(str, args.beams))

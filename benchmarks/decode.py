@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    add_report_options,
     cores,
     cpu_description,
     ratios,
@@ -538,8 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--json", type=Path, default=None, help="file for the summary rows")
+    add_report_options(parser)
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:

@@ -50,8 +50,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    add_report_options,
     cores,
     cpu_description,
+    parse_report_arguments,
     ratios,
     summary_row,
     write_section,
@@ -329,14 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--documents", type=int, default=None,
                         help="only the corpus's first N documents")
-    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the summary rows of `python -m benchmarks` here")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small settings for a smoke run: {QUICK} unless given")
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    add_report_options(parser, QUICK)
+    args = parse_report_arguments(parser, argv, QUICK)
     too_few_documents = args.documents is not None and args.documents < 1
     if min(args.copies) < 1 or args.repeats < 1 or too_few_documents:
         parser.error("--copies, --repeats and --documents must be at least 1")

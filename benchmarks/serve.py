@@ -47,7 +47,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    add_report_options,
     cpu_description,
+    parse_report_arguments,
     ratios,
     summary_row,
     write_section,
@@ -303,14 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--small-dtypes", nargs="+", default=["fp32", "bf16"],
                         choices=["fp32", "bf16", "int8"],
                         help="`serve --dtype` values measured for gpt2-small (tiny-gpt2: fp32)")
-    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the summary rows of `python -m benchmarks` here")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small settings for a smoke run: {QUICK} unless given")
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    add_report_options(parser, QUICK)
+    args = parse_report_arguments(parser, argv, QUICK)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     command = (f"nice python benchmarks/serve.py --rounds {args.rounds} --tiny-requests "

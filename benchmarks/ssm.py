@@ -48,8 +48,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    add_report_options,
     cores,
     cpu_description,
+    parse_report_arguments,
     ratios,
     summary_row,
     write_section,
@@ -441,15 +443,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="T of the scan comparison")
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DECODE_CONTEXTS),
                         help=f"decode-memory prompt lengths, at most {max(DECODE_CONTEXTS)}")
-    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the summary rows of `python -m benchmarks` here")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small settings for a smoke run: {QUICK} unless given")
+    add_report_options(parser, QUICK)
     parser.add_argument("--decode-child", default=None, help=argparse.SUPPRESS)
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    args = parse_report_arguments(parser, argv, QUICK)
     if args.decode_child:
         preset, context = args.decode_child.split(":")
         decode_child(preset, int(context))

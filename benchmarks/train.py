@@ -48,8 +48,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
+    add_report_options,
     cores,
     cpu_description,
+    parse_report_arguments,
     ratios,
     summary_row,
     write_section,
@@ -536,17 +538,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=SMALL["batch"], help="batch, small GPT-2")
     parser.add_argument("--big-repeats", type=int, default=2, help="rounds, gpt2-small")
     parser.add_argument("--big-steps", type=int, default=1, help="timed steps, gpt2-small")
-    parser.add_argument("--write", type=Path, default=None, help="markdown file to update")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write the summary rows of `python -m benchmarks` here")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"small settings for a smoke run: {QUICK} unless given")
+    add_report_options(parser, QUICK)
     parser.add_argument("--profile", action="store_true", help="profile one step, then exit")
     parser.add_argument("--big-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    args = parse_report_arguments(parser, argv, QUICK)
     if args.repeats < 1 or args.steps < 1 or args.batch < 1 or args.big_repeats < 0:
         parser.error("--repeats, --steps and --batch must be at least 1, --big-repeats at least 0")
     if args.big_child:
