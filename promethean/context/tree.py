@@ -305,6 +305,19 @@ def _locked(method):
     return under_lock
 
 
+
+def _leaves_under(node) -> list:
+    """Every leaf of the subtree at `node` (iteratively: a deep tree must not hit the recursion
+    limit)."""
+    out, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        if current.is_leaf:
+            out.append(current)
+        else:
+            stack.extend(current.children)
+    return out
+
 class MemoryTree:
     """See the module docstring. Items are added with `add`/`add_many`, found with `search`."""
 
@@ -368,14 +381,7 @@ class MemoryTree:
         return walk(self.root)
 
     def leaves(self) -> list[_Leaf]:
-        out, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            if node.is_leaf:
-                out.append(node)
-            else:
-                stack.extend(node.children)
-        return out
+        return _leaves_under(self.root)
 
     def ids_with(self, key: str, value: Any) -> set[int]:
         """The live ids whose `metadata[key] == value`, for a key in INDEXED_METADATA (O(1))."""
@@ -618,14 +624,7 @@ class MemoryTree:
     def _gather(self, node) -> tuple[np.ndarray, np.ndarray]:
         if node.is_leaf:
             return node.vectors[: node.size], node.slots[: node.size]
-        leaves = []
-        stack = [node]
-        while stack:
-            current = stack.pop()
-            if current.is_leaf:
-                leaves.append(current)
-            else:
-                stack.extend(current.children)
+        leaves = _leaves_under(node)
         vectors = np.concatenate([leaf.vectors[: leaf.size] for leaf in leaves])
         slots = np.concatenate([leaf.slots[: leaf.size] for leaf in leaves])
         return vectors, slots
