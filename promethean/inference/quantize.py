@@ -3,23 +3,28 @@
 `prepare_for_inference(model, dtype)` converts a model in place and returns it:
 
 * ``fp32``: unchanged (eval mode).
-* ``bf16`` / ``fp16``: every weight in that format. On a CPU with oneDNN bf16 support, the
-  matrices of the blocks are also *prepacked* into oneDNN's blocked layout once
-  (`PackedLinear`): a batch-1 decode step then reads them about 1.5x faster than a plain bf16
-  `F.linear`, which re-lays the weight out on every call. A head tied to the token embedding
-  keeps the one shared matrix (the embedding must still look rows up in it) and multiplies a
-  single row with `torch.mv`, which streams a plain matrix nearly as fast.
+* ``bf16`` / ``fp16``: every weight in that format.
 * ``int8``: weight-only quantization. Every projection of the blocks and the head holds int8
   weights with one symmetric scale per output channel (``w ~ int8 * scale``, scale = max|row| /
-  127), and `torch._weight_int8pack_mm` multiplies bf16 activations by them directly, so a decode
-  step reads a quarter of the fp32 bytes. Activations stay in floating point: bf16, the format
-  that kernel takes, as in a bf16 model (the norms still compute in fp32 inside). The token
-  embedding is quantized the same way (per row) and, when tied, *is* the head's int8 matrix:
-  a lookup dequantizes only the rows it needs.
+  127), multiplied directly by the activations, so a decode step reads a quarter of the fp32
+  bytes. Activations stay in floating point: bf16, as in a bf16 model (the norms still compute in
+  fp32 inside). The token embedding is quantized the same way (per row) and, when tied, *is* the
+  head's int8 matrix: a lookup dequantizes only the rows it needs.
 
-An int8 request on a device where the int8 kernel is missing (checked by running it once on a
-small matrix) falls back to bf16 with a warning, or to fp32 where bf16 is unsupported too: the
-model then still runs, just with more bytes per token.
+Which kernels multiply the bf16 and int8 matrices on a CPU:
+
+* Promethean's own (`promethean.inference.kernels`, built on first use) wherever the CPU has
+  AVX-512 with the bf16 and VNNI dot products and a C++ compiler is there: a batch-1 decode step
+  streams the weights close to the memory bandwidth. The layers are then `Int8Linear` with fp32
+  scales and biases, for any number of rows, and `Bf16Linear`, which hands several rows at once
+  (compute-bound) to oneDNN's AMX path instead. A head tied to the embedding multiplies the one
+  shared bf16 matrix (`TiedRowLinear`); an untied head is a `Bf16Linear` without a packed copy.
+* Otherwise PyTorch's: bf16 matrices of the blocks *prepacked* for oneDNN once (`PackedLinear`,
+  about 1.5x faster at batch 1 than a plain bf16 `F.linear`, which re-lays the weight out on
+  every call), a tied head multiplied with `torch.mv` for a single row, and int8 through
+  `torch._weight_int8pack_mm` (bf16 scales). An int8 request on a device where that kernel is
+  missing (checked by running it once on a small matrix) falls back to bf16 with a warning, or to
+  fp32 where bf16 is unsupported too: the model then still runs, just with more bytes per token.
 
 A prepared model is for inference only: its weights cannot be trained, and it cannot be prepared
 a second time (the precision already lost cannot be recovered, and a LoRA adapter merges into
@@ -38,6 +43,7 @@ from torch import nn
 
 from promethean.device import resolve_dtype
 from promethean.errors import PrometheanError
+from promethean.inference import kernels
 from promethean.model import Transformer
 from promethean.model.ssm import SelectiveSSM
 
@@ -76,7 +82,7 @@ class PackedLinear(nn.Module):
         memo[id(self)] = clone
         state = {key: value for key, value in self.__dict__.items() if key != "packed_weight"}
         clone.__dict__ = copy.deepcopy(state, memo)
-        clone.packed_weight = self.packed_weight.clone()
+        clone.packed_weight = None if self.packed_weight is None else self.packed_weight.clone()
         return clone
 
     def weight_bytes(self) -> int:
@@ -87,15 +93,56 @@ class PackedLinear(nn.Module):
                 "bf16 oneDNN-packed")
 
 
-class TiedRowLinear(nn.Module):
-    """The head of a bf16 model tied to the token embedding: one shared plain matrix, multiplied
-    with `addmv` for a single row (batch-1 decoding) and with `F.linear` otherwise."""
+class Bf16Linear(nn.Module):
+    """A bf16 linear layer for Promethean's CPU kernel: a plain row-major weight, multiplied by
+    the kernel for a single row (a batch-1 decode step, which streams the weight), with an fp32
+    bias added before the one rounding of the output. Several rows at once (a prompt, a batched
+    decode step) are compute-bound, where oneDNN's AMX path is several times faster: for those
+    the layer also keeps oneDNN's packed copy of the weight, when this CPU has one."""
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, linear: nn.Linear, pack: bool) -> None:
         super().__init__()
-        self.weight = embedding.weight  # the same Parameter: no second copy
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias_bf16", None if bias is None else self.bias.to(torch.bfloat16))
+        # Opaque oneDNN tensor, a plain attribute (no storage for state_dict or autograd to use).
+        self.packed_weight = (
+            torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if pack else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is None or x.numel() == x.shape[-1]:
+            return kernels.linear(x, self.weight, None, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(
+            x.to(torch.bfloat16), self.packed_weight, self.bias_bf16, "none", [], ""
+        )
+
+    __deepcopy__ = PackedLinear.__deepcopy__
+
+    def weight_bytes(self) -> int:
+        """Bytes of weight a batch-1 step reads (the plain copy)."""
+        return self.weight.numel() * 2
+
+    def extra_repr(self) -> str:
+        packed = ", oneDNN-packed copy for several rows" if self.packed_weight is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16{packed}"
+
+
+class TiedRowLinear(nn.Module):
+    """The head of a bf16 model tied to the token embedding: one shared plain matrix, multiplied
+    by Promethean's kernel where it runs, else with `torch.mv` for a single row (batch-1
+    decoding) and with `F.linear` otherwise."""
+
+    def __init__(self, embedding: nn.Embedding, use_kernels: bool) -> None:
+        super().__init__()
+        self.weight = embedding.weight  # the same Parameter: no second copy
+        self.use_kernels = use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            return kernels.linear(x, self.weight)
         if x.numel() == x.shape[-1]:
             return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
         # Rows flattened first: on a non-contiguous (B, 1, C) slice (the prompt's last positions)
@@ -105,6 +152,8 @@ class TiedRowLinear(nn.Module):
         return F.linear(rows, self.weight).reshape(*x.shape[:-1], -1)
 
 
+# The activations of an int8 model (what torch._weight_int8pack_mm multiplies).
+COMPUTE_DTYPE_INT8 = torch.bfloat16
 # Rows quantized at a time: the fp32 temporaries of a 50k-row head stay a few MB.
 QUANTIZE_ROWS_AT_ONCE = 4096
 
@@ -125,24 +174,35 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer: int8 weight (out, in), one bf16 scale per output channel."""
+    """Weight-only int8 linear layer: int8 weight (out, in), one scale per output channel.
+
+    With Promethean's kernels (`use_kernels`) the scales and bias are fp32 and applied in fp32;
+    PyTorch's `torch._weight_int8pack_mm` takes bf16 scales, and the bias is added in bf16."""
 
     def __init__(
-        self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        use_kernels: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.use_kernels = use_kernels
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear, use_kernels: bool) -> Int8Linear:
         weight, scales = quantize_rows(linear.weight)
-        bias = None if linear.bias is None else linear.bias.detach().to(compute_dtype).clone()
-        return cls(weight, scales.to(compute_dtype), bias)
+        dtype = torch.float32 if use_kernels else COMPUTE_DTYPE_INT8
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
+        return cls(weight, scales.to(dtype), bias, use_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            return kernels.linear(x, self.weight, self.scales, self.bias)
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
         y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
@@ -168,7 +228,7 @@ class Int8Embedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(idx, self.weight).to(self.scales.dtype)
-        return rows * self.scales[idx].unsqueeze(-1)
+        return (rows * self.scales[idx].unsqueeze(-1)).to(COMPUTE_DTYPE_INT8)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
@@ -231,25 +291,35 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
     device = next(model.parameters()).device
     model.eval()
     applied = dtype
-    if dtype == "int8" and not _int8_kernel_works(device.type):
+    use_kernels = device.type == "cpu" and dtype in ("bf16", "int8") and kernels.available()
+    if dtype == "int8" and not use_kernels and not _int8_kernel_works(device.type):
         applied = "bf16" if _bf16_supported(device) else "fp32"
         warnings.warn(
             f"int8 inference is not supported on {device.type} here (torch._weight_int8pack_mm "
             f"failed its check), so the model runs in {applied} instead.",
             stacklevel=2,
         )
+    tied = _head_is_tied(model)
+    # Every conversion goes layer by layer, straight from fp32: the peak memory is the fp32
+    # model plus one layer, never fp32 and converted copies of everything.
     if applied == "int8":
-        _quantize_int8(model)
+        _quantize_int8(model, tied, use_kernels)
+    elif applied == "bf16" and use_kernels:
+        pack = _onednn_packing_works()
+        for parent, name in _block_linears(model):
+            setattr(parent, name, Bf16Linear(getattr(parent, name), pack))
+        if not tied:
+            model.lm_head = Bf16Linear(model.lm_head, pack=False)
+        _convert_floats(model, torch.bfloat16)
+        if tied:
+            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=True)
     elif applied in ("bf16", "fp16"):
         packing = applied == "bf16" and device.type == "cpu" and _onednn_packing_works()
-        tied = _head_is_tied(model)
         if packing:
-            # Packed straight from fp32, layer by layer, before the rest is converted: the peak
-            # memory is the fp32 model plus one layer, never fp32 and bf16 copies of everything.
             _pack_bf16(model, tied)
         model.to(resolve_dtype(applied, device))
         if packing and tied:
-            model.lm_head = TiedRowLinear(model.token_embedding)
+            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     setattr(model, PREPARED_ATTRIBUTE, applied)
@@ -336,18 +406,34 @@ def _pack_bf16(model: Transformer, tied: bool) -> None:
 
 
 @torch.no_grad()
-def _quantize_int8(model: Transformer) -> None:
-    compute_dtype = torch.bfloat16  # what torch._weight_int8pack_mm multiplies
-    tied = _head_is_tied(model)
+def _quantize_int8(model: Transformer, tied: bool, use_kernels: bool) -> None:
     for parent, name in _block_linears(model):
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), compute_dtype))
-    head = Int8Linear.from_linear(model.lm_head, compute_dtype)
+        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), use_kernels))
+    head = Int8Linear.from_linear(model.lm_head, use_kernels)
     if tied:
         embedding = Int8Embedding(head.weight, head.scales)
     else:
         weight, scales = quantize_rows(model.token_embedding.weight)
-        embedding = Int8Embedding(weight, scales.to(compute_dtype))
+        embedding = Int8Embedding(weight, scales.to(head.scales.dtype))
     model.lm_head, model.token_embedding = head, embedding
     # Everything left in floating point (norms, position table, the SSM's small projections)
     # takes the activations' dtype.
-    model.to(compute_dtype)
+    _convert_floats(model, COMPUTE_DTYPE_INT8)
+
+
+# Converted layers keep the dtypes they chose (fp32 scales and biases for Promethean's kernels).
+CONVERTED_LAYERS = (Bf16Linear, Int8Linear, Int8Embedding)
+
+
+@torch.no_grad()
+def _convert_floats(model: Transformer, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, except for the layers the conversion has already replaced."""
+    for module in model.modules():
+        if isinstance(module, CONVERTED_LAYERS):
+            continue
+        for parameter in module.parameters(recurse=False):
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)  # a tied Parameter converts once
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))

@@ -1,0 +1,282 @@
+// Promethean's CPU matrix-vector kernels for inference: y = x W^T (* scale) (+ bias) with W held
+// in bf16 or in int8 (one scale per output row), for the few rows of a decode step.
+//
+// Why our own: at batch 1 a decode step is a stream of weight reads, and PyTorch's CPU kernels
+// for these shapes read well under the machine's bandwidth (oneDNN's packed bf16 about 60%,
+// torch._weight_int8pack_mm about 40%: docs/BENCHMARKS.md). Here each thread walks its own rows
+// of W front to back, several rows at a time, and prefetches the next rows while it multiplies.
+//
+// Every (row of x, row of W) product is computed by the same sequence of instructions whatever
+// the number of rows of x, the tile a row falls in or the thread that computes it, so a row's
+// result does not depend on what it is batched with: greedy decoding of one sequence gives the
+// same tokens alone or in a batch.
+//
+// Only the kernels need AVX-512 (with the bf16 dot product): they carry a target attribute, the
+// rest of the library is plain x86-64, and `supported()` asks the CPU before anything runs them.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+#define PROMETHEAN_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+
+// Rows of W multiplied together: 8 for a single row of x (more weight streams in flight), 4 when
+// there are several rows of x (their accumulators must fit in the 32 vector registers).
+constexpr int kRowsSingle = 8;
+constexpr int kRowsBatched = 4;
+constexpr int kBatchedInputRows = 6;
+
+// bf16 weights: vdpbf16ps multiplies pairs of bf16 and accumulates in fp32; x is in bf16.
+template <int NR, int MR>
+PROMETHEAN_AVX512 inline void tile_bf16(const uint16_t* x, int64_t K, const uint16_t* w,
+                                        float* out) {
+  __m512 acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512bh wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      // One cache line per row and step: fetch the same columns of the next tile's rows.
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + NR) * K + k), _MM_HINT_T0);
+      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32(1) << (K - k)) - 1;
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) out[m * NR + r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+// int8 weights against x quantized to int16 with one scale per row of x (finer than bf16 for
+// every element within 1/128 of its row's largest): the weights are sign-extended to int16 and
+// vpdpwssd sums exact products in int32 lanes, so the sum is exact; fp32 only at the end.
+template <int NR, int MR>
+PROMETHEAN_AVX512 inline void tile_int8(const int16_t* x, int64_t K, const int8_t* w, float* out) {
+  __m512i acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m512i wv[NR];
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      if ((k & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + NR) * K + k), _MM_HINT_T0);
+      wv[r] = _mm512_cvtepi8_epi16(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * K + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);
+    }
+  }
+  if (k < K) {
+    const __mmask32 mask = (__mmask32(1) << (K - k)) - 1;
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r)
+      wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, w + r * K + k));
+    for (int m = 0; m < MR; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * K + k);
+      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], xv, wv[r]);
+    }
+  }
+  // Each lane holds at most 2 * ceil(K / 32) products (bounded by int16_limit below); their
+  // total may not fit in int32, so the lanes are added in int64.
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[m][r]));
+      const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[m][r], 1));
+      out[m * NR + r] = float(_mm512_reduce_add_epi64(_mm512_add_epi64(low, high)));
+    }
+}
+
+// The largest |x| quantized value for which no int32 lane can overflow: each lane adds
+// 2 * ceil(K / 32) products of at most 127 * limit.
+inline float int16_limit(int64_t K) {
+  const double products = 2.0 * double((K + 31) / 32);
+  return float(std::min(32767.0, std::floor(2147483647.0 / (127.0 * products))));
+}
+
+template <int NR, int MR, typename X, typename W>
+PROMETHEAN_AVX512 inline void tile(const X* x, int64_t K, const W* w, float* out) {
+  if constexpr (std::is_same_v<W, int8_t>) {
+    tile_int8<NR, MR>(x, K, w, out);
+  } else {
+    tile_bf16<NR, MR>(x, K, w, out);
+  }
+}
+
+inline uint16_t round_to_bf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return uint16_t(bits >> 16);
+}
+
+struct Epilogue {
+  const float* scales;  // per output row, or null
+  const float* bias;    // per output row, or null
+  void* y;              // (M, N), bf16 or fp32
+  bool y_is_bf16;
+  int64_t N;
+  const float* row_scales;  // per row of x (int8: x's int16 scale), or null
+
+  inline void store(int64_t m, int64_t n, float value) const {
+    if (row_scales) value *= row_scales[m];
+    if (scales) value *= scales[n];
+    if (bias) value += bias[n];
+    if (y_is_bf16) {
+      static_cast<uint16_t*>(y)[m * N + n] = round_to_bf16(value);
+    } else {
+      static_cast<float*>(y)[m * N + n] = value;
+    }
+  }
+};
+
+// Rows n .. n+NR-1 of W against every row of x, MR rows of x at a time.
+template <int NR, int MR, typename X, typename W>
+PROMETHEAN_AVX512 void weight_rows(const X* x, int64_t M, int64_t K, const W* w, int64_t n,
+                                   const Epilogue& epilogue) {
+  float out[MR * NR];
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, M - m0);
+    const X* xm = x + m0 * K;
+    const W* wn = w + n * K;
+    switch (rows) {
+      case 1: tile<NR, 1>(xm, K, wn, out); break;
+      case 2: if constexpr (MR >= 2) tile<NR, 2>(xm, K, wn, out); break;
+      case 3: if constexpr (MR >= 3) tile<NR, 3>(xm, K, wn, out); break;
+      case 4: if constexpr (MR >= 4) tile<NR, 4>(xm, K, wn, out); break;
+      case 5: if constexpr (MR >= 5) tile<NR, 5>(xm, K, wn, out); break;
+      default: if constexpr (MR >= 6) tile<NR, 6>(xm, K, wn, out); break;
+    }
+    for (int64_t m = 0; m < rows; ++m)
+      for (int r = 0; r < NR; ++r) epilogue.store(m0 + m, n + r, out[m * NR + r]);
+  }
+}
+
+template <int NR, int MR, typename X, typename W>
+void matmul(const X* x, int64_t M, int64_t K, const W* w, int64_t N, const Epilogue& epilogue) {
+  const int64_t tiles = (N + NR - 1) / NR;
+  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t * NR;
+      if (n + NR <= N) {
+        weight_rows<NR, MR>(x, M, K, w, n, epilogue);
+      } else {
+        for (int64_t row = n; row < N; ++row) weight_rows<1, MR>(x, M, K, w, row, epilogue);
+      }
+    }
+  });
+}
+
+template <typename X, typename W>
+void dispatch(const X* x, int64_t M, int64_t K, const W* w, int64_t N, const Epilogue& epilogue) {
+  if (M == 1) {
+    matmul<kRowsSingle, 1>(x, M, K, w, N, epilogue);
+  } else {
+    matmul<kRowsBatched, kBatchedInputRows>(x, M, K, w, N, epilogue);
+  }
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous matrix");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "x must be bf16 or fp32");
+  const bool int8 = weight.scalar_type() == at::kChar;
+  TORCH_CHECK(int8 || weight.scalar_type() == at::kBFloat16, "weight must be bf16 or int8");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features, the weight ", K);
+  TORCH_CHECK(!int8 || scales.has_value(), "int8 weights need their scales");
+  for (const auto* vector : {&scales, &bias}) {
+    if (vector->has_value()) {
+      TORCH_CHECK((*vector)->scalar_type() == at::kFloat && (*vector)->is_contiguous() &&
+                      (*vector)->numel() == N,
+                  "scales and bias must be contiguous fp32 vectors of the output size");
+    }
+  }
+  const auto rows = x.reshape({-1, K});
+  const int64_t M = rows.size(0);
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty(sizes, x.options());
+  if (M == 0 || N == 0) return y;
+  Epilogue epilogue{scales ? scales->data_ptr<float>() : nullptr,
+                    bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(),
+                    x.scalar_type() == at::kBFloat16, N, nullptr};
+  if (int8) {
+    const auto x32 = rows.to(at::kFloat).contiguous();
+    const float* values = x32.data_ptr<float>();
+    std::vector<int16_t> quantized(M * K);
+    std::vector<float> row_scales(M);
+    const float limit = int16_limit(K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = values + m * K;
+      float peak = 0.f;
+      for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::abs(row[k]));
+      const float scale = peak > 0.f && std::isfinite(peak) ? peak / limit : 1.f;
+      for (int64_t k = 0; k < K; ++k)
+        quantized[m * K + k] = int16_t(std::nearbyint(row[k] / scale));
+      row_scales[m] = scale;
+    }
+    epilogue.row_scales = row_scales.data();
+    dispatch(quantized.data(), M, K, weight.data_ptr<int8_t>(), N, epilogue);
+  } else {
+    const auto x16 = rows.to(at::kBFloat16).contiguous();
+    dispatch(reinterpret_cast<const uint16_t*>(x16.data_ptr()), M, K,
+             reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, epilogue);
+  }
+  return y;
+}
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(promethean_kernels, m) {
+  m.def("supported() -> bool", &supported);
+  m.def("linear(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(promethean_kernels, CPU, m) { m.impl("linear", &linear); }
