@@ -131,9 +131,9 @@ class Bf16Linear(nn.Module):
 
 
 class TiedRowLinear(nn.Module):
-    """The head of a bf16 model tied to the token embedding: one shared plain matrix, multiplied
-    by Promethean's kernel where it runs, else with `torch.mv` for a single row (batch-1
-    decoding) and with `F.linear` otherwise."""
+    """The head of a bf16 model tied to the token embedding: one shared plain matrix. A single
+    row (batch-1 decoding) is multiplied by Promethean's kernel where it runs, else by
+    `torch.mv`; several rows by `F.linear` (compute-bound: oneDNN's AMX path is faster there)."""
 
     def __init__(self, embedding: nn.Embedding, use_kernels: bool) -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class TiedRowLinear(nn.Module):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels:
+        if x.numel() == x.shape[-1] and self.use_kernels:
             return kernels.linear(x, self.weight)
         if x.numel() == x.shape[-1]:
             return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
@@ -300,6 +300,8 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             stacklevel=2,
         )
     tied = _head_is_tied(model)
+    if use_kernels and applied in ("bf16", "int8"):
+        _fuse_qkv(model)
     # Every conversion goes layer by layer, straight from fp32: the peak memory is the fp32
     # model plus one layer, never fp32 and converted copies of everything.
     if applied == "int8":
@@ -393,6 +395,25 @@ def _block_linears(model: Transformer) -> list[tuple[nn.Module, str]]:
 def _head_is_tied(model: Transformer) -> bool:
     # A merged adapter gives a tied head its own weight: compare tensors, not the config.
     return model.lm_head.weight is model.token_embedding.weight
+
+
+@torch.no_grad()
+def _fuse_qkv(model: Transformer) -> None:
+    """One (q | k | v) projection per attention layer, in fp32, before the conversion: a decode
+    step then reads x once and makes one kernel call instead of three. Each output row is the
+    same product as before (the kernels compute every row alike), so the logits do not change."""
+    for block in model.blocks:
+        attention = block.attn
+        if attention is None:
+            continue
+        parts = (attention.q_proj, attention.k_proj, attention.v_proj)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                          bias=parts[0].bias is not None)
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        attention.qkv_proj = fused
+        del attention.q_proj, attention.k_proj, attention.v_proj
 
 
 @torch.no_grad()

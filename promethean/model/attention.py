@@ -48,10 +48,12 @@ class LayerKVCache:
                     grown_keys[:, :, : self.filled] = self.keys[:, :, : self.filled]
                     grown_values[:, :, : self.filled] = self.values[:, :, : self.filled]
                 self.keys, self.values = grown_keys, grown_values
-            self.keys[:, :, self.filled : needed] = keys
-            self.values[:, :, self.filled : needed] = values
+            # narrow + copy_: the same writes as slice assignment, without Python's indexing
+            # machinery (which costs more than the copy itself at one token per step).
+            self.keys.narrow(2, self.filled, new).copy_(keys)
+            self.values.narrow(2, self.filled, new).copy_(values)
             self.filled = needed
-            return self.keys[:, :, :needed], self.values[:, :, :needed]
+            return self.keys.narrow(2, 0, needed), self.values.narrow(2, 0, needed)
 
         if self.keys is not None:
             keys = torch.cat((self.keys, keys), dim=2)
@@ -160,6 +162,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, kv_inner, bias=config.bias)
         self.o_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
         self.o_proj.is_residual_projection = True
+        # Set by promethean.inference.quantize for inference: q, k and v in one product (one
+        # pass over x, one kernel call) in place of the three projections.
+        self.qkv_proj: nn.Module | None = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_size, config.norm_eps, config.norm_unit_offset)
             self.k_norm = RMSNorm(self.head_size, config.norm_eps, config.norm_unit_offset)
@@ -175,9 +180,16 @@ class Attention(nn.Module):
         layer_cache: LayerKVCache | None,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.n_head, self.head_size).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        if self.qkv_proj is not None:
+            kv_inner = self.n_kv_head * self.head_size
+            q, k, v = self.qkv_proj(x).split(
+                (self.n_head * self.head_size, kv_inner, kv_inner), dim=-1
+            )
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, length, self.n_head, self.head_size).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
