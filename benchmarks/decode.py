@@ -156,21 +156,19 @@ GENERATE = {"ours": generate_ours, "transformers": generate_theirs}
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights a batch-1 decode step reads: every distinct parameter and buffer (int8
     weights, their scales and biases are buffers; a tied head counts once), plus the oneDNN-packed
-    bf16 matrices of a layer that has no plain copy, which are neither; not the position table,
-    of which only one row is read, nor what only several rows at once read (a `Bf16Linear`'s
-    packed copy and bf16 bias)."""
+    bf16 matrices, which are neither; not the position table, of which only one row is read, nor
+    what only several rows at once read (a `Bf16Linear`'s `several_rows` copy)."""
     seen, total = set(), 0
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in tensors:
-        skipped = "position" in name or name.endswith(("wpe.weight", "bias_bf16"))
+        skipped = "position" in name or name.endswith("wpe.weight") or ".several_rows." in name
         if id(tensor) in seen or skipped:
             continue
         seen.add(id(tensor))
         total += tensor.numel() * tensor.element_size()
-    for module in model.modules():
-        # promethean.inference.quantize.PackedLinear: its packed matrix is all it has.
-        if hasattr(module, "packed_weight") and getattr(module, "weight", None) is None:
-            total += module.weight_bytes()
+    for name, module in model.named_modules():
+        if hasattr(module, "packed_weight") and not name.endswith(".several_rows"):
+            total += module.weight_bytes()  # promethean.inference.quantize.PackedLinear
     return total
 
 

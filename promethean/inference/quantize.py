@@ -82,7 +82,7 @@ class PackedLinear(nn.Module):
         memo[id(self)] = clone
         state = {key: value for key, value in self.__dict__.items() if key != "packed_weight"}
         clone.__dict__ = copy.deepcopy(state, memo)
-        clone.packed_weight = None if self.packed_weight is None else self.packed_weight.clone()
+        clone.packed_weight = self.packed_weight.clone()
         return clone
 
     def weight_bytes(self) -> int:
@@ -98,7 +98,7 @@ class Bf16Linear(nn.Module):
     the kernel for a single row (a batch-1 decode step, which streams the weight), with an fp32
     bias added before the one rounding of the output. Several rows at once (a prompt, a batched
     decode step) are compute-bound, where oneDNN's AMX path is several times faster: for those
-    the layer also keeps oneDNN's packed copy of the weight, when this CPU has one."""
+    the layer also keeps a `PackedLinear` copy (`several_rows`), when this CPU has one."""
 
     def __init__(self, linear: nn.Linear, pack: bool) -> None:
         super().__init__()
@@ -106,28 +106,19 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.register_buffer("bias_bf16", None if bias is None else self.bias.to(torch.bfloat16))
-        # Opaque oneDNN tensor, a plain attribute (no storage for state_dict or autograd to use).
-        self.packed_weight = (
-            torch.ops.mkldnn._reorder_linear_weight(self.weight, 1) if pack else None
-        )
+        self.several_rows = PackedLinear(linear) if pack else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is None or x.numel() == x.shape[-1]:
+        if self.several_rows is None or x.numel() == x.shape[-1]:
             return kernels.linear(x, self.weight, None, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(
-            x.to(torch.bfloat16), self.packed_weight, self.bias_bf16, "none", [], ""
-        )
-
-    __deepcopy__ = PackedLinear.__deepcopy__
+        return self.several_rows(x)
 
     def weight_bytes(self) -> int:
         """Bytes of weight a batch-1 step reads (the plain copy)."""
         return self.weight.numel() * 2
 
     def extra_repr(self) -> str:
-        packed = ", oneDNN-packed copy for several rows" if self.packed_weight is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16{packed}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
 
 
 class TiedRowLinear(nn.Module):
@@ -141,9 +132,9 @@ class TiedRowLinear(nn.Module):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and self.use_kernels:
-            return kernels.linear(x, self.weight)
         if x.numel() == x.shape[-1]:
+            if self.use_kernels:
+                return kernels.linear(x, self.weight)
             return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
         # Rows flattened first: on a non-contiguous (B, 1, C) slice (the prompt's last positions)
         # F.linear falls back to a batched matmul that copies the whole vocab x width matrix once
