@@ -110,14 +110,15 @@ from promethean.config import load_preset
 from promethean.model import Transformer
 print(kernels.unavailable_reason())
 model = prepare_for_inference(Transformer(load_preset("tiny-gpt2").model), "bf16")
-print(type(model.blocks[0].mlp.up_proj).__name__)
+print(type(model.blocks[0].mlp.up_proj).__name__, type(model.fused_decode).__name__)
 """
 
 
 def test_turned_off_the_kernels_give_way_to_pytorchs():
     done = run_python(CHECK, PROMETHEAN_CPU_KERNELS="0")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["PROMETHEAN_CPU_KERNELS=0 turns them off", "PackedLinear"]
+    assert done.stdout.splitlines() == ["PROMETHEAN_CPU_KERNELS=0 turns them off",
+                                      "PackedLinear NoneType"]
 
 
 def test_a_failed_build_falls_back_and_says_why_in_one_line(tmp_path):
@@ -132,7 +133,7 @@ def test_a_failed_build_falls_back_and_says_why_in_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"building them failed ({failing} exited with 1: kernels.cpp:1: error: no)",
-        "PackedLinear",
+        "PackedLinear NoneType",
     ]
     # Nothing half-built is left where the next process would load it.
     assert list(cache.glob("*/*.so")) == []
@@ -144,7 +145,7 @@ def test_the_built_library_is_reused_from_the_cache(tmp_path):
     first = run_python(CHECK, PROMETHEAN_KERNEL_CACHE=str(cache))
     assert first.returncode == 0, first.stderr
     assert "building the CPU inference kernels" in first.stderr
-    assert first.stdout.splitlines() == ["None", "Bf16Linear"]
+    assert first.stdout.splitlines() == ["None", "Bf16Linear FusedDecode"]
     assert len(list(cache.glob("*/promethean_kernels.so"))) == 1
     second = run_python(CHECK, PROMETHEAN_KERNEL_CACHE=str(cache))
     assert second.returncode == 0 and second.stderr == ""

@@ -147,6 +147,38 @@ inline uint16_t round_to_bf16(float value) {
   return uint16_t(bits >> 16);
 }
 
+// x (bf16 or fp32) as 16 fp32 lanes, the first `count` of them (the rest zero).
+PROMETHEAN_AVX512 inline __m512 load_floats(const float* x, int64_t count) {
+  return _mm512_maskz_loadu_ps(__mmask16((1u << count) - 1u), x);
+}
+PROMETHEAN_AVX512 inline __m512 load_floats(const uint16_t* x, int64_t count) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(__mmask16((1u << count) - 1u), x);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// One row of x to int16 with one scale (its largest |value| maps to `limit`); returns the scale.
+// NaNs are left out of the largest value, and an all-zero or non-finite row gets scale 1.
+template <typename X>
+PROMETHEAN_AVX512 float quantize_row(const X* row, int64_t K, float limit, int16_t* out) {
+  __m512 peak = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    // max(value, peak) returns peak when value is NaN.
+    peak = _mm512_max_ps(_mm512_abs_ps(load_floats(row + k, std::min<int64_t>(16, K - k))), peak);
+  }
+  const float largest = _mm512_reduce_max_ps(peak);
+  const float scale = largest > 0.f && std::isfinite(largest) ? largest / limit : 1.f;
+  const __m512 divisor = _mm512_set1_ps(scale);
+  for (int64_t k = 0; k < K; k += 16) {
+    const int64_t count = std::min<int64_t>(16, K - k);
+    // Division, not a reciprocal multiply: round(x / scale) exactly as the scalar form; the
+    // conversion rounds to nearest even, as std::nearbyint does.
+    const __m512i rounded = _mm512_cvtps_epi32(_mm512_div_ps(load_floats(row + k, count), divisor));
+    _mm256_mask_storeu_epi16(out + k, __mmask16((1u << count) - 1u),
+                             _mm512_cvtepi32_epi16(rounded));
+  }
+  return scale;
+}
+
 struct Epilogue {
   const float* scales;  // per output row, or null
   const float* bias;    // per output row, or null
@@ -241,19 +273,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                     bias ? bias->data_ptr<float>() : nullptr, y.data_ptr(),
                     x.scalar_type() == at::kBFloat16, N, nullptr};
   if (int8) {
-    const auto x32 = rows.to(at::kFloat).contiguous();
-    const float* values = x32.data_ptr<float>();
-    std::vector<int16_t> quantized(M * K);
-    std::vector<float> row_scales(M);
+    const auto x_rows = rows.contiguous();
+    // Reused from call to call: a decode step makes ~50 of these, each for a few microseconds.
+    thread_local std::vector<int16_t> quantized;
+    thread_local std::vector<float> row_scales;
+    quantized.resize(M * K);
+    row_scales.resize(M);
     const float limit = int16_limit(K);
     for (int64_t m = 0; m < M; ++m) {
-      const float* row = values + m * K;
-      float peak = 0.f;
-      for (int64_t k = 0; k < K; ++k) peak = std::max(peak, std::abs(row[k]));
-      const float scale = peak > 0.f && std::isfinite(peak) ? peak / limit : 1.f;
-      for (int64_t k = 0; k < K; ++k)
-        quantized[m * K + k] = int16_t(std::nearbyint(row[k] / scale));
-      row_scales[m] = scale;
+      if (x_rows.scalar_type() == at::kBFloat16) {
+        const auto* row = reinterpret_cast<const uint16_t*>(x_rows.data_ptr()) + m * K;
+        row_scales[m] = quantize_row(row, K, limit, quantized.data() + m * K);
+      } else {
+        const float* row = x_rows.data_ptr<float>() + m * K;
+        row_scales[m] = quantize_row(row, K, limit, quantized.data() + m * K);
+      }
     }
     epilogue.row_scales = row_scales.data();
     dispatch(quantized.data(), M, K, weight.data_ptr<int8_t>(), N, epilogue);
@@ -263,6 +297,137 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
              reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, epilogue);
   }
   return y;
+}
+
+// ------------------------------------------------------------------------------ decode step
+// Every block of a one-token decode step for one sequence, in one call. At batch 1 the matrix
+// products stream about 25 GB/s of weights, and what is left of a step is the time between them:
+// from Python, each of a block's ~30 small operations (norm, split, views, cache write, attention,
+// residual adds) costs ~10 us of interpreter and module overhead, about 2-3 ms per GPT-2-small
+// token. Here the same ATen operations run in the same order on the same shapes as
+// promethean.model's Block.forward does for one token, so the result is bit-identical to the
+// module path (tests/test_kernels.py), only without Python in between.
+
+// What each layer contributes to `params`, in this order (absent ones are None).
+enum Param : int64_t {
+  kAttnNormWeight, kAttnNormBias,
+  kQkvWeight, kQkvScales, kQkvBias,
+  kQNormWeight, kKNormWeight,
+  kOutWeight, kOutScales, kOutBias,
+  kAttnPostNormWeight, kAttnPostNormBias,
+  kMlpNormWeight, kMlpNormBias,
+  kGateWeight, kGateScales, kGateBias,
+  kUpWeight, kUpScales, kUpBias,
+  kDownWeight, kDownScales, kDownBias,
+  kMlpPostNormWeight, kMlpPostNormBias,
+  kParamsPerLayer
+};
+
+enum MlpKind : int64_t { kGelu = 0, kSwiGlu = 1, kGeGlu = 2 };
+
+struct StackShape {
+  int64_t layers, heads, kv_heads, head_size;
+  bool rms_norm, unit_offset;
+  int64_t mlp;
+  double norm_eps, attention_scale;
+};
+
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+
+// promethean.model.layers.LayerNorm / RMSNorm, operation for operation.
+at::Tensor norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const StackShape& shape) {
+  if (!shape.rms_norm) return at::layer_norm(x, {x.size(-1)}, weight, bias, shape.norm_eps);
+  const auto x32 = x.to(at::kFloat);
+  const auto normed = x32 * at::rsqrt(x32.pow(2).mean(-1, true) + shape.norm_eps);
+  const auto gain = shape.unit_offset ? weight->to(at::kFloat) + 1.0 : weight->to(at::kFloat);
+  return (normed * gain).to(x.scalar_type());
+}
+
+// promethean.model.layers.apply_rotary.
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  const auto rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+  return (x * cos + rotated * sin).to(x.scalar_type());
+}
+
+at::Tensor project(const at::Tensor& x, const OptionalTensors& params, int64_t base, Param weight) {
+  return linear(x, *params.get(base + weight), params.get(base + weight + 1),
+                params.get(base + weight + 2));
+}
+
+at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
+                         at::TensorList keys, at::TensorList values, const OptionalTensors& rotary,
+                         int64_t filled, at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
+  TORCH_CHECK(shape_ints.size() == 7 && reals.size() == 2, "decode_blocks: bad stack shape");
+  const StackShape shape{shape_ints[0], shape_ints[1], shape_ints[2], shape_ints[3],
+                         shape_ints[4] != 0, shape_ints[5] != 0, shape_ints[6],
+                         reals[0], reals[1]};
+  TORCH_CHECK(input.dim() == 3 && input.size(0) == 1 && input.size(1) == 1,
+              "decode_blocks: one token of one sequence, (1, 1, width)");
+  TORCH_CHECK(int64_t(params.size()) == shape.layers * kParamsPerLayer &&
+                  int64_t(keys.size()) == shape.layers && int64_t(values.size()) == shape.layers,
+              "decode_blocks: parameters or caches do not match the number of layers");
+  TORCH_CHECK(rotary.size() == 0 || int64_t(rotary.size()) == 2 * shape.layers,
+              "decode_blocks: rotary tables must be (cos, sin) per layer");
+  const int64_t inner = shape.heads * shape.head_size;
+  const int64_t kv_inner = shape.kv_heads * shape.head_size;
+  at::Tensor x = input;
+  for (int64_t layer = 0; layer < shape.layers; ++layer) {
+    const int64_t base = layer * kParamsPerLayer;
+    const auto& layer_keys = keys[layer];
+    const auto& layer_values = values[layer];
+    TORCH_CHECK(layer_keys.dim() == 4 && filled < layer_keys.size(2) &&
+                    layer_values.sizes() == layer_keys.sizes(),
+                "decode_blocks: a cache buffer has no room for the new token");
+    // Attention (promethean.model.attention.Attention.forward with one new token).
+    auto h = norm(x, params.get(base + kAttnNormWeight), params.get(base + kAttnNormBias), shape);
+    const auto qkv = project(h, params, base, kQkvWeight).split_with_sizes(
+        {inner, kv_inner, kv_inner}, -1);
+    auto q = qkv[0].view({1, 1, shape.heads, shape.head_size}).transpose(1, 2);
+    auto k = qkv[1].view({1, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    auto v = qkv[2].view({1, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    if (params.get(base + kQNormWeight).has_value()) {
+      StackShape head_norm = shape;
+      head_norm.rms_norm = true;
+      q = norm(q, params.get(base + kQNormWeight), std::nullopt, head_norm);
+      k = norm(k, params.get(base + kKNormWeight), std::nullopt, head_norm);
+    }
+    if (rotary.size() != 0 && rotary.get(2 * layer).has_value()) {
+      const auto cos = *rotary.get(2 * layer);
+      const auto sin = *rotary.get(2 * layer + 1);
+      q = rotate(q, cos, sin);
+      k = rotate(k, cos, sin);
+    }
+    layer_keys.narrow(2, filled, 1).copy_(k);
+    layer_values.narrow(2, filled, 1).copy_(v);
+    auto y = at::scaled_dot_product_attention(
+        q, layer_keys.narrow(2, 0, filled + 1), layer_values.narrow(2, 0, filled + 1), {}, 0.0,
+        false, shape.attention_scale, shape.kv_heads != shape.heads);
+    y = y.transpose(1, 2).reshape({1, 1, inner});
+    h = project(y, params, base, kOutWeight);
+    if (params.get(base + kAttnPostNormWeight).has_value())
+      h = norm(h, params.get(base + kAttnPostNormWeight), params.get(base + kAttnPostNormBias),
+               shape);
+    x = x + h;
+    // MLP (promethean.model.layers.MLP).
+    h = norm(x, params.get(base + kMlpNormWeight), params.get(base + kMlpNormBias), shape);
+    at::Tensor hidden;
+    if (shape.mlp == kGelu) {
+      hidden = at::gelu(project(h, params, base, kUpWeight), "tanh");
+    } else if (shape.mlp == kSwiGlu) {
+      hidden = at::silu(project(h, params, base, kGateWeight)) * project(h, params, base, kUpWeight);
+    } else {
+      hidden = at::gelu(project(h, params, base, kGateWeight), "tanh") *
+               project(h, params, base, kUpWeight);
+    }
+    h = project(hidden, params, base, kDownWeight);
+    if (params.get(base + kMlpPostNormWeight).has_value())
+      h = norm(h, params.get(base + kMlpPostNormWeight), params.get(base + kMlpPostNormBias),
+               shape);
+    x = x + h;
+  }
+  return x;
 }
 
 bool supported() {
@@ -277,6 +442,12 @@ bool supported() {
 TORCH_LIBRARY(promethean_kernels, m) {
   m.def("supported() -> bool", &supported);
   m.def("linear(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
+  m.def(
+      "decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, "
+      "Tensor?[] rotary, int filled, int[] shape, float[] reals) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(promethean_kernels, CPU, m) { m.impl("linear", &linear); }
+TORCH_LIBRARY_IMPL(promethean_kernels, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("decode_blocks", &decode_blocks);
+}

@@ -58,6 +58,24 @@ def linear(
     return torch.ops.promethean_kernels.linear(x, weight, scales, bias)
 
 
+def decode_blocks(
+    x: torch.Tensor,
+    params: list[torch.Tensor | None],
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    rotary: list[torch.Tensor],
+    filled: int,
+    shape: list[int],
+    reals: list[float],
+) -> torch.Tensor:
+    """Every block of a one-token, one-sequence decode step (see `fused_decode`): x (1, 1, width)
+    in, the last block's output out; the token's keys and values are written at slot `filled` of
+    each layer's cache buffers. Only call this where `available()` is true."""
+    return torch.ops.promethean_kernels.decode_blocks(
+        x, params, keys, values, rotary, filled, shape, reals
+    )
+
+
 @functools.cache
 def _load() -> str | None:
     """Load the kernels into this process; return why not, or None when they are loaded."""

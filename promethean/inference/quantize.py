@@ -43,7 +43,7 @@ from torch import nn
 
 from promethean.device import resolve_dtype
 from promethean.errors import PrometheanError
-from promethean.inference import kernels
+from promethean.inference import fused_decode, kernels
 from promethean.model import Transformer
 from promethean.model.ssm import SelectiveSSM
 
@@ -112,6 +112,10 @@ class Bf16Linear(nn.Module):
         if self.several_rows is None or x.numel() == x.shape[-1]:
             return kernels.linear(x, self.weight, None, self.bias)
         return self.several_rows(x)
+
+    def kernel_operands(self) -> tuple:
+        """(weight, scales, bias) as the kernels multiply them (for `fused_decode`)."""
+        return self.weight, None, self.bias
 
     def weight_bytes(self) -> int:
         """Bytes of weight a batch-1 step reads (the plain copy)."""
@@ -199,6 +203,11 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def kernel_operands(self) -> tuple | None:
+        """(weight, scales, bias) as the kernels multiply them, None when PyTorch's kernel does
+        (for `fused_decode`)."""
+        return (self.weight, self.scales, self.bias) if self.use_kernels else None
 
     def weight_bytes(self) -> int:
         return self.weight.numel() + self.scales.numel() * self.scales.element_size()
@@ -315,6 +324,8 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if use_kernels and applied in ("bf16", "int8"):
+        fused_decode.install(model)  # where it cannot, decoding keeps the module path
     setattr(model, PREPARED_ATTRIBUTE, applied)
     return model
 

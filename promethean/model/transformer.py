@@ -87,6 +87,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device=head_device)
         self.tie_weights()
         self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
+        # Set by promethean.inference (fused_decode) on a model prepared for inference: runs every
+        # block of a one-token, one-sequence cached step in one call, bit-identical to the blocks.
+        # It has `rope_thetas`, `can_step(cache)` and `step(x, cache, rotaries)`.
+        self.fused_decode = None
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- parameters
@@ -114,6 +118,12 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, SelectiveSSM):  # its conv, step size, A and D have their own init
                 module.reset_ssm_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # A fused decode step holds the tensors it gathered; a conversion (to(), float(), ...)
+        # replaces buffers with new tensors, so the step would read stale ones: drop it.
+        self.fused_decode = None
+        return super()._apply(fn, recurse)
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config says so (again after any
@@ -207,6 +217,40 @@ class Transformer(nn.Module):
             x = x + self.position_embedding(positions)
         x = self.dropout(x)
 
+        fused = self.fused_decode
+        if (fused is not None and length == 1 and _batch == 1 and cache is not None
+                and left_padding is None and targets is None and not self.training
+                and fused.can_step(cache)):
+            rotaries = {theta: self._rotary(theta, positions, x.dtype)
+                        for theta in fused.rope_thetas}
+            x = fused.step(x, cache, rotaries)
+        else:
+            x = self._run_blocks(x, slots, positions, cache, left_padding)
+        if cache is not None:
+            cache.length += length
+
+        x = self.final_norm(x)
+        if last_logits_only and targets is None:
+            x = x[:, -1:]
+        if targets is not None and not return_logits:
+            # Checkpointing trades compute for memory; so does recasting the head in slices.
+            loss = linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX,
+                recast_weight_slices=self.gradient_checkpointing,
+            )
+            return TransformerOutput(None, loss)
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+            )
+        return TransformerOutput(logits, loss)
+
+    def _run_blocks(self, x, slots, positions, cache, left_padding) -> torch.Tensor:
+        """The blocks, module by module: every case the fused decode step does not take."""
         # Masks and rotary tables depend only on a layer's window and base: build each once.
         masks: dict[int | None, tuple[torch.Tensor | None, bool]] = {}
         rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -231,28 +275,7 @@ class Transformer(nn.Module):
             else:
                 layer_cache = cache.layers[layer] if cache is not None else None
                 x = block(x, rotary, mask, is_causal, layer_cache)
-        if cache is not None:
-            cache.length += length
-
-        x = self.final_norm(x)
-        if last_logits_only and targets is None:
-            x = x[:, -1:]
-        if targets is not None and not return_logits:
-            # Checkpointing trades compute for memory; so does recasting the head in slices.
-            loss = linear_cross_entropy(
-                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), IGNORE_INDEX,
-                recast_weight_slices=self.gradient_checkpointing,
-            )
-            return TransformerOutput(None, loss)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)),
-                targets.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-            )
-        return TransformerOutput(logits, loss)
+        return x
 
     def _mask(self, slots, window, cache, left_padding) -> tuple[torch.Tensor | None, bool]:
         """(mask, is_causal) for SDPA; the fast paths avoid materialising a mask at all."""

@@ -1,0 +1,132 @@
+"""A prepared model's one-token decode steps in a single call of Promethean's kernels.
+
+At batch 1 a decode step's matrix products stream the weights at close to the memory bandwidth;
+what else a step costs is the time between them. Run from Python, each of a block's ~30 small
+operations (norms, the q/k/v split and views, the cache write, attention, residual adds) pays
+~10 us of interpreter and module overhead: 2-3 ms per GPT-2-small token, as much as all of an int8
+model's weight reads. `kernels.decode_blocks` runs every block of such a step in C++ instead,
+with the same ATen operations in the same order as `promethean.model`'s modules, so its result
+is bit-identical to the module path (tests/test_kernels.py).
+
+`install(model)` is called by `prepare_for_inference` when the kernels run here; the model then
+uses it for one token of one sequence with a KV cache (a batch-1 decode step) and the module
+path for everything else (prompts, batches, training). Models it cannot express (SSM mixers,
+sliding-window layers, layers that are not the kernels' own) keep the module path throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from promethean.inference import kernels
+from promethean.model import Transformer
+from promethean.model.attention import KVCache, LayerKVCache
+from promethean.model.layers import LayerNorm, RMSNorm
+
+# Tensors per layer in the `params` list, in kernels.cpp's `Param` order.
+PARAMS_PER_LAYER = 25
+MLP_KINDS = {"gelu": 0, "swiglu": 1, "geglu_tanh": 2}  # kernels.cpp's MlpKind
+
+
+def install(model: Transformer) -> str | None:
+    """Give `model` a fused decode step; return why it cannot have one (None when it has)."""
+    reason = _unsupported(model)
+    if reason is None:
+        model.fused_decode = FusedDecode(model)
+    return reason
+
+
+def _unsupported(model: Transformer) -> str | None:
+    if not kernels.available():
+        return f"Promethean's CPU kernels cannot run here: {kernels.unavailable_reason()}"
+    if model.config.mlp not in MLP_KINDS:
+        return f"its '{model.config.mlp}' MLP is not one the fused step knows"
+    for layer, block in enumerate(model.blocks):
+        attention = block.attn
+        if attention is None:
+            return f"layer {layer} is an SSM mixer"
+        if attention.window is not None:
+            return f"layer {layer} is a sliding-window layer"
+        projections = (attention.qkv_proj, attention.o_proj, *_mlp_projections(block.mlp))
+        if any(_operands(projection) is None for projection in projections):
+            return f"layer {layer} has projections the kernels do not multiply"
+        norms = [block.attn_norm, block.mlp_norm, block.attn_post_norm, block.mlp_post_norm]
+        if any(norm is not None and not isinstance(norm, (LayerNorm, RMSNorm)) for norm in norms):
+            return f"layer {layer} has a norm the fused step does not know"
+        if attention.scale != model.blocks[0].attn.scale:
+            return "the layers' attention scales differ"
+    return None
+
+
+def _mlp_projections(mlp) -> tuple:
+    return (mlp.gate_proj, mlp.up_proj, mlp.down_proj) if mlp.gated else (mlp.up_proj,
+                                                                           mlp.down_proj)
+
+
+def _operands(projection) -> tuple | None:
+    """(weight, scales, bias) of a layer the kernels multiply (see `kernel_operands`)."""
+    operands = getattr(projection, "kernel_operands", None)
+    return None if operands is None else operands()
+
+
+def _norm_tensors(norm) -> list:
+    if norm is None:
+        return [None, None]
+    return [norm.weight, getattr(norm, "bias", None)]
+
+
+class FusedDecode:
+    """The tensors and shape of a model's blocks, gathered once, for `kernels.decode_blocks`."""
+
+    def __init__(self, model: Transformer) -> None:
+        config = model.config
+        params: list[torch.Tensor | None] = []
+        self.layer_thetas = []
+        for block in model.blocks:
+            attention, mlp = block.attn, block.mlp
+            params += _norm_tensors(block.attn_norm)
+            params += _operands(attention.qkv_proj)
+            q_norm, k_norm = attention.q_norm, attention.k_norm
+            params += [None, None] if q_norm is None else [q_norm.weight, k_norm.weight]
+            params += _operands(attention.o_proj)
+            params += _norm_tensors(block.attn_post_norm)
+            params += _norm_tensors(block.mlp_norm)
+            params += _operands(mlp.gate_proj) if mlp.gated else [None, None, None]
+            params += _operands(mlp.up_proj)
+            params += _operands(mlp.down_proj)
+            params += _norm_tensors(block.mlp_post_norm)
+            self.layer_thetas.append(attention.rope_theta)
+        assert len(params) == PARAMS_PER_LAYER * config.n_layer
+        self.params = params
+        # The distinct rotary bases the forward pass must provide tables for.
+        self.rope_thetas = sorted({theta for theta in self.layer_thetas if theta is not None})
+        self.shape = [config.n_layer, config.n_head, config.kv_heads, config.head_size,
+                      int(config.norm == "rmsnorm"), int(config.norm_unit_offset),
+                      MLP_KINDS[config.mlp]]
+        self.reals = [float(config.norm_eps), float(model.blocks[0].attn.scale)]
+
+    def can_step(self, cache: KVCache) -> bool:
+        """Whether every layer's cache has room for one more token (the module path grows it)."""
+        first = cache.layers[0]
+        return (isinstance(first, LayerKVCache) and first.keys is not None
+                and first.filled < first.keys.shape[2])
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """Run every block on x (1, 1, width), writing the token's keys and values to `cache`."""
+        layers = cache.layers
+        filled = layers[0].filled
+        rotary = []
+        if rotaries:
+            for theta in self.layer_thetas:
+                rotary += rotaries[theta]
+        x = kernels.decode_blocks(x, self.params, [layer.keys for layer in layers],
+                                  [layer.values for layer in layers], rotary, filled,
+                                  self.shape, self.reals)
+        for layer in layers:
+            layer.filled = filled + 1
+        return x

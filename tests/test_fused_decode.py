@@ -1,0 +1,143 @@
+"""The fused decode step (`promethean/inference/fused_decode.py`): every block of a batch-1 decode
+step in one call of Promethean's kernels, bit-identical to the module path."""
+
+import pytest
+import torch
+
+from promethean.config import load_preset
+from promethean.inference import fused_decode, kernels
+from promethean.inference.generate import GREEDY, generate
+from promethean.inference.quantize import prepare_for_inference
+from promethean.model import Transformer
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"Promethean's kernels cannot run here: "
+    f"{kernels.unavailable_reason()}"
+)
+
+
+def gemma_all_global():
+    """Gemma-3's structure (QK-norm, sandwich norms, unit-offset RMSNorm, GeGLU, scaled
+    embeddings, a head wider than width / heads) with every layer global, which the fused step
+    takes: the real preset's sliding-window layers keep the module path."""
+    config = load_preset("tiny-gemma3").model
+    return config.model_copy(update={"sliding_window": None, "rope_local_theta": None,
+                                     "global_layers": None})
+
+
+CONFIGS = {
+    "tiny-gpt2": lambda: load_preset("tiny-gpt2").model,  # LayerNorm, GELU, learned positions
+    "tiny-llama": lambda: load_preset("tiny-llama").model,  # RMSNorm, SwiGLU, RoPE, GQA 4:1
+    "gemma-all-global": gemma_all_global,
+}
+
+
+def prepared(name: str, dtype: str) -> Transformer:
+    torch.manual_seed(0)
+    return prepare_for_inference(Transformer(CONFIGS[name]()), dtype)
+
+
+def count_fused_steps(model: Transformer) -> list[int]:
+    calls = [0]
+    step = model.fused_decode.step
+
+    def counted(*args):
+        calls[0] += 1
+        return step(*args)
+
+    model.fused_decode.step = counted
+    return calls
+
+
+@torch.inference_mode()
+def decode(model: Transformer, prompt: list[int], tokens: list[int], capacity: int):
+    """Logits of the prompt's last position and of each fed token, and the cache."""
+    cache = model.new_cache(1, capacity=capacity)
+    logits = [model(torch.tensor([prompt]), cache=cache).logits[:, -1]]
+    for token in tokens:
+        logits.append(model(torch.tensor([[token]]), cache=cache).logits[:, -1])
+    return torch.cat(logits), cache
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_fused_steps_give_the_module_paths_logits_and_cache_bit_for_bit(name, dtype):
+    model = prepared(name, dtype)
+    assert model.fused_decode is not None
+    calls = count_fused_steps(model)
+    prompt, tokens = [5, 17, 3, 99, 42], [7, 8, 250, 1, 0, 64, 33, 2, 11, 19, 300, 4]
+    # Capacity 8: the cache is full after three new tokens (and again at 16); each of those two
+    # steps takes the module path, which doubles the buffers, and the fused step carries on in
+    # the grown cache.
+    fused, fused_cache = decode(model, prompt, tokens, capacity=8)
+    assert calls[0] == len(tokens) - 2
+    model.fused_decode = None
+    plain, plain_cache = decode(model, prompt, tokens, capacity=8)
+    assert torch.equal(fused, plain)
+    for mine, theirs in zip(fused_cache.layers, plain_cache.layers):
+        assert mine.filled == theirs.filled == len(prompt) + len(tokens)
+        assert torch.equal(mine.keys[:, :, : mine.filled], theirs.keys[:, :, : theirs.filled])
+        assert torch.equal(mine.values[:, :, : mine.filled], theirs.values[:, :, : theirs.filled])
+
+
+@needs_kernels
+def test_generation_with_the_fused_step_gives_the_same_tokens():
+    model = prepared("tiny-llama", "int8")
+    calls = count_fused_steps(model)
+    fused = generate(model, [[1, 2, 3, 4]], GREEDY)[0].token_ids
+    assert calls[0] == len(fused) - 1  # every step after the prompt's
+    model.fused_decode = None
+    assert fused == generate(model, [[1, 2, 3, 4]], GREEDY)[0].token_ids
+
+
+@needs_kernels
+def test_batches_padding_and_training_keep_the_module_path():
+    model = prepared("tiny-gpt2", "bf16")
+    calls = count_fused_steps(model)
+    with torch.inference_mode():
+        batch = model.new_cache(2, capacity=16)
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=batch)
+        model(torch.tensor([[7], [8]]), cache=batch)
+        padded = model.new_cache(1, capacity=16, left_padding=torch.tensor([1]))
+        model(torch.tensor([[0, 2, 3]]), cache=padded)
+        model(torch.tensor([[7]]), cache=padded)
+        model.train()
+        trained = model.new_cache(1, capacity=16)
+        model(torch.tensor([[1, 2]]), cache=trained)
+        model(torch.tensor([[3]]), cache=trained)
+    assert calls[0] == 0
+
+
+@needs_kernels
+def test_converting_the_model_drops_the_fused_step():
+    model = prepared("tiny-gpt2", "int8")
+    model.to("cpu")  # any _apply replaces buffers the step gathered
+    assert model.fused_decode is None
+
+
+@needs_kernels
+def test_models_the_step_cannot_express_keep_the_module_path_and_say_why():
+    for name, reason in [("tiny-gemma3", "layer 0 is a sliding-window layer"),
+                         ("tiny-sssm", "layer 0 is an SSM mixer")]:
+        torch.manual_seed(0)
+        model = prepare_for_inference(Transformer(load_preset(name).model), "bf16")
+        assert model.fused_decode is None
+        assert fused_decode.install(model) == reason
+    fp32 = Transformer(load_preset("tiny-gpt2").model)
+    assert fused_decode.install(fp32) == "layer 0 has projections the kernels do not multiply"
+
+
+@needs_kernels
+def test_a_cache_without_room_is_refused():
+    model = prepared("tiny-gpt2", "bf16")
+    step = model.fused_decode
+    with torch.inference_mode():
+        cache = model.new_cache(1, capacity=4)
+        model(torch.tensor([[1, 2, 3, 4]]), cache=cache)
+        assert not step.can_step(cache)
+        x = torch.zeros(1, 1, model.config.n_embd, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="a cache buffer has no room for the new token"):
+            kernels.decode_blocks(x, step.params, [layer.keys for layer in cache.layers],
+                                  [layer.values for layer in cache.layers], [], 4, step.shape,
+                                  step.reals)
