@@ -61,14 +61,14 @@ SSM_FLOAT_PROJECTIONS = ("x_proj", "dt_proj")
 class PackedLinear(nn.Module):
     """A bf16 linear layer whose weight oneDNN has reordered once into its blocked layout."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16)
+        self.out_features, self.in_features = weight.shape
         # An opaque oneDNN tensor: a plain attribute, not a parameter (it has no storage that
         # state_dict or autograd could use).
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        bias = linear.bias
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(
+            weight.detach().to(torch.bfloat16), 1
+        )
         self.register_buffer(
             "bias", None if bias is None else bias.detach().to(torch.bfloat16).clone()
         )
@@ -108,7 +108,7 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.several_rows = PackedLinear(linear) if pack else None
+        self.several_rows = PackedLinear(linear.weight, linear.bias) if pack else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.several_rows is None or x.numel() == x.shape[-1]:
@@ -130,12 +130,17 @@ class Bf16Linear(nn.Module):
 class TiedRowLinear(nn.Module):
     """The head of a bf16 model tied to the token embedding: one shared plain matrix. A single
     row (batch-1 decoding) is multiplied by Promethean's kernel where it runs, else by
-    `torch.mv`; several rows by `F.linear` (compute-bound: oneDNN's AMX path is faster there)."""
+    `torch.mv`. Several rows (a batched decode step, the last positions of a batch of prompts)
+    are compute-bound: with `pack` they go to a oneDNN-packed copy (AMX: 2-3x `F.linear` at 8
+    rows), made on the first such call so that batch-1 generation never holds it (77 MB at
+    GPT-2 size); otherwise `F.linear`."""
 
-    def __init__(self, embedding: nn.Embedding, use_kernels: bool) -> None:
+    def __init__(self, embedding: nn.Embedding, use_kernels: bool, pack: bool) -> None:
         super().__init__()
         self.weight = embedding.weight  # the same Parameter: no second copy
         self.use_kernels = use_kernels
+        self.pack = pack
+        self.several_rows: PackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
@@ -146,6 +151,10 @@ class TiedRowLinear(nn.Module):
         # F.linear falls back to a batched matmul that copies the whole vocab x width matrix once
         # per row (0.9 s of a batch-8 prefill at GPT-2 size).
         rows = x.reshape(-1, x.shape[-1])
+        if self.pack:
+            if self.several_rows is None:
+                self.several_rows = PackedLinear(self.weight, None)
+            return self.several_rows(rows).reshape(*x.shape[:-1], -1)
         return F.linear(rows, self.weight).reshape(*x.shape[:-1], -1)
 
 
@@ -316,14 +325,14 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             model.lm_head = Bf16Linear(model.lm_head, pack=False)
         _convert_floats(model, torch.bfloat16)
         if tied:
-            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=True)
+            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=True, pack=pack)
     elif applied in ("bf16", "fp16"):
         packing = applied == "bf16" and device.type == "cpu" and _onednn_packing_works()
         if packing:
             _pack_bf16(model, tied)
         model.to(resolve_dtype(applied, device))
         if packing and tied:
-            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False)
+            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False, pack=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if use_kernels and applied in ("bf16", "int8"):
@@ -425,9 +434,10 @@ def _pack_bf16(model: Transformer, tied: bool) -> None:
     """oneDNN-packed bf16 copies of the blocks' projections and, unless it is the embedding's
     matrix, of the head (a tied head is wrapped after the embedding is in bf16)."""
     for parent, name in _block_linears(model):
-        setattr(parent, name, PackedLinear(getattr(parent, name)))
+        linear = getattr(parent, name)
+        setattr(parent, name, PackedLinear(linear.weight, linear.bias))
     if not tied:
-        model.lm_head = PackedLinear(model.lm_head)
+        model.lm_head = PackedLinear(model.lm_head.weight, None)
 
 
 @torch.no_grad()
