@@ -91,21 +91,47 @@ def test_generation_with_the_fused_step_gives_the_same_tokens():
     assert fused == generate(model, [[1, 2, 3, 4]], GREEDY)[0].token_ids
 
 
+@torch.inference_mode()
+def decode_padded_batch(model: Transformer, steps: int):
+    """Three prompts of 5, 3 and 1 tokens, left-padded into one batch (as `generate` and the
+    serving engine batch them), then `steps` tokens per row."""
+    prompts = torch.tensor([[5, 17, 3, 99, 42], [0, 0, 8, 250, 1], [0, 0, 0, 0, 64]])
+    cache = model.new_cache(3, capacity=8, left_padding=torch.tensor([0, 2, 4]))
+    logits = [model(prompts, cache=cache).logits[:, -1]]
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        tokens = torch.randint(0, model.config.vocab_size, (3, 1), generator=generator)
+        logits.append(model(tokens, cache=cache).logits[:, -1])
+    return torch.stack(logits), cache
+
+
 @needs_kernels
-def test_batches_padding_and_training_keep_the_module_path():
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_left_padded_batch_steps_bit_for_bit_like_the_module_path(name, dtype):
+    # bf16 multiplies several rows with oneDNN's packed copies, inside the step as in the layers;
+    # the padded rows need the attention mask, and LLaMA's rotary tables their own positions.
+    model = prepared(name, dtype)
+    calls = count_fused_steps(model)
+    fused, fused_cache = decode_padded_batch(model, steps=6)
+    assert calls[0] == 5  # the cache is full once (8 slots), and that step grows it
+    model.fused_decode = None
+    plain, plain_cache = decode_padded_batch(model, steps=6)
+    assert torch.equal(fused, plain)
+    for mine, theirs in zip(fused_cache.layers, plain_cache.layers):
+        assert torch.equal(mine.keys[:, :, : mine.filled], theirs.keys[:, :, : theirs.filled])
+
+
+@needs_kernels
+def test_prompts_and_training_keep_the_module_path():
     model = prepared("tiny-gpt2", "bf16")
     calls = count_fused_steps(model)
     with torch.inference_mode():
-        batch = model.new_cache(2, capacity=16)
-        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=batch)
-        model(torch.tensor([[7], [8]]), cache=batch)
-        padded = model.new_cache(1, capacity=16, left_padding=torch.tensor([1]))
-        model(torch.tensor([[0, 2, 3]]), cache=padded)
-        model(torch.tensor([[7]]), cache=padded)
+        cache = model.new_cache(1, capacity=16)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        model(torch.tensor([[4, 5]]), cache=cache)  # two new tokens: not a decode step
         model.train()
-        trained = model.new_cache(1, capacity=16)
-        model(torch.tensor([[1, 2]]), cache=trained)
-        model(torch.tensor([[3]]), cache=trained)
+        model(torch.tensor([[6]]), cache=cache)
     assert calls[0] == 0
 
 
@@ -139,5 +165,5 @@ def test_a_cache_without_room_is_refused():
         x = torch.zeros(1, 1, model.config.n_embd, dtype=torch.bfloat16)
         with pytest.raises(RuntimeError, match="a cache buffer has no room for the new token"):
             kernels.decode_blocks(x, step.params, [layer.keys for layer in cache.layers],
-                                  [layer.values for layer in cache.layers], [], 4, step.shape,
+                                  [layer.values for layer in cache.layers], [], None, 4, step.shape,
                                   step.reals)

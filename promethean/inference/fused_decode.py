@@ -1,17 +1,19 @@
-"""A prepared model's one-token decode steps in a single call of Promethean's kernels.
+"""A prepared model's decode steps in a single call of Promethean's kernels.
 
 At batch 1 a decode step's matrix products stream the weights at close to the memory bandwidth;
 what else a step costs is the time between them. Run from Python, each of a block's ~30 small
 operations (norms, the q/k/v split and views, the cache write, attention, residual adds) pays
-~10 us of interpreter and module overhead: 2-3 ms per GPT-2-small token, as much as all of an int8
-model's weight reads. `kernels.decode_blocks` runs every block of such a step in C++ instead,
-with the same ATen operations in the same order as `promethean.model`'s modules, so its result
-is bit-identical to the module path (tests/test_kernels.py).
+~10 us of interpreter and module overhead: 2-3 ms per GPT-2-small step, as much as all of an int8
+model's weight reads at batch 1. `kernels.decode_blocks` runs every block of a step in C++
+instead, with the same ATen operations in the same order as `promethean.model`'s modules (the
+same kernels, oneDNN's packed bf16 for several rows, and the attention mask of left-padded
+rows), so its result is bit-identical to the module path (tests/test_fused_decode.py).
 
 `install(model)` is called by `prepare_for_inference` when the kernels run here; the model then
-uses it for one token of one sequence with a KV cache (a batch-1 decode step) and the module
-path for everything else (prompts, batches, training). Models it cannot express (SSM mixers,
-sliding-window layers, layers that are not the kernels' own) keep the module path throughout.
+uses it for every decode step (one new token per sequence, with a KV cache that has room for
+it: `generate`, the serving engine's batches) and the module path for everything else (prompts,
+training). Models it cannot express (SSM mixers, sliding-window layers, layers that are not the
+kernels' own) keep the module path throughout.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from promethean.model.attention import KVCache, LayerKVCache
 from promethean.model.layers import LayerNorm, RMSNorm
 
 # Tensors per layer in the `params` list, in kernels.cpp's `Param` order.
-PARAMS_PER_LAYER = 25
+PARAMS_PER_LAYER = 35
 MLP_KINDS = {"gelu": 0, "swiglu": 1, "geglu_tanh": 2}  # kernels.cpp's MlpKind
 
 
@@ -64,7 +66,8 @@ def _mlp_projections(mlp) -> tuple:
 
 
 def _operands(projection) -> tuple | None:
-    """(weight, scales, bias) of a layer the kernels multiply (see `kernel_operands`)."""
+    """(weight, scales, bias, packed weight, packed bias) of a layer the kernels multiply (see
+    `kernel_operands`)."""
     operands = getattr(projection, "kernel_operands", None)
     return None if operands is None else operands()
 
@@ -91,7 +94,7 @@ class FusedDecode:
             params += _operands(attention.o_proj)
             params += _norm_tensors(block.attn_post_norm)
             params += _norm_tensors(block.mlp_norm)
-            params += _operands(mlp.gate_proj) if mlp.gated else [None, None, None]
+            params += _operands(mlp.gate_proj) if mlp.gated else [None] * 5
             params += _operands(mlp.up_proj)
             params += _operands(mlp.down_proj)
             params += _norm_tensors(block.mlp_post_norm)
@@ -106,18 +109,22 @@ class FusedDecode:
         self.reals = [float(config.norm_eps), float(model.blocks[0].attn.scale)]
 
     def can_step(self, cache: KVCache) -> bool:
-        """Whether every layer's cache has room for one more token (the module path grows it)."""
+        """Whether every layer's cache holds exactly the sequences' slots so far and has room for
+        one more token (when full, the module path grows it)."""
         first = cache.layers[0]
         return (isinstance(first, LayerKVCache) and first.keys is not None
-                and first.filled < first.keys.shape[2])
+                and first.filled == cache.length and first.filled < first.keys.shape[2])
 
     def step(
         self,
         x: torch.Tensor,
         cache: KVCache,
         rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]],
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Run every block on x (1, 1, width), writing the token's keys and values to `cache`."""
+        """Run every block on x (batch, 1, width), writing the new keys and values to `cache`.
+        `rotaries` maps each base in `rope_thetas` to its (cos, sin) tables for the new
+        positions; `mask` is the attention mask of left-padded rows (None without padding)."""
         layers = cache.layers
         filled = layers[0].filled
         rotary = []
@@ -125,7 +132,7 @@ class FusedDecode:
             for theta in self.layer_thetas:
                 rotary += rotaries[theta]
         x = kernels.decode_blocks(x, self.params, [layer.keys for layer in layers],
-                                  [layer.values for layer in layers], rotary, filled,
+                                  [layer.values for layer in layers], rotary, mask, filled,
                                   self.shape, self.reals)
         for layer in layers:
             layer.filled = filled + 1

@@ -16,6 +16,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -300,25 +301,26 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // ------------------------------------------------------------------------------ decode step
-// Every block of a one-token decode step for one sequence, in one call. At batch 1 the matrix
+// Every block of a decode step (one new token per sequence) in one call. At batch 1 the matrix
 // products stream about 25 GB/s of weights, and what is left of a step is the time between them:
 // from Python, each of a block's ~30 small operations (norm, split, views, cache write, attention,
 // residual adds) costs ~10 us of interpreter and module overhead, about 2-3 ms per GPT-2-small
-// token. Here the same ATen operations run in the same order on the same shapes as
-// promethean.model's Block.forward does for one token, so the result is bit-identical to the
-// module path (tests/test_kernels.py), only without Python in between.
+// step whatever the batch. Here the same ATen operations run in the same order on the same shapes
+// as promethean.model's Block.forward does for such a step (the attention mask of left-padded rows
+// included), so the result is bit-identical to the module path (tests/test_fused_decode.py), only
+// without Python in between.
 
 // What each layer contributes to `params`, in this order (absent ones are None).
 enum Param : int64_t {
   kAttnNormWeight, kAttnNormBias,
-  kQkvWeight, kQkvScales, kQkvBias,
+  kQkv, kQkvScales, kQkvBias, kQkvPacked, kQkvPackedBias,
   kQNormWeight, kKNormWeight,
-  kOutWeight, kOutScales, kOutBias,
+  kOut, kOutScales, kOutBias, kOutPacked, kOutPackedBias,
   kAttnPostNormWeight, kAttnPostNormBias,
   kMlpNormWeight, kMlpNormBias,
-  kGateWeight, kGateScales, kGateBias,
-  kUpWeight, kUpScales, kUpBias,
-  kDownWeight, kDownScales, kDownBias,
+  kGate, kGateScales, kGateBias, kGatePacked, kGatePackedBias,
+  kUp, kUpScales, kUpBias, kUpPacked, kUpPackedBias,
+  kDown, kDownScales, kDownBias, kDownPacked, kDownPackedBias,
   kMlpPostNormWeight, kMlpPostNormBias,
   kParamsPerLayer
 };
@@ -351,20 +353,43 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return (x * cos + rotated * sin).to(x.scalar_type());
 }
 
-at::Tensor project(const at::Tensor& x, const OptionalTensors& params, int64_t base, Param weight) {
-  return linear(x, *params.get(base + weight), params.get(base + weight + 1),
-                params.get(base + weight + 2));
+// promethean.inference.quantize.PackedLinear: oneDNN's linear on a prepacked bf16 weight.
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack;
+  stack.emplace_back(x.to(at::kBFloat16));
+  stack.emplace_back(packed);
+  stack.emplace_back(bias);
+  stack.emplace_back(std::string("none"));
+  stack.emplace_back(c10::List<std::optional<c10::Scalar>>());
+  stack.emplace_back(std::string(""));
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A projection as its layer computes it: the kernel, or (several rows of a bf16 layer that keeps
+// one, as Bf16Linear does) the oneDNN-packed copy.
+at::Tensor project(const at::Tensor& x, const OptionalTensors& params, int64_t base, Param which) {
+  const auto packed = params.get(base + which + 3);
+  if (packed.has_value() && x.numel() != x.size(-1))
+    return packed_linear(x, *packed, params.get(base + which + 4));
+  return linear(x, *params.get(base + which), params.get(base + which + 1),
+                params.get(base + which + 2));
 }
 
 at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
                          at::TensorList keys, at::TensorList values, const OptionalTensors& rotary,
-                         int64_t filled, at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
+                         const std::optional<at::Tensor>& mask, int64_t filled,
+                         at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
   TORCH_CHECK(shape_ints.size() == 7 && reals.size() == 2, "decode_blocks: bad stack shape");
   const StackShape shape{shape_ints[0], shape_ints[1], shape_ints[2], shape_ints[3],
                          shape_ints[4] != 0, shape_ints[5] != 0, shape_ints[6],
                          reals[0], reals[1]};
-  TORCH_CHECK(input.dim() == 3 && input.size(0) == 1 && input.size(1) == 1,
-              "decode_blocks: one token of one sequence, (1, 1, width)");
+  TORCH_CHECK(input.dim() == 3 && input.size(1) == 1,
+              "decode_blocks: one token per sequence, (batch, 1, width)");
+  const int64_t batch = input.size(0);
   TORCH_CHECK(int64_t(params.size()) == shape.layers * kParamsPerLayer &&
                   int64_t(keys.size()) == shape.layers && int64_t(values.size()) == shape.layers,
               "decode_blocks: parameters or caches do not match the number of layers");
@@ -377,16 +402,18 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
     const int64_t base = layer * kParamsPerLayer;
     const auto& layer_keys = keys[layer];
     const auto& layer_values = values[layer];
-    TORCH_CHECK(layer_keys.dim() == 4 && filled < layer_keys.size(2) &&
+    TORCH_CHECK(layer_keys.dim() == 4 && layer_keys.size(0) == batch &&
                     layer_values.sizes() == layer_keys.sizes(),
+                "decode_blocks: a cache buffer does not hold this batch");
+    TORCH_CHECK(filled < layer_keys.size(2),
                 "decode_blocks: a cache buffer has no room for the new token");
     // Attention (promethean.model.attention.Attention.forward with one new token).
     auto h = norm(x, params.get(base + kAttnNormWeight), params.get(base + kAttnNormBias), shape);
-    const auto qkv = project(h, params, base, kQkvWeight).split_with_sizes(
+    const auto qkv = project(h, params, base, kQkv).split_with_sizes(
         {inner, kv_inner, kv_inner}, -1);
-    auto q = qkv[0].view({1, 1, shape.heads, shape.head_size}).transpose(1, 2);
-    auto k = qkv[1].view({1, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
-    auto v = qkv[2].view({1, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    auto q = qkv[0].view({batch, 1, shape.heads, shape.head_size}).transpose(1, 2);
+    auto k = qkv[1].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    auto v = qkv[2].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
     if (params.get(base + kQNormWeight).has_value()) {
       StackShape head_norm = shape;
       head_norm.rms_norm = true;
@@ -402,10 +429,10 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
     layer_keys.narrow(2, filled, 1).copy_(k);
     layer_values.narrow(2, filled, 1).copy_(v);
     auto y = at::scaled_dot_product_attention(
-        q, layer_keys.narrow(2, 0, filled + 1), layer_values.narrow(2, 0, filled + 1), {}, 0.0,
+        q, layer_keys.narrow(2, 0, filled + 1), layer_values.narrow(2, 0, filled + 1), mask, 0.0,
         false, shape.attention_scale, shape.kv_heads != shape.heads);
-    y = y.transpose(1, 2).reshape({1, 1, inner});
-    h = project(y, params, base, kOutWeight);
+    y = y.transpose(1, 2).reshape({batch, 1, inner});
+    h = project(y, params, base, kOut);
     if (params.get(base + kAttnPostNormWeight).has_value())
       h = norm(h, params.get(base + kAttnPostNormWeight), params.get(base + kAttnPostNormBias),
                shape);
@@ -414,14 +441,14 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
     h = norm(x, params.get(base + kMlpNormWeight), params.get(base + kMlpNormBias), shape);
     at::Tensor hidden;
     if (shape.mlp == kGelu) {
-      hidden = at::gelu(project(h, params, base, kUpWeight), "tanh");
+      hidden = at::gelu(project(h, params, base, kUp), "tanh");
     } else if (shape.mlp == kSwiGlu) {
-      hidden = at::silu(project(h, params, base, kGateWeight)) * project(h, params, base, kUpWeight);
+      hidden = at::silu(project(h, params, base, kGate)) * project(h, params, base, kUp);
     } else {
-      hidden = at::gelu(project(h, params, base, kGateWeight), "tanh") *
-               project(h, params, base, kUpWeight);
+      hidden = at::gelu(project(h, params, base, kGate), "tanh") *
+               project(h, params, base, kUp);
     }
-    h = project(hidden, params, base, kDownWeight);
+    h = project(hidden, params, base, kDown);
     if (params.get(base + kMlpPostNormWeight).has_value())
       h = norm(h, params.get(base + kMlpPostNormWeight), params.get(base + kMlpPostNormBias),
                shape);
@@ -444,10 +471,13 @@ TORCH_LIBRARY(promethean_kernels, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
   m.def(
       "decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, "
-      "Tensor?[] rotary, int filled, int[] shape, float[] reals) -> Tensor");
+      "Tensor?[] rotary, Tensor? mask, int filled, int[] shape, float[] reals) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(promethean_kernels, CPU, m) {
   m.impl("linear", &linear);
   m.impl("decode_blocks", &decode_blocks);
 }
+
+// A bf16 model's packed weights are oneDNN tensors, which make the dispatcher pick this backend.
+TORCH_LIBRARY_IMPL(promethean_kernels, MkldnnCPU, m) { m.impl("decode_blocks", &decode_blocks); }

@@ -64,15 +64,16 @@ def decode_blocks(
     keys: list[torch.Tensor],
     values: list[torch.Tensor],
     rotary: list[torch.Tensor],
+    mask: torch.Tensor | None,
     filled: int,
     shape: list[int],
     reals: list[float],
 ) -> torch.Tensor:
-    """Every block of a one-token, one-sequence decode step (see `fused_decode`): x (1, 1, width)
-    in, the last block's output out; the token's keys and values are written at slot `filled` of
-    each layer's cache buffers. Only call this where `available()` is true."""
+    """Every block of a decode step (see `fused_decode`): x (batch, 1, width) in, the last
+    block's output out; the new keys and values are written at slot `filled` of each layer's
+    cache buffers. Only call this where `available()` is true."""
     return torch.ops.promethean_kernels.decode_blocks(
-        x, params, keys, values, rotary, filled, shape, reals
+        x, params, keys, values, rotary, mask, filled, shape, reals
     )
 
 

@@ -116,8 +116,12 @@ class Bf16Linear(nn.Module):
         return self.several_rows(x)
 
     def kernel_operands(self) -> tuple:
-        """(weight, scales, bias) as the kernels multiply them (for `fused_decode`)."""
-        return self.weight, None, self.bias
+        """(weight, scales, bias) as the kernel multiplies them, then the packed copy's weight
+        and bias for several rows, or None (for `fused_decode`)."""
+        several = self.several_rows
+        if several is None:
+            return self.weight, None, self.bias, None, None
+        return self.weight, None, self.bias, several.packed_weight, several.bias
 
     def weight_bytes(self) -> int:
         """Bytes of weight a batch-1 step reads (the plain copy)."""
@@ -216,9 +220,9 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def kernel_operands(self) -> tuple | None:
-        """(weight, scales, bias) as the kernels multiply them, None when PyTorch's kernel does
-        (for `fused_decode`)."""
-        return (self.weight, self.scales, self.bias) if self.use_kernels else None
+        """(weight, scales, bias) as the kernels multiply them, and no packed copy; None when
+        PyTorch's kernel does (for `fused_decode`)."""
+        return (self.weight, self.scales, self.bias, None, None) if self.use_kernels else None
 
     def weight_bytes(self) -> int:
         return self.weight.numel() + self.scales.numel() * self.scales.element_size()

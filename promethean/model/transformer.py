@@ -88,8 +88,8 @@ class Transformer(nn.Module):
         self.tie_weights()
         self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
         # Set by promethean.inference (fused_decode) on a model prepared for inference: runs every
-        # block of a one-token, one-sequence cached step in one call, bit-identical to the blocks.
-        # It has `rope_thetas`, `can_step(cache)` and `step(x, cache, rotaries)`.
+        # block of a cached decode step (one new token per row) in one call, bit-identical to the
+        # blocks. It has `rope_thetas`, `can_step(cache)` and `step(x, cache, rotaries, mask)`.
         self.fused_decode = None
         self.reset_parameters()
 
@@ -218,12 +218,12 @@ class Transformer(nn.Module):
         x = self.dropout(x)
 
         fused = self.fused_decode
-        if (fused is not None and length == 1 and _batch == 1 and cache is not None
-                and left_padding is None and targets is None and not self.training
-                and fused.can_step(cache)):
+        if (fused is not None and length == 1 and cache is not None and targets is None
+                and not self.training and fused.can_step(cache)):
             rotaries = {theta: self._rotary(theta, positions, x.dtype)
                         for theta in fused.rope_thetas}
-            x = fused.step(x, cache, rotaries)
+            mask = self._mask(slots, None, cache, left_padding)[0]  # its layers are all global
+            x = fused.step(x, cache, rotaries, mask)
         else:
             x = self._run_blocks(x, slots, positions, cache, left_padding)
         if cache is not None:
