@@ -467,7 +467,7 @@ def kernel_description() -> str:
     if reason is None:
         return ("Promethean's AVX-512 kernels for a single row (bf16: `vdpbf16ps`; int8: "
                 "per-channel int8 weights against x quantized to int16 per row, `vpdpwssd`), "
-                "q/k/v fused into one product, every block of a batch-1 step in one C++ call "
+                "q/k/v fused into one product, every block of a decode step in one C++ call "
                 "(`fused_decode`), oneDNN's packed bf16 for several rows")
     return (f"PyTorch's kernels, because Promethean's cannot run here ({reason}): bf16 "
             "oneDNN-prepacked matrices and the tied head through `torch.mv`, int8 through "

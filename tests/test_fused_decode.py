@@ -1,6 +1,8 @@
 """The fused decode step (`promethean/inference/fused_decode.py`): every block of a batch-1 decode
 step in one call of Promethean's kernels, bit-identical to the module path."""
 
+import copy
+
 import pytest
 import torch
 
@@ -167,3 +169,18 @@ def test_a_cache_without_room_is_refused():
             kernels.decode_blocks(x, step.params, [layer.keys for layer in cache.layers],
                                   [layer.values for layer in cache.layers], [], None, 4, step.shape,
                                   step.reals)
+
+
+@needs_kernels
+def test_a_deep_copied_model_steps_with_its_own_tensors():
+    model = prepared("tiny-gpt2", "bf16")
+    twin = copy.deepcopy(model)
+    twin_params = {id(tensor) for tensor in twin.fused_decode.params if tensor is not None}
+    assert twin_params.isdisjoint(id(tensor) for tensor in model.fused_decode.params)
+    twin.blocks[0].attn.qkv_proj.weight.zero_()  # the twin's step must see its own weights
+    qkv = twin.blocks[0].attn.qkv_proj
+    assert twin.fused_decode.params[2] is qkv.weight
+    assert twin.fused_decode.params[5] is qkv.several_rows.packed_weight  # the oneDNN copy
+    first, _ = decode(model, [1, 2, 3], [4, 5], capacity=8)
+    again, _ = decode(copy.deepcopy(model), [1, 2, 3], [4, 5], capacity=8)
+    assert torch.equal(first, again)

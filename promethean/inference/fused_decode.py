@@ -18,6 +18,8 @@ kernels' own) keep the module path throughout.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from promethean.inference import kernels
@@ -108,6 +110,15 @@ class FusedDecode:
                       MLP_KINDS[config.mlp]]
         self.reals = [float(config.norm_eps), float(model.blocks[0].attn.scale)]
 
+    def __deepcopy__(self, memo):
+        # A copied model's step must read the copy's tensors: those its layers already copied
+        # are in `memo`. oneDNN-packed weights have no storage for deepcopy, so they are cloned.
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        clone.params = [None if tensor is None else _copied(tensor, memo)
+                        for tensor in self.params]
+        return clone
+
     def can_step(self, cache: KVCache) -> bool:
         """Whether every layer's cache holds exactly the sequences' slots so far and has room for
         one more token (when full, the module path grows it)."""
@@ -137,3 +148,12 @@ class FusedDecode:
         for layer in layers:
             layer.filled = filled + 1
         return x
+
+
+def _copied(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
+    if id(tensor) in memo:
+        return memo[id(tensor)]
+    if tensor.layout == torch._mkldnn:
+        memo[id(tensor)] = tensor.clone()
+        return memo[id(tensor)]
+    return copy.deepcopy(tensor, memo)

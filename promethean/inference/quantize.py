@@ -19,8 +19,8 @@ Which kernels multiply the bf16 and int8 matrices on a CPU:
   scales and biases, for any number of rows, and `Bf16Linear`, which hands several rows at once
   (compute-bound) to oneDNN's AMX path instead. A head tied to the embedding multiplies the one
   shared bf16 matrix (`TiedRowLinear`); an untied head is a `Bf16Linear` without a packed copy.
-  The model also gets a fused decode step (`promethean.inference.fused_decode`): one token of one
-  sequence runs every block in a single C++ call, bit-identical to the modules.
+  The model also gets a fused decode step (`promethean.inference.fused_decode`): a step of one
+  new token per sequence runs every block in a single C++ call, bit-identical to the modules.
 * Otherwise PyTorch's: bf16 matrices of the blocks *prepacked* for oneDNN once (`PackedLinear`,
   about 1.5x faster at batch 1 than a plain bf16 `F.linear`, which re-lays the weight out on
   every call), a tied head multiplied with `torch.mv` for a single row, and int8 through
@@ -85,6 +85,7 @@ class PackedLinear(nn.Module):
         state = {key: value for key, value in self.__dict__.items() if key != "packed_weight"}
         clone.__dict__ = copy.deepcopy(state, memo)
         clone.packed_weight = self.packed_weight.clone()
+        memo[id(self.packed_weight)] = clone.packed_weight  # what else holds it gets this copy
         return clone
 
     def weight_bytes(self) -> int:
