@@ -222,7 +222,9 @@ class Transformer(nn.Module):
                 and not self.training and fused.can_step(cache)):
             rotaries = {theta: self._rotary(theta, positions, x.dtype)
                         for theta in fused.rope_thetas}
-            mask = self._mask(slots, None, cache, left_padding)[0]  # its layers are all global
+            mask = None  # its layers are all global: one new token sees every slot held...
+            if left_padding is not None:  # ...except a row's padding
+                mask = self._mask(slots, None, cache, left_padding)[0]
             x = fused.step(x, cache, rotaries, mask)
         else:
             x = self._run_blocks(x, slots, positions, cache, left_padding)
