@@ -9,7 +9,9 @@ What it measures, all in one run so that every figure has a peer measured under 
 * tokens/s of a greedy, batch-1 generation of exactly --new-tokens tokens after a 16-token random
   prompt, for promethean's `generate` and `transformers`' `GPT2LMHeadModel.generate` (same config,
   random weights, KV cache), in fp32 and bf16, and ours in int8 (transformers has no int8 CPU
-  path of its own: its int8 needs bitsandbytes or torchao). Ours in bf16 and int8 is the
+  path of its own: its int8 needs bitsandbytes or torchao). Where Promethean's AVX-512 kernels
+  run, ours in bf16 and int8 is measured a second time on its AVX2 kernels (what a CPU without
+  AVX-512 runs, on this machine's memory). Ours in bf16 and int8 is the
   fp32 model converted by `promethean.inference.quantize.prepare_for_inference`, exactly what
   `promethean generate --dtype` runs. The clock covers the whole `generate` call, the
   16-token prefill included. One warm-up per engine, then --repeats rounds; each round runs every
@@ -149,8 +151,32 @@ def generate_theirs(model, prompt: list[int], new_tokens: int) -> int:
     return out.shape[1] - len(prompt)
 
 
-BUILD = {"ours": build_ours, "transformers": build_theirs}
-GENERATE = {"ours": generate_ours, "transformers": generate_theirs}
+def generate_ours_avx2(model, prompt: list[int], new_tokens: int) -> int:
+    """`generate_ours` on Promethean's AVX2 kernels: what a CPU without AVX-512 runs (most
+    laptops), measured on this machine's memory."""
+    from promethean.inference import kernels
+
+    kernels.use_instruction_set("avx2")
+    try:
+        return generate_ours(model, prompt, new_tokens)
+    finally:
+        kernels.use_instruction_set("avx512")
+
+
+BUILD = {"ours": build_ours, "ours-avx2": build_ours, "transformers": build_theirs}
+GENERATE = {"ours": generate_ours, "ours-avx2": generate_ours_avx2,
+            "transformers": generate_theirs}
+AVX2 = "ours-avx2"
+
+
+def engine_dtypes() -> dict[str, tuple[str, ...]]:
+    """ENGINE_DTYPES, and the AVX2 kernels in bf16 and int8 where this CPU runs AVX-512 ones
+    (elsewhere "ours" already is the AVX2 kernels, or PyTorch's)."""
+    from promethean.inference import kernels
+
+    if kernels.available() and kernels.instruction_set() == "avx512":
+        return {**ENGINE_DTYPES, AVX2: ("bf16", "int8")}
+    return dict(ENGINE_DTYPES)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -262,7 +288,7 @@ def measure_speed(new_tokens: int, repeats: int) -> dict:
 
     torch.set_num_threads(cores())
     prompt = prompt_ids()
-    keys = [(engine, dtype) for engine, dtypes in ENGINE_DTYPES.items() for dtype in dtypes]
+    keys = [(engine, dtype) for engine, dtypes in engine_dtypes().items() for dtype in dtypes]
     models = {key: BUILD[key[0]](key[1]) for key in keys}
     weights = {key: weight_bytes_per_token(model) for key, model in models.items()}
     # fp32 buffers as large as each dtype's weights (fp32 reads run at full speed on every CPU;
@@ -386,6 +412,24 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
             ]
         )
 
+    for dtype in ("bf16", "int8"):
+        narrow = (AVX2, dtype)
+        if narrow not in tps:
+            continue
+        rows.append(
+            [
+                f"fraction of the memory-bandwidth bound, {dtype}, AVX2 kernels (as on a CPU "
+                "without AVX-512)",
+                f"{ratios(tps[narrow], bound_tps[dtype]):.0%} "
+                f"({ms_per_token(tps[narrow]):.1f} ms/token)",
+                f"{ratios(tps[('ours', dtype)], bound_tps[dtype]):.0%} (ours {dtype}, AVX-512 "
+                f"kernels, {ms_per_token(tps[('ours', dtype)]):.1f} ms/token)",
+                f"{ratios(tps[narrow], tps[('ours', dtype)]):.2f}x",
+                f"100% = {ms_per_token(bound_tps[dtype]):.1f} ms/token",
+                code,
+            ]
+        )
+
     def gbs(samples: list[dict[str, float]], kind: str) -> str:
         values = [sample[kind] / 1e9 for sample in samples]
         return f"{statistics.median(values):.1f} GB/s (range {min(values):.1f}–{max(values):.1f})"
@@ -465,8 +509,13 @@ def kernel_description() -> str:
 
     reason = kernels.unavailable_reason()
     if reason is None:
-        return ("Promethean's AVX-512 kernels for a single row (bf16: `vdpbf16ps`; int8: "
-                "per-channel int8 weights against x quantized to int16 per row, `vpdpwssd`), "
+        kinds = ("AVX-512 kernels for a single row (bf16: `vdpbf16ps`; int8: per-channel int8 "
+                 "weights against x quantized to int16 per row, `vpdpwssd`; the AVX2 rows: bf16 "
+                 "widened to fp32 FMAs, int8 through `vpmaddwd`)")
+        if kernels.instruction_set() == "avx2":
+            kinds = ("AVX2 kernels for a single row (bf16 widened to fp32 FMAs; int8: "
+                     "per-channel int8 weights against x quantized to int16 per row, `vpmaddwd`)")
+        return (f"Promethean's {kinds}, "
                 "q/k/v fused into one product, every block of a decode step in one C++ call "
                 "(`fused_decode`), oneDNN's packed bf16 for several rows")
     return (f"PyTorch's kernels, because Promethean's cannot run here ({reason}): bf16 "
@@ -599,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
     clock = time.perf_counter()
     print(f"peak RSS, {len(RSS_RUNS)} subprocesses x {args.repeats} rounds", flush=True)
     rss = measure_rss(args.new_tokens, args.repeats)  # first: this process is still small
-    engines = sum(len(dtypes) for dtypes in ENGINE_DTYPES.values())
+    engines = sum(len(dtypes) for dtypes in engine_dtypes().values())
     print(f"decode speed, {engines} engines x ({args.repeats} rounds + 1 warm-up)", flush=True)
     speed = measure_speed(args.new_tokens, args.repeats)
     info = machine()

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from promethean.config import load_preset
+from promethean.errors import PrometheanError
 from promethean.inference import kernels
-from promethean.inference.quantize import quantize_rows
+from promethean.inference.quantize import prepare_for_inference, quantize_rows
+from promethean.model import Transformer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,6 +25,21 @@ needs_kernels = pytest.mark.skipif(
 # dimension (a partial tile of weight rows, columns past the last full 32, several passes of 6
 # rows of x).
 SHAPES = [(1, 64, 64), (1, 37, 45), (2, 96, 100), (7, 8, 31), (13, 33, 300), (1, 3072, 768)]
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def instruction_set(request):
+    """Run the test with each instruction set's kernels this CPU can run (AVX2 is what most
+    laptops have; an AVX-512 machine runs both)."""
+    if not kernels.available():
+        pytest.skip(f"Promethean's kernels cannot run here: {kernels.unavailable_reason()}")
+    before = kernels.instruction_set()
+    try:
+        kernels.use_instruction_set(request.param)
+    except PrometheanError as error:
+        pytest.skip(str(error))
+    yield request.param
+    kernels.use_instruction_set(before)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, scales=None, bias=None) -> torch.Tensor:
@@ -37,7 +55,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @needs_kernels
 @pytest.mark.parametrize("rows,out_features,in_features", SHAPES)
 def test_bf16_and_int8_products_equal_the_float_reference_to_the_output_rounding(
-    rows, out_features, in_features
+    rows, out_features, in_features, instruction_set
 ):
     generator = torch.Generator().manual_seed(rows * out_features + in_features)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
@@ -60,7 +78,7 @@ def test_bf16_and_int8_products_equal_the_float_reference_to_the_output_rounding
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_a_rows_result_does_not_depend_on_the_rows_computed_with_it(dtype):
+def test_a_rows_result_does_not_depend_on_the_rows_computed_with_it(dtype, instruction_set):
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(203, 150, generator=generator)
     x = torch.randn(11, 150, generator=generator).bfloat16()
@@ -78,7 +96,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_computed_with_it(dtype):
 
 
 @needs_kernels
-def test_int8_sums_are_exact_where_an_int32_sum_would_overflow():
+def test_int8_sums_are_exact_where_an_int32_sum_would_overflow(instruction_set):
     # 20000 products of 127 * 32767 would overflow int32 (4e10); x is quantized with a smaller
     # range for such a long row, and the lanes are added in int64.
     in_features = 20000
@@ -88,6 +106,42 @@ def test_int8_sums_are_exact_where_an_int32_sum_would_overflow():
     x = torch.ones(1, in_features)
     got = kernels.linear(x, weight, scales)
     assert got.tolist() == [[127.0 * in_features, -127.0 * in_features, 63.5 * in_features]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_model_on_the_avx2_kernels_gives_the_avx512_models_logits_to_rounding(dtype):
+    if kernels.instruction_set() != "avx512":
+        pytest.skip("this CPU runs only the AVX2 kernels")
+    torch.manual_seed(0)
+    model = prepare_for_inference(Transformer(load_preset("tiny-gpt2").model), dtype)
+    prompt = torch.tensor([[5, 17, 3, 99, 42, 7]])
+
+    @torch.inference_mode()
+    def logits():
+        cache = model.new_cache(1, capacity=16)
+        first = model(prompt, cache=cache).logits[:, -1]
+        return torch.cat([first, model(torch.tensor([[8]]), cache=cache).logits[:, -1]]).float()
+
+    wide = logits()
+    kernels.use_instruction_set("avx2")
+    try:
+        assert kernels.instruction_set() == "avx2"
+        narrow = logits()
+    finally:
+        kernels.use_instruction_set("avx512")
+    # int8 sums are exact integers in both (x is quantized alike while K is short), so only bf16
+    # can differ, by the fp32 rounding of the sums before the output's rounding to bf16.
+    if dtype == "int8":
+        assert torch.equal(narrow, wide)
+    assert relative_error(narrow, wide) < 1e-2
+
+
+@needs_kernels
+def test_an_unknown_instruction_set_is_refused_in_a_sentence():
+    with pytest.raises(PrometheanError, match="^the instruction set must be avx512 or avx2, "
+                       "not 'sse'.$"):
+        kernels.use_instruction_set("sse")
 
 
 @needs_kernels
@@ -112,6 +166,17 @@ print(kernels.unavailable_reason())
 model = prepare_for_inference(Transformer(load_preset("tiny-gpt2").model), "bf16")
 print(type(model.blocks[0].mlp.up_proj).__name__, type(model.fused_decode).__name__)
 """
+
+
+def test_the_variable_chooses_the_avx2_kernels_or_is_refused_in_a_sentence():
+    code = "from promethean.inference import kernels; print(kernels.unavailable_reason())"
+    if kernels.available():
+        chosen = run_python(code + "; print(kernels.instruction_set())",
+                            PROMETHEAN_CPU_KERNELS="avx2")
+        assert chosen.returncode == 0, chosen.stderr
+        assert chosen.stdout.splitlines() == ["None", "avx2"]
+    refused = run_python(code, PROMETHEAN_CPU_KERNELS="sse")
+    assert refused.stdout.strip() == "PROMETHEAN_CPU_KERNELS=sse is not 0, 1, avx2 or avx512"
 
 
 def test_turned_off_the_kernels_give_way_to_pytorchs():

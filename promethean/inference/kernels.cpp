@@ -11,8 +11,12 @@
 // result does not depend on what it is batched with: greedy decoding of one sequence gives the
 // same tokens alone or in a batch.
 //
-// Only the kernels need AVX-512 (with the bf16 dot product): they carry a target attribute, the
-// rest of the library is plain x86-64, and `supported()` asks the CPU before anything runs them.
+// Two instruction sets: AVX-512 with its bf16 and VNNI dot products (recent Xeons, Zen 4), and
+// AVX2 with FMA, which every x86-64 laptop of the last ten years has. Only the kernels need them:
+// they carry target attributes, the rest of the library is plain x86-64, and the best set the CPU
+// has is picked when the library loads (`instruction_set()`; `supported()` is false without AVX2).
+// The two sets round differently (bf16 x bf16 dot products against fp32 FMAs); each is
+// batch-invariant on its own.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -32,12 +37,7 @@ namespace {
 
 #define PROMETHEAN_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
-
-// Rows of W multiplied together: 8 for a single row of x (more weight streams in flight), 4 when
-// there are several rows of x (their accumulators must fit in the 32 vector registers).
-constexpr int kRowsSingle = 8;
-constexpr int kRowsBatched = 4;
-constexpr int kBatchedInputRows = 6;
+#define PROMETHEAN_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 // bf16 weights: vdpbf16ps multiplies pairs of bf16 and accumulates in fp32; x is in bf16.
 template <int NR, int MR>
@@ -124,21 +124,136 @@ PROMETHEAN_AVX512 inline void tile_int8(const int16_t* x, int64_t K, const int8_
     }
 }
 
-// The largest |x| quantized value for which no int32 lane can overflow: each lane adds
-// 2 * ceil(K / 32) products of at most 127 * limit.
-inline float int16_limit(int64_t K) {
-  const double products = 2.0 * double((K + 31) / 32);
+// The largest |x| quantized value for which no int32 lane can overflow: each lane adds two
+// products of at most 127 * limit per `span` columns (32 with AVX-512, 16 with AVX2).
+inline float int16_limit(int64_t K, int64_t span) {
+  const double products = 2.0 * double((K + span - 1) / span);
   return float(std::min(32767.0, std::floor(2147483647.0 / (127.0 * products))));
 }
 
-template <int NR, int MR, typename X, typename W>
-PROMETHEAN_AVX512 inline void tile(const X* x, int64_t K, const W* w, float* out) {
-  if constexpr (std::is_same_v<W, int8_t>) {
-    tile_int8<NR, MR>(x, K, w, out);
-  } else {
+inline float bf16_to_float(uint16_t value) {
+  const uint32_t bits = uint32_t(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+// ---- AVX2 + FMA: bf16 weights widened to fp32 and multiplied by x in fp32 (x converted once);
+// int8 weights widened to int16 against x quantized to int16, vpmaddwd summing exact pairs.
+// 16 vector registers: the tiles loop over weight rows outside and rows of x inside, so that
+// only the accumulators stay live (x is re-read from L1).
+PROMETHEAN_AVX2 inline __m256 bf16x8_to_floats(const uint16_t* values) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(values));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+PROMETHEAN_AVX2 inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int NR, int MR>
+PROMETHEAN_AVX2 inline void tile_bf16_avx2(const float* x, int64_t K, const uint16_t* w,
+                                           float* out) {
+  __m256 acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      if ((k & 31) == 0)  // one cache line of the next tile's rows per 64 bytes read
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + NR) * K + k), _MM_HINT_T0);
+      const __m256 wv = bf16x8_to_floats(w + r * K + k);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
+        acc[m][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k), wv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      float total = sum_lanes(acc[m][r]);
+      for (int64_t j = k; j < K; ++j) total += x[m * K + j] * bf16_to_float(w[r * K + j]);
+      out[m * NR + r] = total;
+    }
+}
+
+template <int NR, int MR>
+PROMETHEAN_AVX2 inline void tile_int8_avx2(const int16_t* x, int64_t K, const int8_t* w,
+                                           float* out) {
+  __m256i acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      if ((k & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + NR) * K + k), _MM_HINT_T0);
+      const __m256i wv = _mm256_cvtepi8_epi16(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * K + k)));
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K + k));
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(xv, wv));
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      // The lanes are added in int64, as in the AVX-512 kernel.
+      alignas(32) int64_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
+                         _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[m][r])));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 4),
+                         _mm256_cvtepi32_epi64(_mm256_extracti128_si256(acc[m][r], 1)));
+      int64_t total = 0;
+      for (int lane = 0; lane < 8; ++lane) total += lanes[lane];
+      for (int64_t j = k; j < K; ++j) total += int64_t(x[m * K + j]) * w[r * K + j];
+      out[m * NR + r] = float(total);
+    }
+}
+
+// Each kernel: what x it takes, its tiles (rows of W at a time for a single row of x; rows of W
+// and of x for several, as many accumulators as its registers hold) and the int8 lane span.
+struct Avx512Bf16 {
+  using X = uint16_t;
+  using W = uint16_t;
+  static constexpr int kRowsSingle = 8, kRowsBatched = 4, kInputRows = 6;
+  template <int NR, int MR>
+  PROMETHEAN_AVX512 static void tile(const X* x, int64_t K, const W* w, float* out) {
     tile_bf16<NR, MR>(x, K, w, out);
   }
-}
+};
+struct Avx512Int8 {
+  using X = int16_t;
+  using W = int8_t;
+  static constexpr int kRowsSingle = 8, kRowsBatched = 4, kInputRows = 6;
+  template <int NR, int MR>
+  PROMETHEAN_AVX512 static void tile(const X* x, int64_t K, const W* w, float* out) {
+    tile_int8<NR, MR>(x, K, w, out);
+  }
+};
+struct Avx2Bf16 {
+  using X = float;
+  using W = uint16_t;
+  static constexpr int kRowsSingle = 8, kRowsBatched = 4, kInputRows = 3;
+  template <int NR, int MR>
+  PROMETHEAN_AVX2 static void tile(const X* x, int64_t K, const W* w, float* out) {
+    tile_bf16_avx2<NR, MR>(x, K, w, out);
+  }
+};
+struct Avx2Int8 {
+  using X = int16_t;
+  using W = int8_t;
+  static constexpr int kRowsSingle = 8, kRowsBatched = 4, kInputRows = 3;
+  template <int NR, int MR>
+  PROMETHEAN_AVX2 static void tile(const X* x, int64_t K, const W* w, float* out) {
+    tile_int8_avx2<NR, MR>(x, K, w, out);
+  }
+};
 
 inline uint16_t round_to_bf16(float value) {
   uint32_t bits;
@@ -180,6 +295,36 @@ PROMETHEAN_AVX512 float quantize_row(const X* row, int64_t K, float limit, int16
   return scale;
 }
 
+PROMETHEAN_AVX2 inline __m256 load8_floats(const float* x) { return _mm256_loadu_ps(x); }
+PROMETHEAN_AVX2 inline __m256 load8_floats(const uint16_t* x) { return bf16x8_to_floats(x); }
+inline float as_float(float value) { return value; }
+inline float as_float(uint16_t value) { return bf16_to_float(value); }
+
+// quantize_row with AVX2: the same scale and the same rounding.
+template <typename X>
+PROMETHEAN_AVX2 float quantize_row_avx2(const X* row, int64_t K, float limit, int16_t* out) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 peak = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)  // max(value, peak) returns peak when value is NaN
+    peak = _mm256_max_ps(_mm256_andnot_ps(sign, load8_floats(row + k)), peak);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, peak);
+  float largest = 0.f;
+  for (float lane : lanes) largest = std::max(largest, lane);
+  for (; k < K; ++k) largest = std::max(largest, std::abs(as_float(row[k])));  // NaN: kept out
+  const float scale = largest > 0.f && std::isfinite(largest) ? largest / limit : 1.f;
+  const __m256 divisor = _mm256_set1_ps(scale);
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256i rounded = _mm256_cvtps_epi32(_mm256_div_ps(load8_floats(row + k), divisor));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm_packs_epi32(_mm256_castsi256_si128(rounded),
+                                     _mm256_extracti128_si256(rounded, 1)));
+  }
+  for (; k < K; ++k) out[k] = int16_t(std::nearbyint(as_float(row[k]) / scale));
+  return scale;
+}
+
 struct Epilogue {
   const float* scales;  // per output row, or null
   const float* bias;    // per output row, or null
@@ -201,50 +346,70 @@ struct Epilogue {
 };
 
 // Rows n .. n+NR-1 of W against every row of x, MR rows of x at a time.
-template <int NR, int MR, typename X, typename W>
-PROMETHEAN_AVX512 void weight_rows(const X* x, int64_t M, int64_t K, const W* w, int64_t n,
-                                   const Epilogue& epilogue) {
+template <typename Kernel, int NR, int MR>
+void weight_rows(const typename Kernel::X* x, int64_t M, int64_t K, const typename Kernel::W* w,
+                 int64_t n, const Epilogue& epilogue) {
   float out[MR * NR];
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int64_t rows = std::min<int64_t>(MR, M - m0);
-    const X* xm = x + m0 * K;
-    const W* wn = w + n * K;
+    const auto* xm = x + m0 * K;
+    const auto* wn = w + n * K;
     switch (rows) {
-      case 1: tile<NR, 1>(xm, K, wn, out); break;
-      case 2: if constexpr (MR >= 2) tile<NR, 2>(xm, K, wn, out); break;
-      case 3: if constexpr (MR >= 3) tile<NR, 3>(xm, K, wn, out); break;
-      case 4: if constexpr (MR >= 4) tile<NR, 4>(xm, K, wn, out); break;
-      case 5: if constexpr (MR >= 5) tile<NR, 5>(xm, K, wn, out); break;
-      default: if constexpr (MR >= 6) tile<NR, 6>(xm, K, wn, out); break;
+      case 1: Kernel::template tile<NR, 1>(xm, K, wn, out); break;
+      case 2: if constexpr (MR >= 2) Kernel::template tile<NR, 2>(xm, K, wn, out); break;
+      case 3: if constexpr (MR >= 3) Kernel::template tile<NR, 3>(xm, K, wn, out); break;
+      case 4: if constexpr (MR >= 4) Kernel::template tile<NR, 4>(xm, K, wn, out); break;
+      case 5: if constexpr (MR >= 5) Kernel::template tile<NR, 5>(xm, K, wn, out); break;
+      default: if constexpr (MR >= 6) Kernel::template tile<NR, 6>(xm, K, wn, out); break;
     }
     for (int64_t m = 0; m < rows; ++m)
       for (int r = 0; r < NR; ++r) epilogue.store(m0 + m, n + r, out[m * NR + r]);
   }
 }
 
-template <int NR, int MR, typename X, typename W>
-void matmul(const X* x, int64_t M, int64_t K, const W* w, int64_t N, const Epilogue& epilogue) {
+template <typename Kernel, int NR, int MR>
+void matmul(const typename Kernel::X* x, int64_t M, int64_t K, const typename Kernel::W* w,
+            int64_t N, const Epilogue& epilogue) {
   const int64_t tiles = (N + NR - 1) / NR;
   at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t * NR;
       if (n + NR <= N) {
-        weight_rows<NR, MR>(x, M, K, w, n, epilogue);
+        weight_rows<Kernel, NR, MR>(x, M, K, w, n, epilogue);
       } else {
-        for (int64_t row = n; row < N; ++row) weight_rows<1, MR>(x, M, K, w, row, epilogue);
+        for (int64_t row = n; row < N; ++row)
+          weight_rows<Kernel, 1, MR>(x, M, K, w, row, epilogue);
       }
     }
   });
 }
 
-template <typename X, typename W>
-void dispatch(const X* x, int64_t M, int64_t K, const W* w, int64_t N, const Epilogue& epilogue) {
+template <typename Kernel>
+void dispatch(const typename Kernel::X* x, int64_t M, int64_t K, const typename Kernel::W* w,
+              int64_t N, const Epilogue& epilogue) {
   if (M == 1) {
-    matmul<kRowsSingle, 1>(x, M, K, w, N, epilogue);
+    matmul<Kernel, Kernel::kRowsSingle, 1>(x, M, K, w, N, epilogue);
   } else {
-    matmul<kRowsBatched, kBatchedInputRows>(x, M, K, w, N, epilogue);
+    matmul<Kernel, Kernel::kRowsBatched, Kernel::kInputRows>(x, M, K, w, N, epilogue);
   }
 }
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+}
+
+bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+// The instruction set the kernels run: the best this CPU has, or the one select_instruction_set
+// chose (to compare them, or to run the AVX2 kernels where AVX-512 is also there).
+bool use_avx512 = cpu_has_avx512();
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias) {
@@ -280,22 +445,33 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
     thread_local std::vector<float> row_scales;
     quantized.resize(M * K);
     row_scales.resize(M);
-    const float limit = int16_limit(K);
+    const float limit = int16_limit(K, use_avx512 ? 32 : 16);
     for (int64_t m = 0; m < M; ++m) {
+      int16_t* out = quantized.data() + m * K;
       if (x_rows.scalar_type() == at::kBFloat16) {
         const auto* row = reinterpret_cast<const uint16_t*>(x_rows.data_ptr()) + m * K;
-        row_scales[m] = quantize_row(row, K, limit, quantized.data() + m * K);
+        row_scales[m] = use_avx512 ? quantize_row(row, K, limit, out)
+                                   : quantize_row_avx2(row, K, limit, out);
       } else {
         const float* row = x_rows.data_ptr<float>() + m * K;
-        row_scales[m] = quantize_row(row, K, limit, quantized.data() + m * K);
+        row_scales[m] = use_avx512 ? quantize_row(row, K, limit, out)
+                                   : quantize_row_avx2(row, K, limit, out);
       }
     }
     epilogue.row_scales = row_scales.data();
-    dispatch(quantized.data(), M, K, weight.data_ptr<int8_t>(), N, epilogue);
-  } else {
+    if (use_avx512) {
+      dispatch<Avx512Int8>(quantized.data(), M, K, weight.data_ptr<int8_t>(), N, epilogue);
+    } else {
+      dispatch<Avx2Int8>(quantized.data(), M, K, weight.data_ptr<int8_t>(), N, epilogue);
+    }
+  } else if (use_avx512) {
     const auto x16 = rows.to(at::kBFloat16).contiguous();
-    dispatch(reinterpret_cast<const uint16_t*>(x16.data_ptr()), M, K,
-             reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, epilogue);
+    dispatch<Avx512Bf16>(reinterpret_cast<const uint16_t*>(x16.data_ptr()), M, K,
+                         reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, epilogue);
+  } else {
+    const auto x32 = rows.to(at::kFloat).contiguous();
+    dispatch<Avx2Bf16>(x32.data_ptr<float>(), M, K,
+                       reinterpret_cast<const uint16_t*>(weight.data_ptr()), N, epilogue);
   }
   return y;
 }
@@ -457,17 +633,25 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
   return x;
 }
 
-bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
+bool supported() { return cpu_has_avx2(); }
+
+std::string instruction_set() { return use_avx512 ? "avx512" : "avx2"; }
+
+void select_instruction_set(c10::string_view name) {
+  TORCH_CHECK(name == "avx512" || name == "avx2",
+              "the instruction set must be avx512 or avx2, not '", std::string(name), "'");
+  const bool avx512 = name == "avx512";
+  TORCH_CHECK(avx512 ? cpu_has_avx512() : cpu_has_avx2(), "this CPU cannot run the ",
+              std::string(name), " kernels");
+  use_avx512 = avx512;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(promethean_kernels, m) {
   m.def("supported() -> bool", &supported);
+  m.def("instruction_set() -> str", &instruction_set);
+  m.def("select_instruction_set(str name) -> ()", &select_instruction_set);
   m.def("linear(Tensor x, Tensor weight, Tensor? scales, Tensor? bias) -> Tensor");
   m.def(
       "decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, "

@@ -1,14 +1,16 @@
 """Promethean's own CPU kernels for inference (`kernels.cpp`), built on first use.
 
-`available()` says whether they can run here: an x86-64 Linux CPU with AVX-512 and its bf16 and
-VNNI dot products, a C++ compiler, and this PyTorch's headers. The first call in a new
+`available()` says whether they can run here: an x86-64 Linux CPU with AVX2 and FMA, a C++
+compiler, and this PyTorch's headers. Where the CPU also has AVX-512 with its bf16 and VNNI dot
+products, those kernels run (`instruction_set()` says which). The first call in a new
 environment compiles `kernels.cpp` once (about 15 s) into the cache
 (`$PROMETHEAN_CACHE/kernels/<key>/`, the key naming the source, PyTorch and the compiler), under
 a file lock so that processes starting together build it once; later processes just load it.
 Where they cannot run, everything falls back to PyTorch's own kernels: slower, same results to
 rounding.
 
-`PROMETHEAN_CPU_KERNELS=0` turns them off (to compare, or to rule them out).
+`PROMETHEAN_CPU_KERNELS=0` turns them off (to compare, or to rule them out);
+`PROMETHEAN_CPU_KERNELS=avx2` runs the AVX2 kernels even where AVX-512 is there.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ from pathlib import Path
 import torch
 
 from promethean.archives import cache_dir
+from promethean.errors import PrometheanError
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 LIBRARY_NAME = "promethean_kernels.so"
 DISABLE_VARIABLE = "PROMETHEAN_CPU_KERNELS"
 BUILD_TIMEOUT_S = 600
-REQUIRED_CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"}
+REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+INSTRUCTION_SETS = ("avx512", "avx2")
+LACKS_AVX2 = "this CPU lacks AVX2 and FMA"
 
 
 def available() -> bool:
@@ -43,6 +48,30 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run here, in one sentence; None where they can."""
     return _load()
+
+
+def instruction_set() -> str:
+    """'avx512' or 'avx2': which kernels run (loading them first)."""
+    _require()
+    return torch.ops.promethean_kernels.instruction_set()
+
+
+def use_instruction_set(name: str) -> None:
+    """Run the 'avx512' or the 'avx2' kernels from now on (to compare them; this CPU must have
+    that set)."""
+    _require()
+    if name not in INSTRUCTION_SETS:
+        raise PrometheanError(f"the instruction set must be avx512 or avx2, not '{name}'.")
+    try:
+        torch.ops.promethean_kernels.select_instruction_set(name)
+    except RuntimeError as error:
+        raise PrometheanError(f"{_first_line(error)}.") from None
+
+
+def _require() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        raise PrometheanError(f"Promethean's CPU kernels cannot run here: {reason}.")
 
 
 def linear(
@@ -84,8 +113,11 @@ def _load() -> str | None:
         return f"{DISABLE_VARIABLE}=0 turns them off"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"they are written for x86-64 Linux, not {sys.platform} on {platform.machine()}"
+    choice = os.environ.get(DISABLE_VARIABLE, "").strip().lower()
+    if choice and choice not in INSTRUCTION_SETS and choice not in ("1", "true", "yes", "on"):
+        return f"{DISABLE_VARIABLE}={choice} is not 0, 1, avx2 or avx512"
     if not _cpu_flags() >= REQUIRED_CPU_FLAGS:
-        return "this CPU lacks AVX-512 with its bf16 and VNNI dot products"
+        return LACKS_AVX2
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
         return "no C++ compiler was found (install g++ to build them)"
@@ -96,7 +128,9 @@ def _load() -> str | None:
     try:
         torch.ops.load_library(str(library))
         if not torch.ops.promethean_kernels.supported():
-            return "this CPU lacks AVX-512 with its bf16 and VNNI dot products"
+            return LACKS_AVX2
+        if choice in INSTRUCTION_SETS:
+            torch.ops.promethean_kernels.select_instruction_set(choice)
     except (OSError, RuntimeError) as error:
         return f"loading them failed ({_first_line(error)})"
     return None

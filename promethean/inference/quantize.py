@@ -14,13 +14,14 @@
 Which kernels multiply the bf16 and int8 matrices on a CPU:
 
 * Promethean's own (`promethean.inference.kernels`, built on first use) wherever the CPU has
-  AVX-512 with the bf16 and VNNI dot products and a C++ compiler is there: a batch-1 decode step
-  streams the weights close to the memory bandwidth. The layers are then `Int8Linear` with fp32
-  scales and biases, for any number of rows, and `Bf16Linear`, which hands several rows at once
-  (compute-bound) to oneDNN's AMX path instead. A head tied to the embedding multiplies the one
-  shared bf16 matrix (`TiedRowLinear`); an untied head is a `Bf16Linear` without a packed copy.
-  The model also gets a fused decode step (`promethean.inference.fused_decode`): a step of one
-  new token per sequence runs every block in a single C++ call, bit-identical to the modules.
+  AVX2 and FMA (AVX-512 with the bf16 and VNNI dot products where it has them) and a C++
+  compiler is there: a batch-1 decode step streams the weights close to the memory bandwidth.
+  The layers are then `Int8Linear` with fp32 scales and biases, for any number of rows, and
+  `Bf16Linear`, which hands several rows at once (compute-bound) to oneDNN's packed path (AMX
+  where the CPU has it) instead. A head tied to the embedding multiplies the one shared bf16
+  matrix (`TiedRowLinear`); an untied head is a `Bf16Linear` without a packed copy. The model
+  also gets a fused decode step (`promethean.inference.fused_decode`): a step of one new token
+  per sequence runs every block in a single C++ call, bit-identical to the modules.
 * Otherwise PyTorch's: bf16 matrices of the blocks *prepacked* for oneDNN once (`PackedLinear`,
   about 1.5x faster at batch 1 than a plain bf16 `F.linear`, which re-lays the weight out on
   every call), a tied head multiplied with `torch.mv` for a single row, and int8 through
