@@ -49,8 +49,9 @@ DtypeOption = Annotated[str, typer.Option(
 def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int = 0,
                 adapter: str | None = None):
     """A checkpoint directory, or a preset name (random weights, said so on stderr), with the
-    checkpoint's adapter `adapter` merged in; bf16 and int8 are prepared from fp32 weights after
-    the merge (`promethean.inference.quantize`), fp32 and fp16 are loaded directly."""
+    checkpoint's adapter `adapter` merged in; fp32, bf16 and int8 are prepared for inference
+    (`promethean.inference.quantize`: bf16 and int8 from the fp32 weights after the merge, and
+    each with the fused decode step where it runs), fp16 is loaded directly."""
     import torch
 
     from promethean.checkpoint import load_checkpoint
@@ -62,7 +63,7 @@ def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int
 
     device = resolve_device(device_name)
     check_inference_dtype(dtype_name)
-    prepared = dtype_name in ("bf16", "int8")
+    prepared = dtype_name in ("fp32", "bf16", "int8")
     dtype = torch.float32 if prepared else resolve_dtype(dtype_name, device)
     if adapter is not None and not Path(source).is_dir():
         raise PrometheanError(f"--adapter needs a checkpoint directory; '{source}' is a preset.")

@@ -63,7 +63,7 @@ def decode(model: Transformer, prompt: list[int], tokens: list[int], capacity: i
 
 @needs_kernels
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_fused_steps_give_the_module_paths_logits_and_cache_bit_for_bit(name, dtype):
     model = prepared(name, dtype)
     assert model.fused_decode is not None
@@ -109,7 +109,7 @@ def decode_padded_batch(model: Transformer, steps: int):
 
 @needs_kernels
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_a_left_padded_batch_steps_bit_for_bit_like_the_module_path(name, dtype):
     # bf16 multiplies several rows with oneDNN's packed copies, inside the step as in the layers;
     # the padded rows need the attention mask, and LLaMA's rotary tables their own positions.
@@ -125,16 +125,41 @@ def test_a_left_padded_batch_steps_bit_for_bit_like_the_module_path(name, dtype)
 
 
 @needs_kernels
-def test_prompts_and_training_keep_the_module_path():
-    model = prepared("tiny-gpt2", "bf16")
+def test_prompts_training_gradients_and_hooks_keep_the_module_path():
+    model = prepared("tiny-gpt2", "fp32")
     calls = count_fused_steps(model)
+    learning = model.new_cache(1, capacity=16)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=learning)
+    model(torch.tensor([[4]]), cache=learning)  # gradients enabled: the step has no backward
+    cache = model.new_cache(1, capacity=16)
     with torch.inference_mode():
-        cache = model.new_cache(1, capacity=16)
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         model(torch.tensor([[4, 5]]), cache=cache)  # two new tokens: not a decode step
+        model(torch.tensor([[6]]), cache=cache)  # a decode step: the only fused one here
+        # A hook on a module the step stands in for (here one that changes the output, as an
+        # unmerged LoRA adapter does) must run: the module path does.
+        up = model.blocks[1].mlp.up_proj
+        hook = up.register_forward_hook(lambda _module, _args, output: output * 0)
+        hooked = model(torch.tensor([[7]]), cache=cache).logits
+        hook.remove()
+        model(torch.tensor([[8]]), cache=cache)
+        assert calls[0] == 2  # the hook gone, the step is back
+        hook = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+        model(torch.tensor([[9]]), cache=cache)
+        hook.remove()
         model.train()
-        model(torch.tensor([[6]]), cache=cache)
-    assert calls[0] == 0
+        model(torch.tensor([[10]]), cache=cache)
+    assert calls[0] == 2
+    model.eval()
+    model.fused_decode = None
+    with torch.inference_mode():  # the same calls on the module path throughout
+        plain = model.new_cache(1, capacity=16)
+        for ids in ([[1, 2, 3]], [[4, 5]], [[6]]):
+            model(torch.tensor(ids), cache=plain)
+        hook = up.register_forward_hook(lambda _module, _args, output: output * 0)
+        assert torch.equal(model(torch.tensor([[7]]), cache=plain).logits, hooked)
+        hook.remove()
 
 
 @needs_kernels
@@ -152,8 +177,11 @@ def test_models_the_step_cannot_express_keep_the_module_path_and_say_why():
         model = prepare_for_inference(Transformer(load_preset(name).model), "bf16")
         assert model.fused_decode is None
         assert fused_decode.install(model) == reason
-    fp32 = Transformer(load_preset("tiny-gpt2").model)
-    assert fused_decode.install(fp32) == "layer 0 has projections the kernels do not multiply"
+    with_adapter_layers = Transformer(load_preset("tiny-gpt2").model)
+    wrapped = with_adapter_layers.blocks[0].mlp
+    wrapped.up_proj = torch.nn.Sequential(wrapped.up_proj)  # a layer the step does not know
+    assert (fused_decode.install(with_adapter_layers)
+            == "layer 0 has projections the fused step cannot multiply")
 
 
 @needs_kernels

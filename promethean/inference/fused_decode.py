@@ -21,6 +21,10 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch import nn
+
+# PyTorch's registries of hooks that every module runs (nn.modules.module.register_module_*).
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from promethean.inference import kernels
 from promethean.model import Transformer
@@ -28,7 +32,7 @@ from promethean.model.attention import KVCache, LayerKVCache
 from promethean.model.layers import LayerNorm, RMSNorm
 
 # Tensors per layer in the `params` list, in kernels.cpp's `Param` order.
-PARAMS_PER_LAYER = 35
+PARAMS_PER_LAYER = 50
 MLP_KINDS = {"gelu": 0, "swiglu": 1, "geglu_tanh": 2}  # kernels.cpp's MlpKind
 
 
@@ -41,6 +45,9 @@ def install(model: Transformer) -> str | None:
 
 
 def _unsupported(model: Transformer) -> str | None:
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return f"the model is on {device.type}, and the step runs on the CPU"
     if not kernels.available():
         return f"Promethean's CPU kernels cannot run here: {kernels.unavailable_reason()}"
     if model.config.mlp not in MLP_KINDS:
@@ -51,9 +58,10 @@ def _unsupported(model: Transformer) -> str | None:
             return f"layer {layer} is an SSM mixer"
         if attention.window is not None:
             return f"layer {layer} is a sliding-window layer"
-        projections = (attention.qkv_proj, attention.o_proj, *_mlp_projections(block.mlp))
+        projections = (*_qkv_projections(attention), attention.o_proj,
+                       *_mlp_projections(block.mlp))
         if any(_operands(projection) is None for projection in projections):
-            return f"layer {layer} has projections the kernels do not multiply"
+            return f"layer {layer} has projections the fused step cannot multiply"
         norms = [block.attn_norm, block.mlp_norm, block.attn_post_norm, block.mlp_post_norm]
         if any(norm is not None and not isinstance(norm, (LayerNorm, RMSNorm)) for norm in norms):
             return f"layer {layer} has a norm the fused step does not know"
@@ -62,14 +70,23 @@ def _unsupported(model: Transformer) -> str | None:
     return None
 
 
+def _qkv_projections(attention) -> tuple:
+    if attention.qkv_proj is not None:
+        return (attention.qkv_proj,)
+    return attention.q_proj, attention.k_proj, attention.v_proj
+
+
 def _mlp_projections(mlp) -> tuple:
     return (mlp.gate_proj, mlp.up_proj, mlp.down_proj) if mlp.gated else (mlp.up_proj,
                                                                            mlp.down_proj)
 
 
 def _operands(projection) -> tuple | None:
-    """(weight, scales, bias, packed weight, packed bias) of a layer the kernels multiply (see
-    `kernel_operands`)."""
+    """The five tensors of a projection in kernels.cpp's `Param` order: (weight, scales, bias)
+    as the kernels multiply them, then PyTorch's copy and its bias (see `kernel_operands`); an
+    nn.Linear (an fp32 model) has only the latter. None for a layer the step cannot multiply."""
+    if type(projection) is nn.Linear:  # not a subclass, whose forward may differ
+        return None, None, None, projection.weight, projection.bias
     operands = getattr(projection, "kernel_operands", None)
     return None if operands is None else operands()
 
@@ -90,7 +107,12 @@ class FusedDecode:
         for block in model.blocks:
             attention, mlp = block.attn, block.mlp
             params += _norm_tensors(block.attn_norm)
-            params += _operands(attention.qkv_proj)
+            if attention.qkv_proj is not None:
+                params += [*_operands(attention.qkv_proj), *[None] * 15]
+            else:
+                params += [None] * 5
+                for projection in _qkv_projections(attention):
+                    params += _operands(projection)
             q_norm, k_norm = attention.q_norm, attention.k_norm
             params += [None, None] if q_norm is None else [q_norm.weight, k_norm.weight]
             params += _operands(attention.o_proj)
@@ -109,6 +131,9 @@ class FusedDecode:
                       int(config.norm == "rmsnorm"), int(config.norm_unit_offset),
                       MLP_KINDS[config.mlp]]
         self.reals = [float(config.norm_eps), float(model.blocks[0].attn.scale)]
+        # Every module the step stands in for: a forward hook on any of them (a LoRA adapter
+        # that is not merged, a probe) needs the module path, which runs it.
+        self.modules = [module for block in model.blocks for module in block.modules()]
 
     def __deepcopy__(self, memo):
         # A copied model's step must read the copy's tensors: those its layers already copied
@@ -117,14 +142,21 @@ class FusedDecode:
         memo[id(self)] = clone
         clone.params = [None if tensor is None else _copied(tensor, memo)
                         for tensor in self.params]
+        clone.modules = copy.deepcopy(self.modules, memo)  # the copy's, already in memo
         return clone
 
     def can_step(self, cache: KVCache) -> bool:
-        """Whether every layer's cache holds exactly the sequences' slots so far and has room for
-        one more token (when full, the module path grows it)."""
+        """Whether the step may run: no gradients are wanted (it has no backward), no module it
+        stands in for has a forward hook, and every layer's cache holds exactly the sequences'
+        slots so far with room for one more token (when full, the module path grows it)."""
         first = cache.layers[0]
-        return (isinstance(first, LayerKVCache) and first.keys is not None
-                and first.filled == cache.length and first.filled < first.keys.shape[2])
+        if not (isinstance(first, LayerKVCache) and first.keys is not None
+                and first.filled == cache.length and first.filled < first.keys.shape[2]):
+            return False
+        if torch.is_grad_enabled() or _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        return not any(module._forward_hooks or module._forward_pre_hooks
+                       for module in self.modules)
 
     def step(
         self,

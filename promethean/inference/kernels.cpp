@@ -486,17 +486,23 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
 // included), so the result is bit-identical to the module path (tests/test_fused_decode.py), only
 // without Python in between.
 
-// What each layer contributes to `params`, in this order (absent ones are None).
+// What each layer contributes to `params`, in this order (absent ones are None). A projection
+// takes five: the weight as Promethean's kernels multiply it, its per-row scales and its bias
+// (None for a layer PyTorch multiplies), then PyTorch's own copy and its bias: oneDNN-packed
+// bf16 for several rows of a Bf16Linear, or the plain weight of an nn.Linear.
 enum Param : int64_t {
   kAttnNormWeight, kAttnNormBias,
-  kQkv, kQkvScales, kQkvBias, kQkvPacked, kQkvPackedBias,
+  kQkv, kQkvScales, kQkvBias, kQkvTorch, kQkvTorchBias,  // q, k and v in one (the kernels)
+  kQ, kQScales, kQBias, kQTorch, kQTorchBias,             // or apart (an fp32 model)
+  kK, kKScales, kKBias, kKTorch, kKTorchBias,
+  kV, kVScales, kVBias, kVTorch, kVTorchBias,
   kQNormWeight, kKNormWeight,
-  kOut, kOutScales, kOutBias, kOutPacked, kOutPackedBias,
+  kOut, kOutScales, kOutBias, kOutTorch, kOutTorchBias,
   kAttnPostNormWeight, kAttnPostNormBias,
   kMlpNormWeight, kMlpNormBias,
-  kGate, kGateScales, kGateBias, kGatePacked, kGatePackedBias,
-  kUp, kUpScales, kUpBias, kUpPacked, kUpPackedBias,
-  kDown, kDownScales, kDownBias, kDownPacked, kDownPackedBias,
+  kGate, kGateScales, kGateBias, kGateTorch, kGateTorchBias,
+  kUp, kUpScales, kUpBias, kUpTorch, kUpTorchBias,
+  kDown, kDownScales, kDownBias, kDownTorch, kDownTorchBias,
   kMlpPostNormWeight, kMlpPostNormBias,
   kParamsPerLayer
 };
@@ -545,14 +551,15 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed,
   return stack[0].toTensor();
 }
 
-// A projection as its layer computes it: the kernel, or (several rows of a bf16 layer that keeps
-// one, as Bf16Linear does) the oneDNN-packed copy.
+// A projection as its layer computes it: nn.Linear's F.linear; the kernel; or, for several rows
+// of a bf16 layer that keeps one (as Bf16Linear does), the oneDNN-packed copy.
 at::Tensor project(const at::Tensor& x, const OptionalTensors& params, int64_t base, Param which) {
-  const auto packed = params.get(base + which + 3);
-  if (packed.has_value() && x.numel() != x.size(-1))
-    return packed_linear(x, *packed, params.get(base + which + 4));
-  return linear(x, *params.get(base + which), params.get(base + which + 1),
-                params.get(base + which + 2));
+  const auto kernel_weight = params.get(base + which);
+  const auto torch_weight = params.get(base + which + 3);
+  if (!kernel_weight.has_value()) return at::linear(x, *torch_weight, params.get(base + which + 4));
+  if (torch_weight.has_value() && x.numel() != x.size(-1))
+    return packed_linear(x, *torch_weight, params.get(base + which + 4));
+  return linear(x, *kernel_weight, params.get(base + which + 1), params.get(base + which + 2));
 }
 
 at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
@@ -585,11 +592,19 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
                 "decode_blocks: a cache buffer has no room for the new token");
     // Attention (promethean.model.attention.Attention.forward with one new token).
     auto h = norm(x, params.get(base + kAttnNormWeight), params.get(base + kAttnNormBias), shape);
-    const auto qkv = project(h, params, base, kQkv).split_with_sizes(
-        {inner, kv_inner, kv_inner}, -1);
-    auto q = qkv[0].view({batch, 1, shape.heads, shape.head_size}).transpose(1, 2);
-    auto k = qkv[1].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
-    auto v = qkv[2].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    at::Tensor q, k, v;
+    if (params.get(base + kQkv).has_value() || params.get(base + kQkvTorch).has_value()) {
+      const auto qkv =
+          project(h, params, base, kQkv).split_with_sizes({inner, kv_inner, kv_inner}, -1);
+      q = qkv[0], k = qkv[1], v = qkv[2];
+    } else {
+      q = project(h, params, base, kQ);
+      k = project(h, params, base, kK);
+      v = project(h, params, base, kV);
+    }
+    q = q.view({batch, 1, shape.heads, shape.head_size}).transpose(1, 2);
+    k = k.view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
+    v = v.view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
     if (params.get(base + kQNormWeight).has_value()) {
       StackShape head_norm = shape;
       head_norm.rms_norm = true;

@@ -2,7 +2,7 @@
 
 `prepare_for_inference(model, dtype)` converts a model in place and returns it:
 
-* ``fp32``: unchanged (eval mode).
+* ``fp32``: unchanged (eval mode), with the fused decode step where the kernels run.
 * ``bf16`` / ``fp16``: every weight in that format.
 * ``int8``: weight-only quantization. Every projection of the blocks and the head holds int8
   weights with one symmetric scale per output channel (``w ~ int8 * scale``, scale = max|row| /
@@ -341,7 +341,7 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False, pack=True)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if use_kernels and applied in ("bf16", "int8"):
+    if device.type == "cpu" and applied in ("fp32", "bf16", "int8"):
         fused_decode.install(model)  # where it cannot, decoding keeps the module path
     setattr(model, PREPARED_ATTRIBUTE, applied)
     return model

@@ -857,6 +857,12 @@ def build_app(
         from promethean.inference.quantize import prepare_for_inference
 
         model = prepare_for_inference(model, dtype)
+    else:
+        from promethean.inference import fused_decode
+
+        # The fp32 base stays an ordinary model (adapters are merged into copies of it); the
+        # fused step only takes decode steps, and gives way to any hook an adapter adds.
+        fused_decode.install(model)
     server_memory = None
     if memory is not None:
         server_memory = ServerMemory.open(memory, checkpoint, loaded.tokenizer,
