@@ -212,3 +212,29 @@ def test_a_deep_copied_model_steps_with_its_own_tensors():
     first, _ = decode(model, [1, 2, 3], [4, 5], capacity=8)
     again, _ = decode(copy.deepcopy(model), [1, 2, 3], [4, 5], capacity=8)
     assert torch.equal(first, again)
+
+
+@needs_kernels
+def test_a_merged_lora_adapter_keeps_the_fused_step_and_an_unmerged_one_gives_way():
+    from promethean.continual.adapters import Adapters
+
+    model = prepared("tiny-gpt2", "fp32")
+    adapters = Adapters(model)
+    adapters.add("domain", rank=4, alpha=8)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for b in adapters.lora_B["domain"].values():  # B = 0 would be the base model
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
+    calls = count_fused_steps(model)
+    prompt, tokens = [5, 17, 3], [7, 8, 9]
+    unmerged, _ = decode(model, prompt, tokens, capacity=16)
+    assert calls[0] == 0  # the active, unmerged adapter's hooks add to the outputs
+    adapters.merge()
+    merged, _ = decode(model, prompt, tokens, capacity=16)
+    assert calls[0] == len(tokens)
+    model.fused_decode = None
+    assert torch.equal(merged, decode(model, prompt, tokens, capacity=16)[0])
+    assert torch.allclose(merged, unmerged, atol=1e-4)  # merged is the same adapter
+    with adapters.disabled():  # ...and it does change the outputs
+        base, _ = decode(model, prompt, tokens, capacity=16)
+    assert not torch.allclose(merged, base, atol=1e-3)

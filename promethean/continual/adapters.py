@@ -305,6 +305,12 @@ class Adapters(nn.Module):
             )
         self.active = name
 
+    def adds_nothing(self) -> bool:
+        """Whether the forward hooks add nothing right now (no adapter active, the active one
+        merged into the weights, or disabled): the model then computes exactly its base layers
+        (what promethean.inference's fused decode step checks before standing in for them)."""
+        return bool(self._disabled) or self.active is None or self.merged == self.active
+
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Within this block the model is the plain base model (a merged adapter is undone and
@@ -334,7 +340,7 @@ class Adapters(nn.Module):
 
         def add_update(module, args, output):
             name = self.active
-            if name is None or self._disabled or self.merged == name:
+            if self.adds_nothing():
                 return output
             if key not in self.lora_A[name]:
                 return output

@@ -147,16 +147,21 @@ class FusedDecode:
 
     def can_step(self, cache: KVCache) -> bool:
         """Whether the step may run: no gradients are wanted (it has no backward), no module it
-        stands in for has a forward hook, and every layer's cache holds exactly the sequences'
-        slots so far with room for one more token (when full, the module path grows it)."""
+        stands in for has a forward hook (other than a LoRA adapter's that adds nothing now, as
+        a merged one's), and every layer's cache holds exactly the sequences' slots so far with
+        room for one more token (when full, the module path grows it)."""
         first = cache.layers[0]
         if not (isinstance(first, LayerKVCache) and first.keys is not None
                 and first.filled == cache.length and first.filled < first.keys.shape[2]):
             return False
         if torch.is_grad_enabled() or _global_forward_hooks or _global_forward_pre_hooks:
             return False
-        return not any(module._forward_hooks or module._forward_pre_hooks
-                       for module in self.modules)
+        for module in self.modules:
+            if module._forward_pre_hooks:
+                return False
+            if module._forward_hooks and not _hooks_add_nothing(module):
+                return False
+        return True
 
     def step(
         self,
@@ -189,3 +194,22 @@ def _copied(tensor: torch.Tensor, memo: dict) -> torch.Tensor:
         memo[id(tensor)] = tensor.clone()
         return memo[id(tensor)]
     return copy.deepcopy(tensor, memo)
+
+
+def _hooks_add_nothing(module: nn.Module) -> bool:
+    """Whether every forward hook of `module` belongs to a LoRA adapter set
+    (promethean.continual) whose hooks add nothing right now, a merged adapter's for one: the
+    step's output is then the module path's."""
+    for hook in module._forward_hooks.values():
+        owner = None
+        for cell in getattr(hook, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(getattr(value, "adds_nothing", None)):
+                owner = value
+                break
+        if owner is None or not owner.adds_nothing():
+            return False
+    return True
