@@ -201,15 +201,20 @@ def _hooks_add_nothing(module: nn.Module) -> bool:
     (promethean.continual) whose hooks add nothing right now, a merged adapter's for one: the
     step's output is then the module path's."""
     for hook in module._forward_hooks.values():
-        owner = None
-        for cell in getattr(hook, "__closure__", None) or ():
-            try:
-                value = cell.cell_contents
-            except ValueError:  # an empty cell
-                continue
-            if callable(getattr(value, "adds_nothing", None)):
-                owner = value
-                break
+        owner = adapter_set_of(hook)
         if owner is None or not owner.adds_nothing():
             return False
     return True
+
+
+def adapter_set_of(hook):
+    """The LoRA adapter set (promethean.continual's `Adapters`: anything with `adds_nothing`,
+    `active` and `merged`) a forward hook belongs to, or None for any other hook."""
+    for cell in getattr(hook, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(getattr(value, "adds_nothing", None)):
+            return value
+    return None

@@ -109,11 +109,11 @@ def decode_blocks(
 @functools.cache
 def _load() -> str | None:
     """Load the kernels into this process; return why not, or None when they are loaded."""
-    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+    choice = os.environ.get(DISABLE_VARIABLE, "").strip().lower()
+    if choice in ("0", "false", "no", "off"):
         return f"{DISABLE_VARIABLE}=0 turns them off"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"they are written for x86-64 Linux, not {sys.platform} on {platform.machine()}"
-    choice = os.environ.get(DISABLE_VARIABLE, "").strip().lower()
     if choice and choice not in INSTRUCTION_SETS and choice not in ("1", "true", "yes", "on"):
         return f"{DISABLE_VARIABLE}={choice} is not 0, 1, avx2 or avx512"
     if not _cpu_flags() >= REQUIRED_CPU_FLAGS:

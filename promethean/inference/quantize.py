@@ -372,7 +372,7 @@ def _check_preparable(model: Transformer, replaces_layers: bool) -> None:
         # Converting a layer replaces it, hooks and all. A LoRA hook (promethean.continual) whose
         # adapter is merged adds nothing and may go; any other hook would be lost silently.
         for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]:
-            owner = _hook_owner(hook)
+            owner = fused_decode.adapter_set_of(hook)
             if owner is None:
                 raise PrometheanError(
                     f"'{name}' carries a forward hook that converting it for inference would drop; "
@@ -383,15 +383,6 @@ def _check_preparable(model: Transformer, replaces_layers: bool) -> None:
                     f"'{name}' carries the unmerged adapter '{owner.active}'; merge the adapter "
                     "into the weights before preparing the model for inference."
                 )
-
-
-def _hook_owner(hook):
-    """The adapter set (anything with `active` and `merged`) a LoRA forward hook belongs to."""
-    for cell in getattr(hook, "__closure__", None) or ():
-        value = cell.cell_contents
-        if hasattr(value, "active") and hasattr(value, "merged"):
-            return value
-    return None
 
 
 def _block_linears(model: Transformer) -> list[tuple[nn.Module, str]]:
