@@ -2,8 +2,10 @@
 
     python -m benchmarks [--quick] [--only decode train ...] [--write docs/BENCHMARKS.md]
 
-First the machine's own limits are measured (benchmarks/machine.py: the matmul peak in fp32 and
-bf16, the memory read bandwidth). Then each benchmark script runs in its own subprocess, one after
+First the machine is described and its own limits are measured (benchmarks/machine.py): the
+CPU, its kind, and which of Promethean's CPU kernels its instruction set runs ('avx512' or
+'avx2', or why none); the matmul peak in fp32 and bf16 and the memory read bandwidth, each the
+fastest of several ways, named. Then each benchmark script runs in its own subprocess, one after
 another, with `--write REPORT` (it rewrites its own marked section of the report) and `--json
 ROWS` (it writes its summary rows, benchmarks.common.summary_row). Last, the part of the report
 between `<!-- summary:start -->` and `<!-- summary:end -->` (inserted before the first section if
@@ -11,15 +13,20 @@ absent) is rewritten: the machine table, then one table of every benchmark's row
 measured, our figure, the peer's figure measured in the same run, their ratio, the physical limit
 where one applies, the target, and the command that produced it.
 
+The report keeps one set of rows per CPU kind (benchmarks/common.py): every section, the summary
+included, holds one block per kind, and a run rewrites only its own machine's kind's blocks (put
+first), so the rows measured on another CPU stay, dated.
+
 --quick runs every benchmark at small sizes (a smoke run of a few minutes, not a measurement) and
 writes to runs/benchmarks-quick.md unless --write says otherwise, so that it never overwrites the
 real report. A benchmark that fails (or writes no rows) is reported with the last line of its
 stderr; the others still run, and the exit status is 1.
 
-Each benchmark's rows are also kept beside the report (REPORT's name + `.rows.json`, with when
-they were measured), so `--only NAME` re-runs one benchmark and the summary still lists every
-other benchmark's rows from its last run, each dated: on a shared 2-core machine the whole suite
-rarely gets one quiet hour, and a benchmark is best re-run alone when its section is stale.
+Each benchmark's rows are also kept beside the report (REPORT's name + `.rows.json`, per CPU
+kind, with when they were measured), so `--only NAME` re-runs one benchmark and the summary still
+lists every other benchmark's rows (of this CPU kind) from its last run, each dated: on a shared
+2-core machine the whole suite rarely gets one quiet hour, and a benchmark is best re-run alone
+when its section is stale.
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import SUMMARY_FIELDS, write_section  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    LEGACY_KIND,
+    SUMMARY_FIELDS,
+    cpu_identity,
+    cpu_phrase,
+    write_section,
+)
 
 START, END = "<!-- summary:start -->", "<!-- summary:end -->"
 SUMMARY_HEADING = "## Summary\n\n"
@@ -99,22 +112,33 @@ def rows_file(report: Path) -> Path:
     return report.with_name(report.name + ".rows.json")
 
 
-def load_kept_rows(report: Path) -> dict[str, dict]:
-    """{benchmark name: {"rows", "measured", "seconds"}} from earlier runs ({} if none or
-    unreadable: the summary then shows only this run)."""
+def migrate_kept_rows(kept: dict) -> dict[str, dict]:
+    """A rows file from before rows were kept per CPU kind ({benchmark name: entry}) as
+    {LEGACY_KIND: it}: those rows were all measured on the Intel AMX machine. Others as they are."""
+    if any(isinstance(entry, dict) and "rows" in entry for entry in kept.values()):
+        return {LEGACY_KIND: kept}
+    return kept
+
+
+def load_kept_rows(report: Path) -> dict[str, dict[str, dict]]:
+    """{CPU kind: {benchmark name: {"rows", "measured", "seconds"}}} from earlier runs ({} if
+    none or unreadable: the summary then shows only this run)."""
     try:
         kept = json.loads(rows_file(report).read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(kept, dict):
         return {}
-    return {name: entry for name, entry in kept.items()
-            if isinstance(entry, dict) and isinstance(entry.get("rows"), list)
-            and all(isinstance(row, dict) and set(SUMMARY_FIELDS) <= set(row)
-                    for row in entry["rows"])}
+    return {
+        kind: {name: entry for name, entry in entries.items()
+               if isinstance(entry, dict) and isinstance(entry.get("rows"), list)
+               and all(isinstance(row, dict) and set(SUMMARY_FIELDS) <= set(row)
+                       for row in entry["rows"])}
+        for kind, entries in migrate_kept_rows(kept).items() if isinstance(entries, dict)
+    }
 
 
-def keep_rows(report: Path, kept: dict[str, dict]) -> None:
+def keep_rows(report: Path, kept: dict[str, dict[str, dict]]) -> None:
     from promethean.files import atomic_file
 
     with atomic_file(rows_file(report)) as partial:
@@ -123,7 +147,8 @@ def keep_rows(report: Path, kept: dict[str, dict]) -> None:
 
 # ------------------------------------------------------------------------------------- machine
 def measure_machine() -> dict:
-    """The CPU's description and its measured matmul peaks (FLOP/s) and read bandwidth (B/s).
+    """The CPU's description (benchmarks.common.cpu_description: its kind, the kernels that run)
+    and its measured matmul peaks (FLOP/s) and read bandwidth (B/s), each way's figure too.
 
     Measured in a subprocess so that this process stays small: Linux carries a parent's RSS
     high-water mark into the children it starts (vfork + exec), and several benchmarks measure
@@ -183,20 +208,33 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def ways(figures: dict[str, float] | None, unit: str) -> str:
+    """'`torch.matmul` 142, `oneDNN linear` 201 GFLOP/s; `oneDNN linear` won' ("" for none);
+    `unit` is GFLOP/s or GB/s."""
+    if not figures:
+        return ""
+    digits = 1 if unit == "GB/s" else 0
+    listed = ", ".join(f"`{name}` {value / 1e9:,.{digits}f}" for name, value in figures.items())
+    return f"{listed} {unit}; `{max(figures, key=figures.__getitem__)}` won"
+
+
 def render_summary(machine: dict, outcomes: Sequence[Outcome], *, quick: bool, command: str,
                    started: datetime.datetime, elapsed: float) -> str:
     peaks = machine["matmul_peak"]
-    features = ", ".join(machine.get("features") or []) or "no AVX-512/AMX"
+    paths = machine.get("matmul_paths") or {}
+    readers = ways(machine.get("bandwidth_readers"), "GB/s") or "`torch.sum`, `torch.mv`"
     machine_rows = [
-        ("matmul peak, fp32", f"{peaks['fp32'] / 1e9:,.0f} GFLOP/s",
-         "2048³ `torch.matmul`, median of timed passes"),
-        ("matmul peak, bf16", f"{peaks['bf16'] / 1e9:,.0f} GFLOP/s",
-         "2048³ `torch.matmul`, median of timed passes"),
+        *((f"matmul peak, {dtype}", f"{peaks[dtype] / 1e9:,.0f} GFLOP/s",
+           "2048³, the median of timed passes of each way: "
+           + (ways(paths.get(dtype), "GFLOP/s") or "`torch.matmul`"))
+          for dtype in ("fp32", "bf16")),
         ("memory read bandwidth", f"{machine['bandwidth'] / 1e9:,.1f} GB/s",
-         "an fp32 buffer past the L3 read by `torch.sum` / `torch.mv`, the faster median"),
+         f"an fp32 buffer past the L3 read once, the median of timed passes of each way: "
+         f"{readers}"),
         ("cores", str(machine["cores"]), "this process's CPU affinity; every benchmark uses all"),
-        ("CPU", f"{machine['cpu']} ({features}, L3 {machine.get('l3')}, "
-                f"{machine['ram_gib']:.0f} GiB RAM)", "`/proc/cpuinfo`"),
+        ("CPU", f"{cpu_phrase(machine)}, {machine['ram_gib']:.0f} GiB RAM", "`/proc/cpuinfo`"),
+        ("Promethean's CPU kernels", machine.get("kernels") or "not reported",
+         "`promethean.inference.kernels`: the instruction set they run here, or why none"),
     ]
     every_row = [  # "—": no peer, no limit or no target applies
         [row[field] or "—" for field in SUMMARY_FIELDS]
@@ -235,8 +273,9 @@ def render_summary(machine: dict, outcomes: Sequence[Outcome], *, quick: bool, c
     return "\n".join(lines)
 
 
-def write_summary(report: Path, body: str) -> None:
-    """Rewrite the summary section; the first time, put it before the report's first section."""
+def write_summary(report: Path, body: str, machine: dict | None = None) -> None:
+    """Rewrite `machine`'s CPU kind's block of the summary (the other kinds' stay); the first
+    time, put the summary before the report's first section."""
     text = report.read_text() if report.exists() else ""
     if START not in text:
         first_section = text.find("\n## ")
@@ -247,7 +286,7 @@ def write_summary(report: Path, body: str) -> None:
             text = text[: first_section + 1] + empty + text[first_section + 1 :]
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(text)
-    write_section(report, START, END, body)
+    write_section(report, START, END, body, machine=machine)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -279,11 +318,14 @@ def main(argv: list[str] | None = None, benchmarks: Sequence[Benchmark] = BENCHM
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     print("measuring the machine: matmul peak (fp32, bf16), memory read bandwidth", flush=True)
-    machine = measure()
+    machine = {**cpu_identity(), **measure()}  # the kind from here if `measure` has none
+    print(f"  CPU: {cpu_phrase(machine)}; Promethean's CPU kernels: "
+          f"{machine.get('kernels', 'not reported')}", flush=True)
     print(f"  fp32 {machine['matmul_peak']['fp32'] / 1e9:.0f} GFLOP/s, bf16 "
           f"{machine['matmul_peak']['bf16'] / 1e9:.0f} GFLOP/s, read "
           f"{machine['bandwidth'] / 1e9:.1f} GB/s", flush=True)
-    kept = load_kept_rows(report)
+    every_kind = load_kept_rows(report)
+    kept = every_kind.setdefault(machine["kind"], {})  # only this CPU kind's rows are summed up
     outcomes = []
     with tempfile.TemporaryDirectory(prefix="promethean-benchmarks-") as scratch:
         for benchmark in benchmarks:
@@ -301,10 +343,10 @@ def main(argv: list[str] | None = None, benchmarks: Sequence[Benchmark] = BENCHM
                 now = datetime.datetime.now(datetime.timezone.utc)
                 kept[benchmark.name] = {"rows": outcome.rows, "seconds": outcome.seconds,
                                         "measured": f"{now:%Y-%m-%d %H:%M}"}
-                keep_rows(report, kept)
+                keep_rows(report, every_kind)
     body = render_summary(machine, outcomes, quick=args.quick, command=command, started=started,
                           elapsed=time.perf_counter() - clock)
-    write_summary(report, body)
+    write_summary(report, body, machine)
     failed = [outcome.benchmark.name for outcome in outcomes if outcome.error]
     print(f"\nwrote the summary of {report}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

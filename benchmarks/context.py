@@ -51,6 +51,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import (  # noqa: E402
     add_report_options,
     cpu_description,
+    measured_line,
     summary_row,
     write_section,
     write_summary_rows,
@@ -187,8 +188,7 @@ def measure(name: str, data: np.ndarray, queries: np.ndarray, extra: np.ndarray,
 def render(results: list[dict], command: str, started, minutes: float, args) -> str:
     info = cpu_description()
     lines = [
-        (f"Measured {started:%Y-%m-%d %H:%M} UTC ({minutes:.0f} min) on {info['cores']} cores of "
-         f"{info['cpu']}, {info['ram_gib']:.0f} GiB RAM; numpy {np.__version__}, Python "
+        (f"{measured_line(info, started, minutes)}; numpy {np.__version__}, Python "
          f"{info['python']}. Command: `{command}` (under `nice -n 10`, machine shared)."),
         "",
         ("Setup: `MemoryTree` with cosine similarity (unit vectors), leaf capacity 128, imbalance "

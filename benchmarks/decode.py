@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     add_report_options,
     cores,
     cpu_description,
+    measured_line,
     ratios,
     summary_row,
     write_section,
@@ -580,16 +581,13 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
     ceiling = ratios(summary["bound_tps"]["fp32"], tps[("transformers", "fp32")])
     peak = rss["ours-fp32"]["mb"]
     floor = rss["ours-import"]["mb"] + speed["weights"][("ours", "fp32")] / 1e6
-    features = ", ".join(info["features"]) or "no AVX-512/AMX"
     bound_targets = ", ".join(
         f"{met(fraction[dtype] >= target)} in {dtype} ({fraction[dtype]:.0%})"
         for dtype, target in BOUND_TARGET.items()
     )
     return "\n".join(
         [
-            f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on "
-            f"{info['cores']} cores of an {info['cpu']} ({features}, L3 {info['l3']}), "
-            f"{info['ram_gib']:.0f} GiB RAM; "
+            f"{measured_line(info, started, elapsed / 60)}; "
             f"torch {info['torch']}, transformers {info['transformers']} "
             f"(attention: {speed['attn_implementation']}), Python {info['python']}.",
             "",

@@ -53,6 +53,7 @@ from benchmarks.common import (  # noqa: E402
     add_report_options,
     cores,
     cpu_description,
+    measured_line,
     parse_report_arguments,
     ratios,
     summary_row,
@@ -260,8 +261,7 @@ def render(result: dict, info: dict, args, command: str, started, elapsed: float
         for copies in sizes
     )
     return "\n".join([
-        f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on {info['cores']} cores "
-        f"of an {info['cpu']}, {info['ram_gib']:.0f} GiB RAM; Python {info['python']}, tiktoken "
+        f"{measured_line(info, started, elapsed / 60)}; Python {info['python']}, tiktoken "
         f"{info['tiktoken']}, numpy {info['numpy']}.",
         "",
         f"Setup: the `{args.corpus}` corpus ({'its first ' if args.documents else ''}"

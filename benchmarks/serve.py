@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.common import (  # noqa: E402
     add_report_options,
     cpu_description,
+    measured_line,
     parse_report_arguments,
     ratios,
     summary_row,
@@ -211,10 +212,8 @@ def render(rows: list[dict], load: dict, args, command: str, started, elapsed: f
     import torch
 
     info = cpu_description()
-    features = ", ".join(info["features"])
     lines = [
-        f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on {info['cores']} cores of "
-        f"an {info['cpu']} ({features}), {info['ram_gib']:.0f} GiB RAM; torch {torch.__version__}, "
+        f"{measured_line(info, started, elapsed / 60)}; torch {torch.__version__}, "
         f"httpx {httpx.__version__}, Python {info['python']}. Load average at the start: "
         f"{args.load_start}.",
         "",

@@ -51,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
     add_report_options,
     cores,
     cpu_description,
+    measured_line,
     parse_report_arguments,
     ratios,
     summary_row,
@@ -297,11 +298,9 @@ def render(scan, decode, training, args, command, started, elapsed) -> str:
     import torch
 
     info = cpu_description()
-    features = ", ".join(info["features"]) or "no AVX-512/AMX"
     code = f"`{command}`"
     lines = [
-        f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on {info['cores']} cores "
-        f"of an {info['cpu']} ({features}, L3 {info['l3']}), {info['ram_gib']:.0f} GiB RAM; "
+        f"{measured_line(info, started, elapsed / 60)}; "
         f"torch {torch.__version__}, Python {info['python']}; `torch.set_num_threads"
         f"({info['cores']})`. Medians of {args.repeats} rounds; ratios taken within a round. "
         "MB = 10^6 bytes.",

@@ -51,6 +51,7 @@ from benchmarks.common import (  # noqa: E402
     add_report_options,
     cores,
     cpu_description,
+    measured_line,
     parse_report_arguments,
     ratios,
     summary_row,
@@ -444,12 +445,9 @@ def render(small, big, info, args, command, started, elapsed) -> str:
     else:
         big_round = "gpt2-small: not measured in this run (`--big-repeats 0`)."
         big_setup, big_flops = "", ""
-    features = ", ".join(info["features"]) or "no AVX-512/AMX"
     return "\n".join(
         [
-            f"Measured {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.0f} min) on "
-            f"{info['cores']} cores of an {info['cpu']} ({features}, L3 {info['l3']}), "
-            f"{info['ram_gib']:.0f} GiB RAM; torch {info['torch']}, transformers "
+            f"{measured_line(info, started, elapsed / 60)}; torch {info['torch']}, transformers "
             f"{info['transformers']} (attention: {info['attn']}), Python {info['python']}.",
             "",
             "Setup: random weights and random token batches; ours `Transformer` with "
