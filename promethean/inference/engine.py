@@ -74,15 +74,8 @@ def _pad_left(cache: KVCache, amount: int) -> None:
     if amount <= 0:
         return
     for layer in cache.layers:
-        if isinstance(layer, LayerKVCache) and layer.keys is not None:
-            if layer.window is None:
-                shape = (*layer.keys.shape[:2], amount, layer.keys.shape[3])
-                zeros = layer.keys.new_zeros(shape)
-                layer.keys = torch.cat((zeros, layer.keys[:, :, : layer.filled]), dim=2)
-                layer.values = torch.cat((zeros, layer.values[:, :, : layer.filled]), dim=2)
-                layer.filled += amount
-            else:  # the held keys are the same; only the slots they sit at move
-                layer.first_slot += amount
+        if isinstance(layer, LayerKVCache):
+            layer.pad_left(amount)
     padding = _left_padding(cache) + amount
     cache.left_padding = padding
     cache.min_left_padding = int(padding.min())
@@ -104,21 +97,6 @@ def _cache_device(cache: KVCache) -> torch.device:
     return torch.device("cpu")
 
 
-def _concat_aligned(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Stack two (B, H, T, D) key tensors along the batch, right-aligned along T (zeros in front
-    of the shorter: slots that are padding or outside the window for its rows)."""
-    size = max(first.shape[2], second.shape[2])
-
-    def grow(tensor: torch.Tensor) -> torch.Tensor:
-        missing = size - tensor.shape[2]
-        if not missing:
-            return tensor
-        zeros = tensor.new_zeros((*tensor.shape[:2], missing, tensor.shape[3]))
-        return torch.cat((zeros, tensor), dim=2)
-
-    return torch.cat((grow(first), grow(second)), dim=0)
-
-
 def merge_caches(batch: KVCache, newcomer: KVCache) -> KVCache:
     """Append the rows of `newcomer` to `batch` (both may be left-padded, of any lengths)."""
     _pad_left(batch, newcomer.length - batch.length)
@@ -127,17 +105,8 @@ def merge_caches(batch: KVCache, newcomer: KVCache) -> KVCache:
         if isinstance(mine, SSMLayerCache):
             mine.conv_state = torch.cat((mine.conv_state, theirs.conv_state), dim=0)
             mine.ssm_state = torch.cat((mine.ssm_state, theirs.ssm_state), dim=0)
-            continue
-        if mine.window is None:
-            mine.keys = torch.cat((mine.keys[:, :, : mine.filled], theirs.keys[:, :, : theirs.filled]))
-            mine.values = torch.cat(
-                (mine.values[:, :, : mine.filled], theirs.values[:, :, : theirs.filled])
-            )
         else:
-            mine.keys = _concat_aligned(mine.keys, theirs.keys)
-            mine.values = _concat_aligned(mine.values, theirs.values)
-            mine.first_slot = batch.length - mine.keys.shape[2]
-            mine.filled = mine.keys.shape[2]
+            mine.concat_rows(theirs, batch.length)
     padding = torch.cat((_left_padding(batch), _left_padding(newcomer)))
     batch.left_padding = padding
     batch.min_left_padding = int(padding.min())
@@ -151,17 +120,8 @@ def trim_common_padding(cache: KVCache) -> None:
     if cache.left_padding is None or amount <= 0:
         return
     for layer in cache.layers:
-        if not isinstance(layer, LayerKVCache) or layer.keys is None:
-            continue
-        if layer.window is None:
-            layer.keys = layer.keys[:, :, amount : layer.filled]
-            layer.values = layer.values[:, :, amount : layer.filled]
-            layer.filled -= amount
-        else:
-            drop = max(0, amount - layer.first_slot)
-            layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
-            layer.first_slot = max(0, layer.first_slot - amount)
-            layer.filled = layer.keys.shape[2]
+        if isinstance(layer, LayerKVCache):
+            layer.trim_front(amount)
     cache.left_padding = cache.left_padding - amount
     cache.min_left_padding = 0
     cache.length -= amount

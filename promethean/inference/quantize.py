@@ -1,37 +1,38 @@
 """Preparing a trained fp32 model for inference in a smaller number format.
 
-`prepare_for_inference(model, dtype)` converts a model in place and returns it:
+`prepare_for_inference(model, dtype)` converts a model in place and returns it, in eval mode:
 
-* ``fp32``: unchanged (eval mode), with the fused decode step where the kernels run.
+* ``fp32``: every weight stays fp32.
 * ``bf16`` / ``fp16``: every weight in that format.
 * ``int8``: weight-only quantization. Every projection of the blocks and the head holds int8
   weights with one symmetric scale per output channel (``w ~ int8 * scale``, scale = max|row| /
   127), multiplied directly by the activations, so a decode step reads a quarter of the fp32
-  bytes. Activations stay in floating point: bf16, as in a bf16 model (the norms still compute in
-  fp32 inside). The token embedding is quantized the same way (per row) and, when tied, *is* the
+  bytes. Activations stay in floating point: bf16, as in a bf16 model (the norms compute in fp32
+  inside). The token embedding is quantized the same way (per row) and, when tied, *is* the
   head's int8 matrix: a lookup dequantizes only the rows it needs.
 
-Which kernels multiply the bf16 and int8 matrices on a CPU:
+Where Promethean's own CPU kernels run (`promethean.inference.kernels`: an x86-64 CPU with AVX2
+and FMA, AVX-512 with its bf16 and VNNI dot products where it has them, and a C++ compiler),
+fp32, bf16 and int8 models are converted to the kernels' layers (`kernel_layers`): weights
+packed in panels that a decode step streams close to the memory bandwidth, and norms, attention
+and the SSM's scan computed by the kernels, every row alike. That is what makes the guarantee
+of the README: **a sequence's logits are bit-identical whether it is decoded alone or in any
+batch, left-padded or not, at any step, on AVX2 as on AVX-512**. The model also gets a fused
+decode step (`promethean.inference.fused_decode`): a step of one new token per sequence runs
+every block in a single C++ call, bit-identical to the layers.
 
-* Promethean's own (`promethean.inference.kernels`, built on first use) wherever the CPU has
-  AVX2 and FMA (AVX-512 with the bf16 and VNNI dot products where it has them) and a C++
-  compiler is there: a batch-1 decode step streams the weights close to the memory bandwidth.
-  The layers are then `Int8Linear` with fp32 scales and biases, for any number of rows, and
-  `Bf16Linear`, which hands several rows at once (compute-bound) to oneDNN's packed path (AMX
-  where the CPU has it) instead. A head tied to the embedding multiplies the one shared bf16
-  matrix (`TiedRowLinear`); an untied head is a `Bf16Linear` without a packed copy. The model
-  also gets a fused decode step (`promethean.inference.fused_decode`): a step of one new token
-  per sequence runs every block in a single C++ call, bit-identical to the modules.
-* Otherwise PyTorch's: bf16 matrices of the blocks *prepacked* for oneDNN once (`PackedLinear`,
-  about 1.5x faster at batch 1 than a plain bf16 `F.linear`, which re-lays the weight out on
-  every call), a tied head multiplied with `torch.mv` for a single row, and int8 through
-  `torch._weight_int8pack_mm` (bf16 scales). An int8 request on a device where that kernel is
-  missing (checked by running it once on a small matrix) falls back to bf16 with a warning, or to
-  fp32 where bf16 is unsupported too: the model then still runs, just with more bytes per token.
+Elsewhere (another device, a CPU without AVX2, no compiler, or `PROMETHEAN_CPU_KERNELS=0`)
+PyTorch's kernels run, with no such guarantee: fp32 stays as it is; bf16 matrices of the blocks
+are *prepacked* for oneDNN once (`PackedLinear`, about 1.5x faster at batch 1 than a plain bf16
+`F.linear`), a tied head multiplied with `torch.mv` for a single row; int8 goes through
+`torch._weight_int8pack_mm` (bf16 scales). An int8 request on a device where that kernel is
+missing (checked by running it once on a small matrix) falls back to bf16 with a warning, or to
+fp32 where bf16 is unsupported too: the model then still runs, just with more bytes per token.
 
-A prepared model is for inference only: its weights cannot be trained, and it cannot be prepared
-a second time (the precision already lost cannot be recovered, and a LoRA adapter merges into
-fp32 weights): load the checkpoint again instead. Merge any adapter *before* preparing.
+A prepared model is for inference only: its weights cannot be trained, it cannot be converted
+with `.to()`, and it cannot be prepared a second time (the precision already lost cannot be
+recovered, and a LoRA adapter merges into fp32 weights): load the checkpoint again instead. Merge
+any adapter *before* preparing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from torch import nn
 
 from promethean.device import resolve_dtype
 from promethean.errors import PrometheanError
-from promethean.inference import fused_decode, kernels
+from promethean.inference import fused_decode, kernel_layers, kernels
+from promethean.inference.kernel_layers import Int8Embedding, quantize_rows
 from promethean.model import Transformer
 from promethean.model.ssm import SelectiveSSM
 
@@ -97,61 +99,21 @@ class PackedLinear(nn.Module):
                 "bf16 oneDNN-packed")
 
 
-class Bf16Linear(nn.Module):
-    """A bf16 linear layer for Promethean's CPU kernel: a plain row-major weight, multiplied by
-    the kernel for a single row (a batch-1 decode step, which streams the weight), with an fp32
-    bias added before the one rounding of the output. Several rows at once (a prompt, a batched
-    decode step) are compute-bound, where oneDNN's AMX path is several times faster: for those
-    the layer also keeps a `PackedLinear` copy (`several_rows`), when this CPU has one."""
-
-    def __init__(self, linear: nn.Linear, pack: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
-        bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self.several_rows = PackedLinear(linear.weight, linear.bias) if pack else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.several_rows is None or x.numel() == x.shape[-1]:
-            return kernels.linear(x, self.weight, None, self.bias)
-        return self.several_rows(x)
-
-    def kernel_operands(self) -> tuple:
-        """(weight, scales, bias) as the kernel multiplies them, then the packed copy's weight
-        and bias for several rows, or None (for `fused_decode`)."""
-        several = self.several_rows
-        if several is None:
-            return self.weight, None, self.bias, None, None
-        return self.weight, None, self.bias, several.packed_weight, several.bias
-
-    def weight_bytes(self) -> int:
-        """Bytes of weight a batch-1 step reads (the plain copy)."""
-        return self.weight.numel() * 2
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16"
-
-
 class TiedRowLinear(nn.Module):
-    """The head of a bf16 model tied to the token embedding: one shared plain matrix. A single
-    row (batch-1 decoding) is multiplied by Promethean's kernel where it runs, else by
-    `torch.mv`. Several rows (a batched decode step, the last positions of a batch of prompts)
-    are compute-bound: with `pack` they go to a oneDNN-packed copy (AMX: 2-3x `F.linear` at 8
-    rows), made on the first such call so that batch-1 generation never holds it (77 MB at
-    GPT-2 size); otherwise `F.linear`."""
+    """The head of a bf16 model tied to the token embedding, on PyTorch's kernels: one shared
+    plain matrix. A single row (batch-1 decoding) is multiplied with `torch.mv`. Several rows (a
+    batched decode step, the last positions of a batch of prompts) are compute-bound: with `pack`
+    they go to a oneDNN-packed copy, made on the first such call so that batch-1 generation never
+    holds it (77 MB at GPT-2 size); otherwise `F.linear`."""
 
-    def __init__(self, embedding: nn.Embedding, use_kernels: bool, pack: bool) -> None:
+    def __init__(self, embedding: nn.Embedding, pack: bool) -> None:
         super().__init__()
         self.weight = embedding.weight  # the same Parameter: no second copy
-        self.use_kernels = use_kernels
         self.pack = pack
         self.several_rows: PackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1]:
-            if self.use_kernels:
-                return kernels.linear(x, self.weight)
             return torch.mv(self.weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
         # Rows flattened first: on a non-contiguous (B, 1, C) slice (the prompt's last positions)
         # F.linear falls back to a batched matmul that copies the whole vocab x width matrix once
@@ -166,89 +128,35 @@ class TiedRowLinear(nn.Module):
 
 # The activations of an int8 model (what torch._weight_int8pack_mm multiplies).
 COMPUTE_DTYPE_INT8 = torch.bfloat16
-# Rows quantized at a time: the fp32 temporaries of a 50k-row head stay a few MB.
-QUANTIZE_ROWS_AT_ONCE = 4096
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (int8 matrix, fp32 scales) with weight ~ int8 * scale[:, None]."""
-    weight = weight.detach()
-    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], QUANTIZE_ROWS_AT_ONCE):
-        rows = weight[start : start + QUANTIZE_ROWS_AT_ONCE].float()
-        row_scales = rows.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-        quantized[start : start + QUANTIZE_ROWS_AT_ONCE] = (
-            torch.round(rows / row_scales[:, None]).clamp_(-127, 127)
-        )
-        scales[start : start + QUANTIZE_ROWS_AT_ONCE] = row_scales
-    return quantized, scales
-
-
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer: int8 weight (out, in), one scale per output channel.
+    """Weight-only int8 linear layer on PyTorch's `torch._weight_int8pack_mm`: int8 weight (out,
+    in), one bf16 scale per output channel, the bias added in bf16."""
 
-    With Promethean's kernels (`use_kernels`) the scales and bias are fp32 and applied in fp32;
-    PyTorch's `torch._weight_int8pack_mm` takes bf16 scales, and the bias is added in bf16."""
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        scales: torch.Tensor,
-        bias: torch.Tensor | None,
-        use_kernels: bool = False,
-    ) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.use_kernels = use_kernels
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, use_kernels: bool) -> Int8Linear:
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         weight, scales = quantize_rows(linear.weight)
-        dtype = torch.float32 if use_kernels else COMPUTE_DTYPE_INT8
-        bias = None if linear.bias is None else linear.bias.detach().to(dtype).clone()
-        return cls(weight, scales.to(dtype), bias, use_kernels)
+        bias = None if linear.bias is None else linear.bias.detach().to(COMPUTE_DTYPE_INT8).clone()
+        return cls(weight, scales.to(COMPUTE_DTYPE_INT8), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels:
-            return kernels.linear(x, self.weight, self.scales, self.bias)
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
         y = torch._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def kernel_operands(self) -> tuple | None:
-        """(weight, scales, bias) as the kernels multiply them, and no packed copy; None when
-        PyTorch's kernel does (for `fused_decode`)."""
-        return (self.weight, self.scales, self.bias, None, None) if self.use_kernels else None
-
     def weight_bytes(self) -> int:
         return self.weight.numel() + self.scales.numel() * self.scales.element_size()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
-
-
-class Int8Embedding(nn.Module):
-    """Token embedding held as int8 rows with one scale per row; a lookup dequantizes only the
-    rows it reads. Shares its tensors with an `Int8Linear` head when the two are tied."""
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(idx, self.weight).to(self.scales.dtype)
-        return (rows * self.scales[idx].unsqueeze(-1)).to(COMPUTE_DTYPE_INT8)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
 # ------------------------------------------------------------------------------------ probes
@@ -300,51 +208,49 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
             f"this model was already prepared for inference in {already}; load it again in fp32 "
             "to prepare it in another dtype."
         )
-    _check_preparable(model, replaces_layers=dtype in ("bf16", "int8"))
-    if dtype != "fp32":
-        # Named after the fp32 weights before they change: a memory embedded by this checkpoint
-        # in fp32 stays usable by the converted model.
-        model.fp32_weights_fingerprint = model.weights_fingerprint()
     device = next(model.parameters()).device
+    use_kernels = device.type == "cpu" and dtype in ("fp32", "bf16", "int8") and kernels.available()
+    _check_preparable(model, replaces_layers=use_kernels or dtype in ("bf16", "int8"))
+    # Named after the fp32 weights before they change: a memory embedded by this checkpoint in
+    # fp32 stays usable by the converted model.
+    model.fp32_weights_fingerprint = model.weights_fingerprint()
     model.eval()
     applied = dtype
-    use_kernels = device.type == "cpu" and dtype in ("bf16", "int8") and kernels.available()
-    if dtype == "int8" and not use_kernels and not _int8_kernel_works(device.type):
+    if use_kernels:
+        kernel_layers.convert(model, dtype)
+    else:
+        applied = _prepare_with_pytorch(model, dtype, device)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if use_kernels:
+        fused_decode.install(model)  # where it cannot, decoding keeps the layers
+    setattr(model, PREPARED_ATTRIBUTE, applied)
+    return model
+
+
+def _prepare_with_pytorch(model: Transformer, dtype: str, device: torch.device) -> str:
+    """PyTorch's kernels (no Promethean kernels here); returns the dtype actually applied."""
+    applied = dtype
+    if dtype == "int8" and not _int8_kernel_works(device.type):
         applied = "bf16" if _bf16_supported(device) else "fp32"
         warnings.warn(
             f"int8 inference is not supported on {device.type} here (torch._weight_int8pack_mm "
             f"failed its check), so the model runs in {applied} instead.",
-            stacklevel=2,
+            stacklevel=3,
         )
     tied = _head_is_tied(model)
-    if use_kernels and applied in ("bf16", "int8"):
-        _fuse_qkv(model)
     # Every conversion goes layer by layer, straight from fp32: the peak memory is the fp32
     # model plus one layer, never fp32 and converted copies of everything.
     if applied == "int8":
-        _quantize_int8(model, tied, use_kernels)
-    elif applied == "bf16" and use_kernels:
-        pack = _onednn_packing_works()
-        for parent, name in _block_linears(model):
-            setattr(parent, name, Bf16Linear(getattr(parent, name), pack))
-        if not tied:
-            model.lm_head = Bf16Linear(model.lm_head, pack=False)
-        _convert_floats(model, torch.bfloat16)
-        if tied:
-            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=True, pack=pack)
+        _quantize_int8(model, tied)
     elif applied in ("bf16", "fp16"):
         packing = applied == "bf16" and device.type == "cpu" and _onednn_packing_works()
         if packing:
             _pack_bf16(model, tied)
         model.to(resolve_dtype(applied, device))
         if packing and tied:
-            model.lm_head = TiedRowLinear(model.token_embedding, use_kernels=False, pack=True)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    if device.type == "cpu" and applied in ("fp32", "bf16", "int8"):
-        fused_decode.install(model)  # where it cannot, decoding keeps the module path
-    setattr(model, PREPARED_ATTRIBUTE, applied)
-    return model
+            model.lm_head = TiedRowLinear(model.token_embedding, pack=True)
+    return applied
 
 
 def check_inference_dtype(dtype: str) -> None:
@@ -408,25 +314,6 @@ def _head_is_tied(model: Transformer) -> bool:
 
 
 @torch.no_grad()
-def _fuse_qkv(model: Transformer) -> None:
-    """One (q | k | v) projection per attention layer, in fp32, before the conversion: a decode
-    step then reads x once and makes one kernel call instead of three. Each output row is the
-    same product as before (the kernels compute every row alike), so the logits do not change."""
-    for block in model.blocks:
-        attention = block.attn
-        if attention is None:
-            continue
-        parts = (attention.q_proj, attention.k_proj, attention.v_proj)
-        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                          bias=parts[0].bias is not None)
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        attention.qkv_proj = fused
-        del attention.q_proj, attention.k_proj, attention.v_proj
-
-
-@torch.no_grad()
 def _pack_bf16(model: Transformer, tied: bool) -> None:
     """oneDNN-packed bf16 copies of the blocks' projections and, unless it is the embedding's
     matrix, of the head (a tied head is wrapped after the embedding is in bf16)."""
@@ -438,23 +325,23 @@ def _pack_bf16(model: Transformer, tied: bool) -> None:
 
 
 @torch.no_grad()
-def _quantize_int8(model: Transformer, tied: bool, use_kernels: bool) -> None:
+def _quantize_int8(model: Transformer, tied: bool) -> None:
     for parent, name in _block_linears(model):
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), use_kernels))
-    head = Int8Linear.from_linear(model.lm_head, use_kernels)
+        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+    head = Int8Linear.from_linear(model.lm_head)
     if tied:
-        embedding = Int8Embedding(head.weight, head.scales)
+        embedding = Int8Embedding(head.weight, head.scales, COMPUTE_DTYPE_INT8)
     else:
         weight, scales = quantize_rows(model.token_embedding.weight)
-        embedding = Int8Embedding(weight, scales.to(head.scales.dtype))
+        embedding = Int8Embedding(weight, scales.to(head.scales.dtype), COMPUTE_DTYPE_INT8)
     model.lm_head, model.token_embedding = head, embedding
     # Everything left in floating point (norms, position table, the SSM's small projections)
     # takes the activations' dtype.
     _convert_floats(model, COMPUTE_DTYPE_INT8)
 
 
-# Converted layers keep the dtypes they chose (fp32 scales and biases for Promethean's kernels).
-CONVERTED_LAYERS = (Bf16Linear, Int8Linear, Int8Embedding)
+# Converted layers keep the dtypes they chose.
+CONVERTED_LAYERS = (Int8Linear, Int8Embedding)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promethean.config import ModelConfig
-from promethean.model.attention import Attention, KVCache, attention_mask
+from promethean.model.attention import Attention, KVCache, SlotMask, attention_mask
 from promethean.model.layers import MLP, make_norm, rotary_cos_sin, rotary_inverse_frequencies
 from promethean.model.loss import linear_cross_entropy
 from promethean.model.ssm import SelectiveSSM
@@ -87,9 +87,14 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device=head_device)
         self.tie_weights()
         self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
+        # Set by promethean.inference on a model prepared for its CPU kernels, whose attention
+        # layers build their own masks: they get a `SlotMask` (the first query's slot and the
+        # rows' left padding) instead of a mask tensor.
+        self.attention_reads_slots = False
         # Set by promethean.inference (fused_decode) on a model prepared for inference: runs every
         # block of a cached decode step (one new token per row) in one call, bit-identical to the
-        # blocks. It has `rope_thetas`, `can_step(cache)` and `step(x, cache, rotaries, mask)`.
+        # blocks. It has `rope_thetas`, `can_step(cache)`, `step(x, cache, rotaries)` and
+        # `rebuilt(model)` (the same step over the model's tensors after a conversion).
         self.fused_decode = None
         self.reset_parameters()
 
@@ -121,9 +126,13 @@ class Transformer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # A fused decode step holds the tensors it gathered; a conversion (to(), float(), ...)
-        # replaces buffers with new tensors, so the step would read stale ones: drop it.
-        self.fused_decode = None
-        return super()._apply(fn, recurse)
+        # may replace them with new ones, so the step would read stale ones: it is gathered
+        # again afterwards (and stays dropped if the conversion fails).
+        fused, self.fused_decode = self.fused_decode, None
+        module = super()._apply(fn, recurse)
+        if fused is not None:
+            self.fused_decode = fused.rebuilt(self)
+        return module
 
     def tie_weights(self) -> None:
         """Share the embedding with the output head when the config says so (again after any
@@ -222,10 +231,7 @@ class Transformer(nn.Module):
                 and not self.training and fused.can_step(cache)):
             rotaries = {theta: self._rotary(theta, positions, x.dtype)
                         for theta in fused.rope_thetas}
-            mask = None  # its layers are all global: one new token sees every slot held...
-            if left_padding is not None:  # ...except a row's padding
-                mask = self._mask(slots, None, cache, left_padding)[0]
-            x = fused.step(x, cache, rotaries, mask)
+            x = fused.step(x, cache, rotaries)
         else:
             x = self._run_blocks(x, slots, positions, cache, left_padding)
         if cache is not None:
@@ -258,12 +264,17 @@ class Transformer(nn.Module):
         rotaries: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         # SSM mixers need no positions or attention mask, only which slots are real tokens.
         real_tokens = slots[None, :] >= left_padding[:, None] if left_padding is not None else None
+        slot_mask = None
+        if self.attention_reads_slots:  # the slots start where the cache ends (0 without one)
+            slot_mask = SlotMask(cache.length if cache is not None else 0, left_padding)
         for layer, block in enumerate(self.blocks):
             if block.attn is None:
                 rotary, mask, is_causal = None, real_tokens, False
             else:
                 window = block.attn.window
-                if window not in masks:
+                if slot_mask is not None:
+                    masks[window] = slot_mask, False
+                elif window not in masks:
                     masks[window] = self._mask(slots, window, cache, left_padding)
                 rotary = None
                 theta = block.attn.rope_theta

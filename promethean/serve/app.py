@@ -25,7 +25,6 @@ changed, and at shutdown.
 from __future__ import annotations
 
 import asyncio
-import copy
 import hmac
 import json
 import logging
@@ -364,12 +363,7 @@ class ModelVariants:
             return self.engines[adapter]
 
     def _adapted_model(self, adapter: str) -> Transformer:
-        if self.dtype == "fp32":
-            # A copy of the base weights (the base engine keeps decoding from the original).
-            model = copy.deepcopy(self.base.model)
-            load_adapter_onto(model, self.checkpoint, adapter)
-            return model
-        # A bf16 or int8 base cannot take a merge: merge into fresh fp32 weights, then prepare.
+        # A prepared base cannot take a merge: merge into fresh fp32 weights, then prepare.
         from promethean.checkpoint import load_checkpoint
         from promethean.inference.quantize import prepare_for_inference
 
@@ -852,17 +846,11 @@ def build_app(
         raise PrometheanError(f"--dtype must be one of {', '.join(SERVE_DTYPES)}, got '{dtype}'.")
     resolved = resolve_device(device)
     loaded = load_checkpoint(checkpoint, device=resolved)
-    model = loaded.model.eval()
-    if dtype != "fp32":
-        from promethean.inference.quantize import prepare_for_inference
+    from promethean.inference.quantize import prepare_for_inference
 
-        model = prepare_for_inference(model, dtype)
-    else:
-        from promethean.inference import fused_decode
-
-        # The fp32 base stays an ordinary model (adapters are merged into copies of it); the
-        # fused step only takes decode steps, and gives way to any hook an adapter adds.
-        fused_decode.install(model)
+    # Prepared in every dtype: on the CPU kernels a reply then never depends on the requests it
+    # is batched with (adapters are merged into fresh fp32 copies and prepared alike).
+    model = prepare_for_inference(loaded.model, dtype)
     server_memory = None
     if memory is not None:
         server_memory = ServerMemory.open(memory, checkpoint, loaded.tokenizer,
