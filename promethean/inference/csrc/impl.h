@@ -235,7 +235,8 @@ inline void linear(const LinearArgs& a, int64_t p0, int64_t p1, int64_t r0, int6
   }
 }
 
-#else  // AVX2: 16 registers of 8 lanes; a tile covers half a panel (two chunks).
+#else  // AVX2: 16 registers of 8 lanes; a tile covers half a panel (NC = 2 chunks) or, for one
+       // row, all of it (NC = 4).
 
 // MXCSR with denormals flushed to zero and read as zero, as vdpbf16ps treats them, for as long
 // as this object lives (on this thread).
@@ -250,18 +251,18 @@ class FlushDenormals {
   unsigned saved_;
 };
 
-template <int MR>
+template <int MR, int NC>
 inline void tile_fp32(const LinearArgs& a, const float* panel, int c0, int64_t m0, F16* out) {
-  __m256 acc[MR][4];
+  __m256 acc[MR][2 * NC];
   for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+    for (int i = 0; i < 2 * NC; ++i) acc[m][i] = _mm256_setzero_ps();
   const float* x = static_cast<const float*>(a.x) + m0 * a.x_stride;
   for (int64_t k = 0; k < a.K; ++k) {
     const float* w = panel + k * kPanel + c0 * kChunk;
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64, _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
+    for (int line = 0; line < NC; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * NC; ++i) {
       const __m256 wv = _mm256_loadu_ps(w + 8 * i);
 #pragma GCC unroll 3
       for (int m = 0; m < MR; ++m)
@@ -269,25 +270,25 @@ inline void tile_fp32(const LinearArgs& a, const float* panel, int c0, int64_t m
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) out[m * 4 + c] = {acc[m][2 * c], acc[m][2 * c + 1]};
+    for (int c = 0; c < NC; ++c) out[m * 4 + c] = {acc[m][2 * c], acc[m][2 * c + 1]};
 }
 
 // The AVX-512 kernel's vdpbf16ps, lane for lane: the odd element's product, then the even one's,
 // each added with one rounding and denormals flushed. x is fp32 here (converted from bf16 once).
-template <int MR>
+template <int MR, int NC>
 inline void tile_bf16(const LinearArgs& a, const uint16_t* panel, int c0, int64_t m0, F16* out) {
   const FlushDenormals flush(true);  // the products only, not the epilogue
-  __m256 acc[MR][4];
+  __m256 acc[MR][2 * NC];
   for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_ps();
+    for (int i = 0; i < 2 * NC; ++i) acc[m][i] = _mm256_setzero_ps();
   const float* x = static_cast<const float*>(a.x) + m0 * a.x_stride;
   const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
   for (int64_t j = 0; j < a.pairs; ++j) {
     const uint16_t* w = panel + j * 2 * kPanel + c0 * kChunk * 2;
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64, _MM_HINT_T0);
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
+    for (int line = 0; line < NC; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 64 * line, _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int i = 0; i < 2 * NC; ++i) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * i));
       const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
       const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
@@ -300,26 +301,27 @@ inline void tile_bf16(const LinearArgs& a, const uint16_t* panel, int c0, int64_
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) out[m * 4 + c] = {acc[m][2 * c], acc[m][2 * c + 1]};
+    for (int c = 0; c < NC; ++c) out[m * 4 + c] = {acc[m][2 * c], acc[m][2 * c + 1]};
 }
 
-template <int MR>
+template <int MR, int NC>
 inline void tile_int8(const LinearArgs& a, const int8_t* panel, int c0, int64_t m0, F16* out) {
-  int64_t totals[MR][4][8];
+  int64_t totals[MR][2 * NC][8];
   for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 2 * NC; ++i)
       for (int l = 0; l < 8; ++l) totals[m][i][l] = 0;
   const int16_t* x = static_cast<const int16_t*>(a.x) + m0 * a.x_stride;
   for (int64_t j0 = 0; j0 < a.pairs; j0 += kInt8FlushPairs) {
-    __m256i acc[MR][4];
+    __m256i acc[MR][2 * NC];
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) acc[m][i] = _mm256_setzero_si256();
+      for (int i = 0; i < 2 * NC; ++i) acc[m][i] = _mm256_setzero_si256();
     const int64_t j1 = min64(a.pairs, j0 + kInt8FlushPairs);
     for (int64_t j = j0; j < j1; ++j) {
       const int8_t* w = panel + j * 2 * kPanel + c0 * kChunk * 2;
-      _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes, _MM_HINT_T0);
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
+      for (int line = 0; line < NC; line += 2)
+        _mm_prefetch(reinterpret_cast<const char*>(w) + kPrefetchBytes + 32 * line, _MM_HINT_T0);
+#pragma GCC unroll 8
+      for (int i = 0; i < 2 * NC; ++i) {
         const __m256i wv =
             _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * i)));
 #pragma GCC unroll 3
@@ -330,7 +332,7 @@ inline void tile_int8(const LinearArgs& a, const int8_t* panel, int c0, int64_t 
       }
     }
     for (int m = 0; m < MR; ++m)
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 2 * NC; ++i) {
         alignas(32) int64_t lanes[8];
         _mm256_store_si256(reinterpret_cast<__m256i*>(lanes),
                            _mm256_cvtepi32_epi64(_mm256_castsi256_si128(acc[m][i])));
@@ -340,7 +342,7 @@ inline void tile_int8(const LinearArgs& a, const int8_t* panel, int c0, int64_t 
       }
   }
   for (int m = 0; m < MR; ++m)
-    for (int c = 0; c < 2; ++c) {
+    for (int c = 0; c < NC; ++c) {
       int64_t chunk[16];
       for (int l = 0; l < 8; ++l) {
         chunk[l] = totals[m][2 * c][l];
@@ -350,29 +352,39 @@ inline void tile_int8(const LinearArgs& a, const int8_t* panel, int c0, int64_t 
     }
 }
 
-template <int MR>
+template <int MR, int NC>
 inline void tile(const LinearArgs& a, int64_t p, int c0, int64_t m0, F16* acc) {
   if (a.format == kFp32) {
-    tile_fp32<MR>(a, static_cast<const float*>(a.packed) + p * a.K * kPanel, c0, m0, acc);
+    tile_fp32<MR, NC>(a, static_cast<const float*>(a.packed) + p * a.K * kPanel, c0, m0, acc);
   } else if (a.format == kBf16) {
-    tile_bf16<MR>(a, static_cast<const uint16_t*>(a.packed) + p * a.pairs * 2 * kPanel, c0, m0,
-                  acc);
+    tile_bf16<MR, NC>(a, static_cast<const uint16_t*>(a.packed) + p * a.pairs * 2 * kPanel, c0,
+                      m0, acc);
   } else {
-    tile_int8<MR>(a, static_cast<const int8_t*>(a.packed) + p * a.pairs * 2 * kPanel, c0, m0,
-                  acc);
+    tile_int8<MR, NC>(a, static_cast<const int8_t*>(a.packed) + p * a.pairs * 2 * kPanel, c0,
+                      m0, acc);
   }
 }
 
 inline void linear(const LinearArgs& a, int64_t p0, int64_t p1, int64_t r0, int64_t r1) {
-  const int most = a.format == kBf16 ? 2 : 3;
   F16 acc[3 * 4];
+  if (r1 - r0 <= 2) {
+    // A decode step's few rows: a whole panel per pass (one sequential read of it), one row at
+    // a time (8 accumulators). Each output is the same sum of products as in the tiles below.
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t m = r0; m < r1; ++m) {
+        tile<1, 4>(a, p, 0, m, acc);
+        finish_tile(a, m, 1, p, 0, 4, acc);
+      }
+    return;
+  }
+  const int most = a.format == kBf16 ? 2 : 3;
   for (int64_t p = p0; p < p1; ++p) {
     for (int c0 = 0; c0 < 4; c0 += 2) {
       for (int64_t m = r0; m < r1; m += most) {
         const int rows = int(min64(most, r1 - m));
-        if (rows == 1) tile<1>(a, p, c0, m, acc);
-        else if (rows == 2) tile<2>(a, p, c0, m, acc);
-        else tile<3>(a, p, c0, m, acc);
+        if (rows == 1) tile<1, 2>(a, p, c0, m, acc);
+        else if (rows == 2) tile<2, 2>(a, p, c0, m, acc);
+        else tile<3, 2>(a, p, c0, m, acc);
         // The tile's chunks sit at acc[m * 4 + 0 .. 1]; finish_tile reads chunks c0, c0 + 1.
         finish_tile(a, m, rows, p, c0, 2, acc);
       }
