@@ -215,6 +215,22 @@ def test_norms_equal_a_float64_reference(rms, dtype, instruction_set):
     assert float((got.double() - want).abs().max()) < (2e-6 if dtype == torch.float32 else 4e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embeddings_equal_apply_rotary_in_float64(dtype, instruction_set):
+    from promethean.model.layers import apply_rotary, rotary_cos_sin, rotary_inverse_frequencies
+
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 5, 40, generator=generator).to(dtype)
+    positions = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    cos, sin = rotary_cos_sin(positions, rotary_inverse_frequencies(40, 10000.0))
+    cos, sin = cos.to(dtype)[:, None], sin.to(dtype)[:, None]  # (B, 1, T, D), as the model's
+    got = kernels.rotary(x, cos, sin)
+    want = apply_rotary(x.double(), cos.double(), sin.double())
+    assert got.dtype == dtype
+    assert float((got.double() - want).abs().max()) < (1e-6 if dtype == torch.float32 else 3e-2)
+
+
 def reference_attention(q, keys, values, visible):
     """float64 softmax attention of q (H, D) against the keys (S, Hkv, D) in `visible`."""
     group = q.shape[0] // keys.shape[1]
@@ -329,6 +345,7 @@ def test_every_operator_gives_the_same_bits_on_avx2_as_on_avx512(seed, bf16, wid
                 kernels.norm(x, weight[0].abs(), bias[:width], 1e-5, False),
                 kernels.norm(x, weight[0].abs(), None, 1e-6, True),
                 kernels.silu(x),
+                kernels.rotary(q, keys[:, :1, :3], keys[:, 1:, 3:6]),
                 kernels.attention(q, keys, keys * 2, 6, 0, 9, torch.tensor([1]), None, 0.25)]
 
     wide, narrow = on_each_set(compute)

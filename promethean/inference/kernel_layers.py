@@ -7,9 +7,8 @@ int8 with one fp32 scale per output row), norms, attention over the KV cache, an
 scan, each computing every row of a batch by the same instructions in the same order. So a
 prepared model gives a sequence the same logits, bit for bit, whether it is decoded alone or in
 any batch, left-padded or not, at any step, and on AVX2 as on AVX-512 (tests/
-test_batch_invariance.py). The rest of a forward pass (embeddings, rotary embeddings, residual
-adds, the SSM's convolution) is elementwise PyTorch, which rounds each element alike wherever it
-sits.
+test_batch_invariance.py). The rest of a forward pass (embeddings, residual adds, the SSM's
+convolution) is elementwise PyTorch, which rounds each element alike wherever it sits.
 
 The modules keep the interfaces of those they replace, so `Transformer.forward` runs them
 unchanged; the attention layers build their own masks from the query slots and the rows' left
@@ -26,7 +25,7 @@ from promethean.errors import PrometheanError
 from promethean.inference import kernels
 from promethean.model import Transformer
 from promethean.model.attention import Attention, LayerKVCache, SlotMask
-from promethean.model.layers import MLP, LayerNorm, RMSNorm, apply_rotary
+from promethean.model.layers import MLP, LayerNorm, RMSNorm
 from promethean.model.ssm import SelectiveSSM, SSMLayerCache
 
 # Weight formats of the kernels, by inference dtype; activations are bf16 for bf16 and int8.
@@ -191,7 +190,7 @@ class KernelAttention(KernelModule):
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
             cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
         if layer_cache is not None:
             layer_cache.write(k, v)
             keys, values = layer_cache.keys, layer_cache.values

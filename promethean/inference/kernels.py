@@ -159,6 +159,12 @@ def ssm_scan(x, z, delta, bc, A, skip, state, threshold: float) -> torch.Tensor:
     return torch.ops.promethean_kernels.ssm_scan(x, z, delta, bc, A, skip, state, threshold)
 
 
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated by (B or 1, 1, T, D) tables of its dtype, "rotate half" as
+    promethean.model.layers.apply_rotary, computed in fp32 and rounded once."""
+    return torch.ops.promethean_kernels.rotary(x, cos, sin)
+
+
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x) elementwise, every element computed alike wherever it sits."""
     return torch.ops.promethean_kernels.activate(x, ACTIVATIONS["silu"])

@@ -125,6 +125,10 @@ struct Kernels {
   void (*scan)(const ScanArgs&, int64_t row, int64_t channel_begin, int64_t channel_end);
   // y = activation(x) for `count` elements (bf16 or fp32, y in x's dtype).
   void (*activate)(const void* x, bool bf16, int64_t count, int32_t activation, void* y);
+  // One row of D values (D even) rotated by rotary tables of the same dtype, "rotate half"
+  // (pairs d, d + D/2, as promethean.model.layers.apply_rotary): y = x cos + rotated(x) sin,
+  // in fp32, rounded once. y may be x.
+  void (*rotary)(const void* x, bool bf16, int64_t D, const void* cos, const void* sin, void* y);
   // Sum of a float buffer: reading memory as fast as this instruction set can.
   float (*stream_sum)(const float* data, int64_t count);
 };

@@ -706,6 +706,21 @@ inline void activate_elements(const void* x, bool bf16, int64_t count, int32_t a
   }
 }
 
+inline void rotary_row(const void* x, bool bf16, int64_t D, const void* cos, const void* sin,
+                       void* y) {
+  const int64_t half = D / 2;
+  for (int64_t j = 0; j < half; j += 16) {
+    const int n = int(min64(16, half - j));
+    const F16 first = load_row_chunk(x, bf16, j, n), second = load_row_chunk(x, bf16, half + j, n);
+    const F16 low = first * load_row_chunk(cos, bf16, j, n) -
+                    second * load_row_chunk(sin, bf16, j, n);
+    const F16 high = second * load_row_chunk(cos, bf16, half + j, n) +
+                     first * load_row_chunk(sin, bf16, half + j, n);
+    store_row_chunk(y, bf16, j, low, n);
+    store_row_chunk(y, bf16, half + j, high, n);
+  }
+}
+
 // ----------------------------------------------------------------------------- bandwidth
 inline float stream_sum(const float* data, int64_t count) {
   F16 a0 = f16_zero(), a1 = a0, a2 = a0, a3 = a0;
@@ -724,7 +739,7 @@ inline float stream_sum(const float* data, int64_t count) {
 inline const Kernels make_kernels() {
   return Kernels{&linear,           &quantize_row, &norm,
                  &attention,        &spike_thresholds, &scan,
-                 &activate_elements, &stream_sum};
+                 &activate_elements, &rotary_row,       &stream_sum};
 }
 
 }  // namespace PROMETHEAN_ISA

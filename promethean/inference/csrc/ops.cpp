@@ -159,20 +159,24 @@ void check_vector(const std::optional<at::Tensor>& vector, int64_t size, const c
               "linear: ", what, " must be a contiguous fp32 vector of ", size, " values");
 }
 
-// x (..., K) @ the packed weight, (* scales) (+ bias), then the activation; in x's dtype (bf16
-// or fp32). `outputs` is N (gated: the hidden size).
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs,
-                  const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                  int64_t activation) {
-  const Kernels& k = kernels();
-  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu(), "linear: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "linear: x must be bf16 or fp32");
+// A packed weight as the products need it (checked once: the fused step reuses it every step).
+struct Projection {
+  int32_t format;
+  const void* packed;
+  int64_t panels, K, outputs;
+  const float* scales;
+  const float* bias;
+  int32_t activation;
+};
+
+Projection projection_of(const at::Tensor& packed, int64_t K, int64_t outputs,
+                         const std::optional<at::Tensor>& scales,
+                         const std::optional<at::Tensor>& bias, int64_t activation) {
+  TORCH_CHECK(packed.device().is_cpu(), "linear: CPU tensors only");
   TORCH_CHECK(activation >= kNone && activation <= kGeluTanhMul, "linear: unknown activation");
   TORCH_CHECK(packed.is_contiguous(), "linear: the packed weight must be contiguous");
   const int32_t format = format_of(packed);
   const bool gated = is_gated(int32_t(activation));
-  const int64_t K = x.size(-1);
   const int64_t pairs = (K + 1) / 2;
   const int64_t panels = packed.size(0);
   if (format == kFp32) {
@@ -182,90 +186,158 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs
     TORCH_CHECK(packed.dim() == 4 && packed.size(1) == pairs, "linear: x has ", K,
                 " features, the packed weight ", 2 * packed.size(1));
   }
-  const int64_t capacity = panels * (gated ? kGatedPanel : kPanel);
-  TORCH_CHECK(outputs > 0 && outputs <= capacity && outputs > capacity - (gated ? kGatedPanel : kPanel),
+  const int64_t width = gated ? kGatedPanel : kPanel;
+  TORCH_CHECK(outputs > 0 && outputs <= panels * width && outputs > (panels - 1) * width,
               "linear: ", outputs, " outputs do not match the packed weight");
   const int64_t weight_rows = gated ? 2 * outputs : outputs;
   TORCH_CHECK(format != kInt8 || scales.has_value(), "linear: int8 weights need their scales");
   check_vector(scales, weight_rows, "scales");
   check_vector(bias, weight_rows, "bias");
+  return Projection{format, packed.data_ptr(), panels, K, outputs,
+                    scales.has_value() ? scales->data_ptr<float>() : nullptr,
+                    bias.has_value() ? bias->data_ptr<float>() : nullptr, int32_t(activation)};
+}
 
-  const auto rows = x.reshape({-1, K});
-  const int64_t M = rows.size(0);
-  auto sizes = x.sizes().vec();
-  sizes.back() = outputs;
-  at::Tensor y = at::empty(sizes, x.options());
-  if (M == 0) return y;
+inline float bf16_value(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof(value));
+  return value;
+}
 
+inline uint16_t bf16_bits(float value) {  // round to nearest even, as torch's conversion
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+
+// y (M rows of `outputs`, row stride y_stride) = the rows of x (M rows of K values, bf16 or fp32,
+// row stride x_stride) times the projection. x is laid out for the kernels first, in buffers of
+// this thread reused from call to call: fp32 rows for fp32 weights (and bf16 weights on AVX2),
+// bf16 rows for bf16 weights on AVX-512, int16 rows with one scale each for int8 weights; bf16
+// and int16 rows padded to an even length (a zero after an odd K's last input).
+void linear_rows(const Projection& w, const void* x, bool x_bf16, int64_t M, int64_t x_stride,
+                 void* y, bool y_bf16, int64_t y_stride) {
+  const Kernels& k = kernels();
+  if (M == 0) return;
+  const int64_t K = w.K, pairs = (K + 1) / 2;
   LinearArgs args{};
-  args.format = format;
-  args.activation = int32_t(activation);
+  args.format = w.format;
+  args.activation = w.activation;
   args.M = M;
   args.K = K;
-  args.N = outputs;
-  args.packed = packed.data_ptr();
+  args.N = w.outputs;
+  args.packed = w.packed;
   args.pairs = pairs;
-  args.scales = scales.has_value() ? scales->data_ptr<float>() : nullptr;
-  args.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  args.y = y.data_ptr();
-  args.y_stride = outputs;
-  args.y_bf16 = x.scalar_type() == at::kBFloat16;
-
-  // x as the kernels read it: fp32 rows for fp32 weights (and for bf16 weights on AVX2), bf16
-  // rows for bf16 weights on AVX-512, int16 rows with one scale each for int8 weights; bf16 and
-  // int16 rows padded to an even length (a zero after an odd K's last input).
-  at::Tensor operand, row_scales;
+  args.scales = w.scales;
+  args.bias = w.bias;
+  args.y = y;
+  args.y_stride = y_stride;
+  args.y_bf16 = y_bf16;
+  thread_local std::vector<int16_t> quantized;
+  thread_local std::vector<float> row_scales, widened;
+  thread_local std::vector<uint16_t> narrowed;
   const bool avx512 = active == &avx512_kernels;
-  if (format == kInt8) {
-    const auto source = rows.contiguous();
-    operand = at::zeros({M, 2 * pairs}, x.options().dtype(at::kShort));
-    row_scales = at::empty({M}, x.options().dtype(at::kFloat));
-    const bool bf16 = source.scalar_type() == at::kBFloat16;
-    const char* base = static_cast<const char*>(source.data_ptr());
-    int16_t* out = operand.data_ptr<int16_t>();
-    float* scale = row_scales.data_ptr<float>();
+  const int64_t x_size = x_bf16 ? 2 : 4;
+  if (w.format == kInt8) {
+    quantized.resize(M * 2 * pairs);
+    row_scales.resize(M);
     split(M, M * K, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        scale[m] = k.quantize_row(base + m * K * source.element_size(), bf16, K, out + m * 2 * pairs);
+      for (int64_t m = begin; m < end; ++m) {
+        int16_t* out = quantized.data() + m * 2 * pairs;
+        row_scales[m] = k.quantize_row(static_cast<const char*>(x) + m * x_stride * x_size, x_bf16,
+                                       K, out);
+        if (K % 2) out[K] = 0;
+      }
     });
-    args.x_scales = scale;
+    args.x = quantized.data();
+    args.x_scales = row_scales.data();
     args.x_stride = 2 * pairs;
   } else {
-    const auto want = format == kBf16 && avx512 ? at::kBFloat16 : at::kFloat;
-    const bool pad = format == kBf16 && K % 2 == 1;
-    if (pad) {
-      operand = at::zeros({M, K + 1}, x.options().dtype(want));
-      operand.narrow(1, 0, K).copy_(rows);
-      args.x_stride = K + 1;
+    const bool want_bf16 = w.format == kBf16 && avx512;
+    const int64_t length = w.format == kBf16 ? 2 * pairs : K;
+    if (want_bf16 == x_bf16 && length == K) {
+      args.x = x;  // already as the kernels read it
+      args.x_stride = x_stride;
+    } else if (want_bf16) {
+      narrowed.resize(M * length);
+      for (int64_t m = 0; m < M; ++m) {
+        uint16_t* out = narrowed.data() + m * length;
+        for (int64_t i = 0; i < K; ++i) {
+          out[i] = x_bf16 ? static_cast<const uint16_t*>(x)[m * x_stride + i]
+                          : bf16_bits(static_cast<const float*>(x)[m * x_stride + i]);
+        }
+        if (length > K) out[K] = 0;
+      }
+      args.x = narrowed.data();
+      args.x_stride = length;
     } else {
-      operand = rows.to(want);
-      if (operand.stride(1) != 1 || (M > 1 && operand.stride(0) < K)) operand = operand.contiguous();
-      args.x_stride = M > 1 ? operand.stride(0) : K;
+      widened.resize(M * length);
+      for (int64_t m = 0; m < M; ++m) {
+        float* out = widened.data() + m * length;
+        for (int64_t i = 0; i < K; ++i) {
+          out[i] = x_bf16 ? bf16_value(static_cast<const uint16_t*>(x)[m * x_stride + i])
+                          : static_cast<const float*>(x)[m * x_stride + i];
+        }
+        if (length > K) out[K] = 0.f;
+      }
+      args.x = widened.data();
+      args.x_stride = length;
     }
   }
-  args.x = operand.data_ptr();
-
   // Work items: (panel, block of rows), rows inner, so that one thread's panels stay in its cache
   // while it runs through the rows.
   const int64_t block = M <= 48 ? M : 48;
   const int64_t row_blocks = (M + block - 1) / block;
-  const int64_t items = panels * row_blocks;
-  split(items, M * K * outputs, [&](int64_t begin, int64_t end) {
+  const int64_t items = w.panels * row_blocks;
+  split(items, M * K * w.outputs, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t panel = item / row_blocks;
       const int64_t first = (item % row_blocks) * block;
       k.linear(args, panel, panel + 1, first, std::min(M, first + block));
     }
   });
+}
+
+// x (..., K) @ the packed weight, (* scales) (+ bias), then the activation; in x's dtype (bf16
+// or fp32). `outputs` is N (gated: the hidden size).
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs,
+                  const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
+                  int64_t activation) {
+  kernels();
+  TORCH_CHECK(x.device().is_cpu(), "linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "linear: x must be bf16 or fp32");
+  const int64_t K = x.size(-1);
+  const Projection w = projection_of(packed, K, outputs, scales, bias, activation);
+  auto rows = x.reshape({-1, K});
+  const int64_t M = rows.size(0);
+  if (rows.stride(1) != 1 || (M > 1 && rows.stride(0) < K)) rows = rows.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = outputs;
+  at::Tensor y = at::empty(sizes, x.options());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  linear_rows(w, rows.data_ptr(), bf16, M, M > 1 ? rows.stride(0) : K, y.data_ptr(), bf16, outputs);
   return y;
 }
 
 // ----------------------------------------------------------------------------------- norms
+void norm_rows(const void* x, bool bf16, int64_t M, int64_t C, int64_t x_stride,
+               const float* weight, const float* bias, double eps, bool rms, void* y,
+               int64_t y_stride) {
+  const Kernels& k = kernels();
+  NormArgs args{x, bf16, x_stride, C, weight, bias, float(eps), rms, false, y, bf16, y_stride};
+  split(M, M * C * 8, [&](int64_t begin, int64_t end) { k.norm(args, begin, end); });
+}
+
 at::Tensor norm(const at::Tensor& x_in, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, double eps, bool rms, bool unit_offset) {
-  const Kernels& k = kernels();
+  kernels();
   TORCH_CHECK(x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat,
               "norm: x must be bf16 or fp32");
+  TORCH_CHECK(!unit_offset, "norm: give the gain with its unit offset added");
   const int64_t C = x_in.size(-1);
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == C,
               "norm: the weight must be a contiguous fp32 vector of ", C, " values");
@@ -275,20 +347,65 @@ at::Tensor norm(const at::Tensor& x_in, const at::Tensor& weight,
   const auto x = x_in.contiguous();
   at::Tensor y = at::empty_like(x);
   const int64_t M = x.numel() / std::max<int64_t>(C, 1);
-  NormArgs args{x.data_ptr(), x.scalar_type() == at::kBFloat16, C, C, weight.data_ptr<float>(),
-                bias.has_value() ? bias->data_ptr<float>() : nullptr, float(eps), rms,
-                unit_offset, y.data_ptr(), y.scalar_type() == at::kBFloat16, C};
-  split(M, M * C * 8, [&](int64_t begin, int64_t end) { k.norm(args, begin, end); });
+  norm_rows(x.data_ptr(), x.scalar_type() == at::kBFloat16, M, C, C, weight.data_ptr<float>(),
+            bias.has_value() ? bias->data_ptr<float>() : nullptr, eps, rms, y.data_ptr(), C);
+  return y;
+}
+
+// ---------------------------------------------------------------------------------- rotary
+// x (B, H, T, D) rotated by tables (B or 1, 1, T, D) of x's dtype; a new (B, H, T, D).
+at::Tensor rotary(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  const Kernels& k = kernels();
+  TORCH_CHECK(x_in.dim() == 4 && cos_in.dim() == 4 && sin_in.sizes() == cos_in.sizes(),
+              "rotary: x is (B, H, T, D), the tables (B or 1, 1, T, D)");
+  TORCH_CHECK(x_in.scalar_type() == cos_in.scalar_type() &&
+                  x_in.scalar_type() == sin_in.scalar_type() &&
+                  (x_in.scalar_type() == at::kBFloat16 || x_in.scalar_type() == at::kFloat),
+              "rotary: x and its tables must all be bf16 or all fp32");
+  const int64_t B = x_in.size(0), H = x_in.size(1), T = x_in.size(2), D = x_in.size(3);
+  const int64_t tables = cos_in.size(0);
+  TORCH_CHECK((tables == 1 || tables == B) && cos_in.size(1) == 1 && cos_in.size(2) == T &&
+                  cos_in.size(3) == D && D % 2 == 0,
+              "rotary: the tables do not match x");
+  const auto x = x_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const int64_t size = x.element_size();
+  const char* source = static_cast<const char*>(x.data_ptr());
+  const char* c = static_cast<const char*>(cos.data_ptr());
+  const char* sn = static_cast<const char*>(sin.data_ptr());
+  char* target = static_cast<char*>(y.data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t row = ((b * H + h) * T + t) * D * size;
+        const int64_t table = ((tables == 1 ? 0 : b) * T + t) * D * size;
+        k.rotary(source + row, bf16, D, c + table, sn + table, target + row);
+      }
   return y;
 }
 
 // ------------------------------------------------------------------------------- attention
+void attention_raw(AttentionArgs& args) {
+  const Kernels& k = kernels();
+  const int64_t blocks = (args.Tq + args.query_block - 1) / args.query_block;
+  const int64_t items = args.B * args.Hkv * blocks;
+  const int64_t scratch_floats = 2 * args.keys * args.D + args.keys + args.D + 16;
+  split(items, args.B * args.H * args.Tq * std::max<int64_t>(args.keys, 1) * args.D,
+        [&](int64_t begin, int64_t end) {
+          // Grown once per thread, never zeroed: every value the kernel reads it wrote first.
+          thread_local std::vector<float> scratch;
+          if (int64_t(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);
+          k.attention(args, begin, end, scratch.data());
+        });
+}
+
 // q (B, H, Tq, D) at slots query_slot0.., keys/values (B, Hkv, S, D) whose index 0 is slot
 // key_slot0 and of which `held` are valid; returns (B, Tq, H * D) in q's dtype.
 at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                      int64_t query_slot0, int64_t key_slot0, int64_t held,
                      const std::optional<at::Tensor>& left_padding, int64_t window, double scale) {
-  const Kernels& k = kernels();
+  kernels();
   TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.sizes() == keys.sizes(),
               "attention: q is (B, H, T, D), keys and values (B, Hkv, S, D)");
   TORCH_CHECK(q.scalar_type() == keys.scalar_type() && q.scalar_type() == values.scalar_type() &&
@@ -335,15 +452,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tens
   args.window = window;
   args.scale = float(scale);
   args.query_block = 32;
-  const int64_t blocks = (Tq + args.query_block - 1) / args.query_block;
-  const int64_t items = B * Hkv * blocks;
-  const int64_t scratch_floats = 2 * held * D + held + D + 16;
-  split(items, B * H * Tq * std::max<int64_t>(held, 1) * D, [&](int64_t begin, int64_t end) {
-    // Grown once per thread, never zeroed: every value the kernel reads it wrote first.
-    thread_local std::vector<float> scratch;
-    if (int64_t(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);
-    k.attention(args, begin, end, scratch.data());
-  });
+  attention_raw(args);
   return out;
 }
 
@@ -453,9 +562,10 @@ double stream_read(const at::Tensor& buffer) {
 // Every block of a decode step (one new token per sequence) in one call. From Python, each of a
 // block's ~20 small operations (norms, the q/k/v split and views, rotary, the cache write,
 // attention, residual adds) costs ~10 us of interpreter and module overhead, about 2 ms per
-// GPT-2-small step whatever the batch. Here the operators above and the same ATen operations run
-// in the same order on the same shapes as promethean.inference.kernel_layers' modules do for such
-// a step, so the result is bit-identical to them (tests/test_fused_decode.py).
+// GPT-2-small step whatever the batch; as ATen operations from C++ still ~60 us per layer. Here
+// the kernels run on this thread's buffers, row by row exactly as the operators above run them
+// for promethean.inference.kernel_layers' modules (the same kernel on the same values of each
+// row), so the result is bit-identical to them (tests/test_fused_decode.py).
 
 // What each layer contributes to `params`, in this order (absent ones are None): a projection is
 // (packed weight, scales, bias).
@@ -472,31 +582,18 @@ enum Param : int64_t {
   kParamsPerLayer
 };
 
-struct StackShape {
-  int64_t layers, heads, kv_heads, head_size, width, hidden, up_activation;
-  bool rms_norm;
-  double norm_eps, attention_scale;
-};
-
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
-at::Tensor layer_norm_of(const at::Tensor& x, const OptionalTensors& params, int64_t base,
-                         Param weight, const StackShape& shape) {
-  return norm(x, *params.get(base + weight), params.get(base + weight + 1), shape.norm_eps,
-              shape.rms_norm, false);
+const float* float_data(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? tensor->data_ptr<float>() : nullptr;
 }
 
-at::Tensor project(const at::Tensor& x, const OptionalTensors& params, int64_t base, Param which,
-                   int64_t outputs, int64_t activation) {
-  return linear(x, *params.get(base + which), outputs, params.get(base + which + 1),
-                params.get(base + which + 2), activation);
-}
-
-// promethean.model.layers.apply_rotary, operation for operation.
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  const auto rotated = at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
-  return (x * cos + rotated * sin).to(x.scalar_type());
+// A byte buffer of this thread, grown as needed and reused from step to step.
+template <int Slot>
+char* scratch_bytes(int64_t bytes) {
+  thread_local std::vector<char> buffer;
+  if (int64_t(buffer.size()) < bytes) buffer.resize(bytes);
+  return buffer.data();
 }
 
 at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
@@ -504,65 +601,158 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
                          at::IntArrayRef filled, at::IntArrayRef windows,
                          const OptionalTensors& rotary, const std::optional<at::Tensor>& left_padding,
                          int64_t query_slot, at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
+  const Kernels& k = kernels();
   TORCH_CHECK(shape_ints.size() == 8 && reals.size() == 2, "decode_blocks: bad stack shape");
-  const StackShape shape{shape_ints[0], shape_ints[1], shape_ints[2], shape_ints[3],
-                         shape_ints[4], shape_ints[5], shape_ints[6], shape_ints[7] != 0,
-                         reals[0],       reals[1]};
-  TORCH_CHECK(input.dim() == 3 && input.size(1) == 1 && input.size(2) == shape.width,
+  const int64_t layers = shape_ints[0], H = shape_ints[1], Hkv = shape_ints[2];
+  const int64_t D = shape_ints[3], C = shape_ints[4], hidden = shape_ints[5];
+  const int64_t up_activation = shape_ints[6];
+  const bool rms = shape_ints[7] != 0;
+  const double eps = reals[0], scale = reals[1];
+  TORCH_CHECK(input.dim() == 3 && input.size(1) == 1 && input.size(2) == C,
               "decode_blocks: one token per sequence, (batch, 1, width)");
-  const int64_t batch = input.size(0);
-  const int64_t layers = shape.layers;
+  TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
+              "decode_blocks: x must be bf16 or fp32");
+  const int64_t B = input.size(0);
   TORCH_CHECK(int64_t(params.size()) == layers * kParamsPerLayer && int64_t(keys.size()) == layers &&
                   int64_t(values.size()) == layers && int64_t(first_slots.size()) == layers &&
                   int64_t(filled.size()) == layers && int64_t(windows.size()) == layers,
               "decode_blocks: parameters or caches do not match the number of layers");
   TORCH_CHECK(rotary.size() == 0 || int64_t(rotary.size()) == 2 * layers,
               "decode_blocks: rotary tables must be (cos, sin) per layer");
-  const int64_t inner = shape.heads * shape.head_size;
-  const int64_t kv_inner = shape.kv_heads * shape.head_size;
-  at::Tensor x = input;
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  const int64_t size = input.element_size();
+  const int64_t inner = H * D, kv_inner = Hkv * D, qkv_width = inner + 2 * kv_inner;
+  at::Tensor padding;
+  if (left_padding.has_value()) {
+    padding = left_padding->to(at::kLong).contiguous();
+    TORCH_CHECK(padding.numel() == B, "decode_blocks: one left padding per row");
+  }
+  at::Tensor x = input.contiguous().clone();  // the residual stream, updated in place
+  char* residual = static_cast<char*>(x.data_ptr());
+  char* h = scratch_bytes<0>(B * std::max(C, inner) * size);
+  char* qkv = scratch_bytes<1>(B * qkv_width * size);
+  char* q = scratch_bytes<2>(B * inner * size);
+  char* key = scratch_bytes<3>(B * kv_inner * size);
+  char* attended = scratch_bytes<4>(B * inner * size);
+  char* wide = scratch_bytes<5>(B * hidden * size);
+  char* out = scratch_bytes<6>(B * C * size);
+  const auto add_to_residual = [&](char* from) {  // x = x + h, as Block.forward's ATen add
+    x.add_(at::from_blob(from, {B, 1, C}, x.options()));
+  };
+  const auto norm_of = [&](const char* from, char* to, int64_t base, Param weight) {
+    norm_rows(from, bf16, B, C, C, params.get(base + weight)->data_ptr<float>(),
+              float_data(params.get(base + weight + 1)), eps, rms, to, C);
+  };
+  const auto project = [&](const char* from, int64_t K, char* to, int64_t base, Param which,
+                           int64_t outputs, int64_t activation) {
+    const Projection w = projection_of(*params.get(base + which), K, outputs,
+                                       params.get(base + which + 1), params.get(base + which + 2),
+                                       activation);
+    linear_rows(w, from, bf16, B, K, to, bf16, outputs);
+  };
   for (int64_t layer = 0; layer < layers; ++layer) {
     const int64_t base = layer * kParamsPerLayer;
     const auto& layer_keys = keys[layer];
     const auto& layer_values = values[layer];
-    TORCH_CHECK(layer_keys.dim() == 4 && layer_keys.size(0) == batch &&
-                    layer_values.sizes() == layer_keys.sizes(),
+    TORCH_CHECK(layer_keys.dim() == 4 && layer_keys.size(0) == B && layer_keys.size(1) == Hkv &&
+                    layer_keys.size(3) == D && layer_values.sizes() == layer_keys.sizes() &&
+                    layer_values.strides() == layer_keys.strides() && layer_keys.stride(3) == 1 &&
+                    layer_keys.scalar_type() == input.scalar_type(),
                 "decode_blocks: a cache buffer does not hold this batch");
     TORCH_CHECK(filled[layer] < layer_keys.size(2),
                 "decode_blocks: a cache buffer has no room for the new token");
     // promethean.inference.kernel_layers.KernelAttention.forward with one new token.
-    auto h = layer_norm_of(x, params, base, kAttnNormWeight, shape);
-    const auto qkv = project(h, params, base, kQkv, inner + 2 * kv_inner, kNone)
-                         .split_with_sizes({inner, kv_inner, kv_inner}, -1);
-    auto q = qkv[0].view({batch, 1, shape.heads, shape.head_size}).transpose(1, 2);
-    auto k = qkv[1].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
-    const auto v = qkv[2].view({batch, 1, shape.kv_heads, shape.head_size}).transpose(1, 2);
-    if (params.get(base + kQNormWeight).has_value()) {
-      q = norm(q, *params.get(base + kQNormWeight), std::nullopt, shape.norm_eps, true, false);
-      k = norm(k, *params.get(base + kKNormWeight), std::nullopt, shape.norm_eps, true, false);
+    norm_of(residual, h, base, kAttnNormWeight);
+    project(h, C, qkv, base, kQkv, qkv_width, kNone);
+    const auto q_norm = params.get(base + kQNormWeight);
+    for (int64_t b = 0; b < B; ++b) {
+      const char* row = qkv + b * qkv_width * size;
+      if (q_norm.has_value()) {  // QK-norm: an RMSNorm of every head's D values
+        norm_rows(row, bf16, H, D, D, q_norm->data_ptr<float>(), nullptr, eps, true,
+                  q + b * inner * size, D);
+        norm_rows(row + inner * size, bf16, Hkv, D, D,
+                  params.get(base + kKNormWeight)->data_ptr<float>(), nullptr, eps, true,
+                  key + b * kv_inner * size, D);
+      } else {
+        std::memcpy(q + b * inner * size, row, inner * size);
+        std::memcpy(key + b * kv_inner * size, row + inner * size, kv_inner * size);
+      }
     }
     if (rotary.size() != 0 && rotary.get(2 * layer).has_value()) {
-      const auto cos = *rotary.get(2 * layer);
-      const auto sin = *rotary.get(2 * layer + 1);
-      q = rotate(q, cos, sin);
-      k = rotate(k, cos, sin);
+      const at::Tensor cos = rotary.get(2 * layer)->contiguous();
+      const at::Tensor sin = rotary.get(2 * layer + 1)->contiguous();
+      TORCH_CHECK(cos.scalar_type() == input.scalar_type() && cos.numel() % D == 0 &&
+                      (cos.numel() == D || cos.numel() == B * D) && sin.sizes() == cos.sizes(),
+                  "decode_blocks: a rotary table does not match the batch");
+      const char* c = static_cast<const char*>(cos.data_ptr());
+      const char* sn = static_cast<const char*>(sin.data_ptr());
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t table = (cos.numel() == D ? 0 : b) * D * size;
+        for (int64_t head = 0; head < H; ++head) {
+          char* row = q + (b * H + head) * D * size;
+          k.rotary(row, bf16, D, c + table, sn + table, row);
+        }
+        for (int64_t head = 0; head < Hkv; ++head) {
+          char* row = key + (b * Hkv + head) * D * size;
+          k.rotary(row, bf16, D, c + table, sn + table, row);
+        }
+      }
     }
-    layer_keys.narrow(2, filled[layer], 1).copy_(k);
-    layer_values.narrow(2, filled[layer], 1).copy_(v);
-    const auto y = attention(q, layer_keys, layer_values, query_slot, first_slots[layer],
-                             filled[layer] + 1, left_padding, windows[layer],
-                             shape.attention_scale);
-    h = project(y, params, base, kOut, shape.width, kNone);
-    if (params.get(base + kAttnPostNormWeight).has_value())
-      h = layer_norm_of(h, params, base, kAttnPostNormWeight, shape);
-    x = x + h;
+    // The new key and value at index filled[layer] of the cache buffers.
+    char* key_base = static_cast<char*>(layer_keys.data_ptr());
+    char* value_base = static_cast<char*>(layer_values.data_ptr());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t head = 0; head < Hkv; ++head) {
+        const int64_t at = (b * layer_keys.stride(0) + head * layer_keys.stride(1) +
+                            filled[layer] * layer_keys.stride(2)) * size;
+        std::memcpy(key_base + at, key + (b * Hkv + head) * D * size, D * size);
+        std::memcpy(value_base + at, qkv + (b * qkv_width + inner + kv_inner + head * D) * size,
+                    D * size);
+      }
+    AttentionArgs args{};
+    args.bf16 = bf16;
+    args.q = q;
+    args.q_stride_b = inner;
+    args.q_stride_h = D;
+    args.q_stride_t = D;
+    args.k = layer_keys.data_ptr();
+    args.v = layer_values.data_ptr();
+    args.kv_stride_b = layer_keys.stride(0);
+    args.kv_stride_h = layer_keys.stride(1);
+    args.kv_stride_s = layer_keys.stride(2);
+    args.out = attended;
+    args.out_stride_b = inner;
+    args.out_stride_t = inner;
+    args.B = B;
+    args.H = H;
+    args.Hkv = Hkv;
+    args.Tq = 1;
+    args.D = D;
+    args.query_slot0 = query_slot;
+    args.key_slot0 = first_slots[layer];
+    args.keys = filled[layer] + 1;
+    args.left_padding = left_padding.has_value() ? padding.data_ptr<int64_t>() : nullptr;
+    args.window = windows[layer];
+    args.scale = float(scale);
+    args.query_block = 32;
+    attention_raw(args);
+    project(attended, inner, out, base, kOut, C, kNone);
+    if (params.get(base + kAttnPostNormWeight).has_value()) {
+      norm_of(out, h, base, kAttnPostNormWeight);
+      add_to_residual(h);
+    } else {
+      add_to_residual(out);
+    }
     // promethean.inference.kernel_layers.KernelMLP.
-    h = layer_norm_of(x, params, base, kMlpNormWeight, shape);
-    h = project(project(h, params, base, kUp, shape.hidden, shape.up_activation), params, base,
-                kDown, shape.width, kNone);
-    if (params.get(base + kMlpPostNormWeight).has_value())
-      h = layer_norm_of(h, params, base, kMlpPostNormWeight, shape);
-    x = x + h;
+    norm_of(residual, h, base, kMlpNormWeight);
+    project(h, C, wide, base, kUp, hidden, up_activation);
+    project(wide, hidden, out, base, kDown, C, kNone);
+    if (params.get(base + kMlpPostNormWeight).has_value()) {
+      norm_of(out, h, base, kMlpPostNormWeight);
+      add_to_residual(h);
+    } else {
+      add_to_residual(out);
+    }
   }
   return x;
 }
@@ -578,6 +768,7 @@ TORCH_LIBRARY(promethean_kernels, m) {
   m.def("packed_rows(Tensor packed, Tensor ids, int K) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int outputs, Tensor? scales, Tensor? bias, int activation) -> Tensor");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms, bool unit_offset) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("attention(Tensor q, Tensor keys, Tensor values, int query_slot0, int key_slot0, int held, "
         "Tensor? left_padding, int window, float scale) -> Tensor");
   m.def("ssm_scan(Tensor x, Tensor z, Tensor delta, Tensor bc, Tensor A, Tensor Dskip, "
@@ -594,6 +785,7 @@ TORCH_LIBRARY_IMPL(promethean_kernels, CPU, m) {
   m.impl("packed_rows", &promethean_kernels::packed_rows);
   m.impl("linear", &promethean_kernels::linear);
   m.impl("norm", &promethean_kernels::norm);
+  m.impl("rotary", &promethean_kernels::rotary);
   m.impl("attention", &promethean_kernels::attention);
   m.impl("ssm_scan", &promethean_kernels::ssm_scan);
   m.impl("activate", &promethean_kernels::activate);
