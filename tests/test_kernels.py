@@ -175,6 +175,30 @@ def test_a_product_does_not_depend_on_how_many_threads_share_it():
 
 
 @needs_kernels
+def test_work_split_among_threads_gives_what_one_row_at_a_time_gives(instruction_set):
+    """Large enough work runs on PyTorch's threads (each with its own buffers); the results must
+    be those of the small, single-threaded calls, row for row."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(300, 600, generator=generator)
+    weight = torch.randn(130, 600, generator=generator)
+    bias = torch.randn(130, generator=generator)
+    for fmt in ("fp32", "bf16", "int8"):
+        rows = x if fmt == "fp32" else x.bfloat16()
+        given_weight, scales, _ = weights_as(fmt, weight)
+        packed = kernels.pack_linear(given_weight)
+        together = kernels.linear(rows, packed, 130, scales, bias, "gelu_tanh")
+        for row in (0, 157, 299):
+            alone = kernels.linear(rows[row : row + 1], packed, 130, scales, bias, "gelu_tanh")
+            assert torch.equal(alone[0], together[row]), fmt
+    wide = torch.randn(400, 700, generator=generator).bfloat16()
+    gain = torch.rand(700, generator=generator) + 0.5
+    normed = kernels.norm(wide, gain, None, 1e-6, True)
+    assert torch.equal(kernels.norm(wide[123:124], gain, None, 1e-6, True)[0], normed[123])
+    many = torch.randn(50000, generator=generator)
+    assert torch.equal(kernels.silu(many)[31000:31100], kernels.silu(many[31000:31100]))
+
+
+@needs_kernels
 def test_int8_sums_are_exact_where_an_int32_sum_would_overflow(instruction_set):
     # 20000 products of 127 * 32767 would overflow int32 lanes (8e10); they move to int64.
     in_features = 20000

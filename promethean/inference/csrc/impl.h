@@ -511,8 +511,68 @@ inline void visible_keys(const AttentionArgs& a, int64_t slot, int64_t padding, 
   *hi = min64(slot, a.key_slot0 + a.keys - 1) - a.key_slot0;
 }
 
-// scratch: (keys D) + (keys D) floats for fp32 copies of bf16 keys and values, then `keys`
-// scores and D floats of the query.
+// Scores of keys [j0, j0 + n) against `query` (D fp32 values): each key's dot product in 16
+// lanes, chunk after chunk of D, its lanes then summed along reduce_add's tree, times scale.
+#if defined(PROMETHEAN_ISA_AVX512)
+constexpr int kScoreKeys = 16;  // keys per block: 16 accumulators, one transposed reduction
+constexpr int kValueQueries = 4;  // queries sharing each value's loads in the weighted sum
+
+// out lane i = reduce_add(acc[i]) for 16 vectors at once: each level adds the same pairs of
+// lanes as reduce_add does for one vector ((i, i+8), (i, i+4), (i, i+2), (i, i+1)), only for
+// several keys per instruction.
+inline __m512 reduce_add_16(const __m512* acc) {
+  __m512 b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)
+    b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(acc[2 * k], acc[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int k = 0; k < 4; ++k)
+    c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k)
+    d[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Lane l of e holds key {0, 4, 8, 12, 1, 5, 9, 13, 2, ...}[l]: back to key order.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
+inline void key_scores(const float* query, const float* keys, int64_t row, int64_t j0, int n,
+                       int64_t D, float scale, float* out) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const int count = int(min64(16, D - d));
+    const __mmask16 mask = first_lanes(count);
+    const __m512 q = _mm512_maskz_loadu_ps(mask, query + d);
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {  // keys past n repeat key j0: computed, never stored
+      const float* key = keys + (j0 + (i < n ? i : 0)) * row + d;
+      acc[i] = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(mask, key), acc[i]);
+    }
+  }
+  const __m512 scores = _mm512_mul_ps(reduce_add_16(acc), _mm512_set1_ps(scale));
+  _mm512_mask_storeu_ps(out, first_lanes(n), scores);
+}
+#else
+constexpr int kScoreKeys = 4;
+constexpr int kValueQueries = 1;
+
+inline void key_scores(const float* query, const float* keys, int64_t row, int64_t j0, int n,
+                       int64_t D, float scale, float* out) {
+  F16 acc[4] = {f16_zero(), f16_zero(), f16_zero(), f16_zero()};
+  for (int64_t d = 0; d < D; d += 16) {
+    const int count = int(min64(16, D - d));
+    const F16 q = f16_load_n(query + d, count);
+    for (int i = 0; i < n; ++i) acc[i] = fma(q, f16_load_n(keys + (j0 + i) * row + d, count), acc[i]);
+  }
+  for (int i = 0; i < n; ++i) out[i] = reduce_add(acc[i]) * scale;
+}
+#endif
+
+// scratch: (keys D) + (keys D) floats for fp32 copies of bf16 keys and values, then
+// query_block x keys scores and D floats of the query.
 inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, float* scratch) {
   const int64_t group = a.H / a.Hkv;
   const int64_t blocks = (a.Tq + a.query_block - 1) / a.query_block;
@@ -524,12 +584,12 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
     const int64_t t0 = (item % blocks) * a.query_block;
     const int64_t t1 = min64(a.Tq, t0 + a.query_block);
     const int64_t padding = a.left_padding != nullptr ? a.left_padding[b] : 0;
+    int64_t lo[64], hi[64];  // query_block <= 64
     int64_t lo_all = a.keys, hi_all = -1;
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t lo, hi;
-      visible_keys(a, a.query_slot0 + t, padding, &lo, &hi);
-      lo_all = min64(lo_all, lo);
-      hi_all = max64(hi_all, hi);
+      visible_keys(a, a.query_slot0 + t, padding, &lo[t - t0], &hi[t - t0]);
+      lo_all = min64(lo_all, lo[t - t0]);
+      hi_all = max64(hi_all, hi[t - t0]);
     }
     if (hi_all < lo_all) continue;
     const int64_t span = hi_all - lo_all + 1;
@@ -538,8 +598,8 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
     const float* keys;
     const float* values;
     int64_t row;
-    float* scores = scratch + 2 * a.keys * D;
-    float* query = scores + a.keys;
+    float* scores = scratch + 2 * a.keys * D;  // one row of `span` per query of the block
+    float* query = scores + a.query_block * a.keys;
     if (a.bf16) {
       float* key_copy = scratch;
       float* value_copy = scratch + a.keys * D;
@@ -559,61 +619,76 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
       values = static_cast<const float*>(a.v) + kv_offset;
       row = a.kv_stride_s;
     }
+    float norms[64];
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      // Each query's softmax weights, at scores[(t - t0) * span + (j - lo_all)].
       for (int64_t t = t0; t < t1; ++t) {
-        int64_t lo, hi;
-        visible_keys(a, a.query_slot0 + t, padding, &lo, &hi);
-        if (hi < lo) continue;
+        const int64_t first = lo[t - t0], last = hi[t - t0];
+        if (last < first) continue;
         const int64_t q_offset = b * a.q_stride_b + h * a.q_stride_h + t * a.q_stride_t;
         for (int64_t d = 0; d < D; d += 16)
           f16_store_n(query + d, load_head_chunk(a.q, a.bf16, q_offset, d, D), int(min64(16, D - d)));
-        // Scores: each key's dot product over D in chunks of 16 lanes, then the lanes' tree.
+        float* weights = scores + (t - t0) * span + (first - lo_all);
+        for (int64_t j = first; j <= last; j += kScoreKeys)
+          key_scores(query, keys, row, j, int(min64(kScoreKeys, last - j + 1)), D, a.scale,
+                     weights + (j - first));
+        const int64_t seen = last - first + 1;
         float best = -__builtin_inff();
-        for (int64_t j = lo; j <= hi; ++j) {
-          const float* key = keys + j * row;
-          F16 dot = f16_zero();
-          for (int64_t d = 0; d < D; d += 16) {
-            const int count = int(min64(16, D - d));
-            dot = fma(count == 16 ? f16_load(query + d) : f16_load_n(query + d, count),
-                      count == 16 ? f16_load(key + d) : f16_load_n(key + d, count), dot);
-          }
-          const float score = reduce_add(dot) * a.scale;
-          scores[j - lo] = score;
-          best = score > best ? score : best;
-        }
+        for (int64_t j = 0; j < seen; ++j) best = weights[j] > best ? weights[j] : best;
         // Softmax weights; their sum in 16 lanes anchored at the first key seen.
-        const int64_t seen = hi - lo + 1;
         F16 total = f16_zero();
         const F16 shift = f16_set1(best);
         for (int64_t j = 0; j < seen; j += 16) {
           const int count = int(min64(16, seen - j));
-          const F16 weight = f16_keep_first(f16_exp(f16_load_n(scores + j, count) - shift), count);
-          f16_store_n(scores + j, weight, count);
+          const F16 weight = f16_keep_first(f16_exp(f16_load_n(weights + j, count) - shift), count);
+          f16_store_n(weights + j, weight, count);
           total = total + weight;
         }
-        const F16 norm = f16_set1(reduce_add(total));
-        // The weighted sum of values, key after key, 4 chunks of D at a time.
+        norms[t - t0] = reduce_add(total);
+      }
+      // The weighted sums of values, key after key for each query, kValueQueries queries and 4
+      // chunks of D at a time (each value's chunks loaded once for all of them).
+      for (int64_t tq = t0; tq < t1; tq += kValueQueries) {
+        const int64_t nq = min64(kValueQueries, t1 - tq);
+        int64_t from = a.keys, to = -1;
+        for (int64_t i = 0; i < nq; ++i) {
+          if (hi[tq - t0 + i] < lo[tq - t0 + i]) continue;
+          from = min64(from, lo[tq - t0 + i]);
+          to = max64(to, hi[tq - t0 + i]);
+        }
         for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
           const int64_t cn = min64(4, chunks - c0);
-          F16 acc[4] = {f16_zero(), f16_zero(), f16_zero(), f16_zero()};
-          for (int64_t j = lo; j <= hi; ++j) {
-            const F16 weight = f16_set1(scores[j - lo]);
+          F16 acc[kValueQueries][4];
+          for (int64_t i = 0; i < kValueQueries; ++i)
+            for (int c = 0; c < 4; ++c) acc[i][c] = f16_zero();
+          for (int64_t j = from; j <= to; ++j) {
             const float* value = values + j * row;
+            F16 v[4];
             for (int64_t c = 0; c < cn; ++c) {
               const int64_t d = (c0 + c) * 16;
               const int count = int(min64(16, D - d));
-              acc[c] = fma(weight, count == 16 ? f16_load(value + d) : f16_load_n(value + d, count),
-                           acc[c]);
+              v[c] = count == 16 ? f16_load(value + d) : f16_load_n(value + d, count);
+            }
+            for (int64_t i = 0; i < nq; ++i) {
+              const int64_t t = tq + i;
+              if (j < lo[t - t0] || j > hi[t - t0]) continue;
+              const F16 weight = f16_set1(scores[(t - t0) * span + (j - lo_all)]);
+              for (int64_t c = 0; c < cn; ++c) acc[i][c] = fma(weight, v[c], acc[i][c]);
             }
           }
-          for (int64_t c = 0; c < cn; ++c) {
-            const int64_t d = (c0 + c) * 16;
-            const int count = int(min64(16, D - d));
-            const int64_t o = b * a.out_stride_b + t * a.out_stride_t + h * D + d;
-            if (a.bf16) {
-              f16_store_bf16_n(static_cast<uint16_t*>(a.out) + o, acc[c] / norm, count);
-            } else {
-              f16_store_n(static_cast<float*>(a.out) + o, acc[c] / norm, count);
+          for (int64_t i = 0; i < nq; ++i) {
+            const int64_t t = tq + i;
+            if (hi[t - t0] < lo[t - t0]) continue;
+            const F16 norm = f16_set1(norms[t - t0]);
+            for (int64_t c = 0; c < cn; ++c) {
+              const int64_t d = (c0 + c) * 16;
+              const int count = int(min64(16, D - d));
+              const int64_t o = b * a.out_stride_b + t * a.out_stride_t + h * D + d;
+              if (a.bf16) {
+                f16_store_bf16_n(static_cast<uint16_t*>(a.out) + o, acc[i][c] / norm, count);
+              } else {
+                f16_store_n(static_cast<float*>(a.out) + o, acc[i][c] / norm, count);
+              }
             }
           }
         }

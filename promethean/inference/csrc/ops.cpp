@@ -244,16 +244,19 @@ void linear_rows(const Projection& w, const void* x, bool x_bf16, int64_t M, int
   if (w.format == kInt8) {
     quantized.resize(M * 2 * pairs);
     row_scales.resize(M);
+    // Pointers, not the thread_local vectors: a worker thread naming those would get its own.
+    int16_t* rows = quantized.data();
+    float* scales = row_scales.data();
     split(M, M * K, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
-        int16_t* out = quantized.data() + m * 2 * pairs;
-        row_scales[m] = k.quantize_row(static_cast<const char*>(x) + m * x_stride * x_size, x_bf16,
-                                       K, out);
+        int16_t* out = rows + m * 2 * pairs;
+        scales[m] = k.quantize_row(static_cast<const char*>(x) + m * x_stride * x_size, x_bf16,
+                                   K, out);
         if (K % 2) out[K] = 0;
       }
     });
-    args.x = quantized.data();
-    args.x_scales = row_scales.data();
+    args.x = rows;
+    args.x_scales = scales;
     args.x_stride = 2 * pairs;
   } else {
     const bool want_bf16 = w.format == kBf16 && avx512;
@@ -390,7 +393,9 @@ void attention_raw(AttentionArgs& args) {
   const Kernels& k = kernels();
   const int64_t blocks = (args.Tq + args.query_block - 1) / args.query_block;
   const int64_t items = args.B * args.Hkv * blocks;
-  const int64_t scratch_floats = 2 * args.keys * args.D + args.keys + args.D + 16;
+  TORCH_CHECK(args.query_block >= 1 && args.query_block <= 64, "attention: bad query block");
+  const int64_t scratch_floats =
+      2 * args.keys * args.D + args.query_block * args.keys + args.D + 16;
   split(items, args.B * args.H * args.Tq * std::max<int64_t>(args.keys, 1) * args.D,
         [&](int64_t begin, int64_t end) {
           // Grown once per thread, never zeroed: every value the kernel reads it wrote first.
