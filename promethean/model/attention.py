@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promethean.config import ModelConfig
-from promethean.model.layers import RMSNorm, apply_rotary
+from promethean.model.layers import Linear, RMSNorm, apply_rotary
 from promethean.model.ssm import SSMLayerCache
 
 
@@ -268,10 +268,10 @@ class Attention(nn.Module):
         self.dropout = config.dropout
         inner = self.n_head * self.head_size
         kv_inner = self.n_kv_head * self.head_size
-        self.q_proj = nn.Linear(config.n_embd, inner, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, kv_inner, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, kv_inner, bias=config.bias)
-        self.o_proj = nn.Linear(inner, config.n_embd, bias=config.bias)
+        self.q_proj = Linear(config.n_embd, inner, bias=config.bias)
+        self.k_proj = Linear(config.n_embd, kv_inner, bias=config.bias)
+        self.v_proj = Linear(config.n_embd, kv_inner, bias=config.bias)
+        self.o_proj = Linear(inner, config.n_embd, bias=config.bias)
         self.o_proj.is_residual_projection = True
         # Set by promethean.inference.quantize for inference: q, k and v in one product (one
         # pass over x, one kernel call) in place of the three projections.

@@ -1,12 +1,98 @@
-"""Building blocks shared by every architecture: norms, MLP variants and rotary tables."""
+"""Building blocks shared by every architecture: linear layers, norms, MLP variants and rotary
+tables."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from promethean.config import ModelConfig
+
+# Rows below which an fp32 product stays on F.linear (oneDNN's fixed cost per call dominates).
+ONEDNN_MIN_ROWS = 4
+
+
+@functools.cache
+def _onednn_linear_works() -> bool:
+    """Whether this PyTorch has oneDNN's dense linear (`mkldnn::_linear_pointwise`) and it gives
+    F.linear's result on a small product (checked once)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 24, generator=generator)
+        weight = torch.randn(16, 24, generator=generator)
+        bias = torch.randn(16, generator=generator)
+        got = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        back = torch.ops.mkldnn._linear_pointwise(got, weight.t(), None, "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, weight, bias), atol=1e-4)
+                    and torch.allclose(back, got @ weight, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x W^T + b on oneDNN, and its gradients: grad x = gy W on oneDNN too; grad W = gy^T x on
+    whichever library is faster for the shape (measured on an AMD Zen 4: oneDNN when the layer
+    narrows, K > N, else MKL)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn(grad, weight.t(), None)
+        if ctx.needs_input_grad[1]:
+            if weight.shape[1] > weight.shape[0]:
+                grad_weight = _onednn(grad.t(), x.t(), None)
+            else:
+                grad_weight = grad.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, with fp32 products on a CPU run by oneDNN where PyTorch has it: there it is
+    1.1-1.5x faster than MKL, which runs a slow code path on AMD CPUs (docs/BENCHMARKS.md,
+    training). Under autocast, in other dtypes, on other devices, for a few rows and inside
+    `torch.compile` (whose inductor lowers oneDNN's op only for constant weights), F.linear."""
+    if (torch.compiler.is_compiling() or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or (bias is not None and bias.dtype != torch.float32)
+            or torch.is_autocast_enabled("cpu") or x.dim() < 2
+            or x.numel() < ONEDNN_MIN_ROWS * x.shape[-1] or not _onednn_linear_works()):
+        return F.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _OneDnnLinear.apply(rows, weight, bias)
+    else:
+        y = _onednn(rows, weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters, names and hooks) whose fp32 CPU products run on oneDNN
+    (`linear`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -55,9 +141,9 @@ class MLP(nn.Module):
         self.kind = config.mlp
         self.gated = config.mlp != "gelu"
         if self.gated:
-            self.gate_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
-        self.up_proj = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
-        self.down_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+            self.gate_proj = Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.up_proj = Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.down_proj = Linear(config.d_ff, config.n_embd, bias=config.bias)
         self.down_proj.is_residual_projection = True
         self.dropout = nn.Dropout(config.dropout)
 

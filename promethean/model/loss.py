@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from promethean.model.layers import linear
+
 # Rows per chunk are chosen so that one chunk's fp32 log-probabilities take about this many
 # elements (64 MB in fp32): large enough for efficient matmuls, small enough to stay out of the way.
 CHUNK_ELEMENTS = 1 << 24
@@ -46,17 +48,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 return weight_c[first:last]
             return weight[first:last].to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # The head's gradient in fp32. With fp32 products the first chunk's is written and the
+        # others added in place (no zeros, no vocab x width temporary); bf16 ones are added.
+        in_place = compute_dtype == torch.float32
         grad_weight = (
-            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            (torch.empty if in_place else torch.zeros)(weight.shape, dtype=torch.float32,
+                                                       device=weight.device)
             if ctx.needs_input_grad[1] else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         step = _chunk_rows(weight.size(0), chunk_elements)
+        # One logits and one probabilities buffer for every chunk: a fresh 64 MB tensor per chunk
+        # costs its page faults again each time (a fifth of the head's time on a 2-core VM).
+        logits_buffer = torch.empty(min(step, rows), vocab, dtype=compute_dtype, device=hidden.device)
+        probs_buffer = torch.empty_like(logits_buffer)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
             h = hidden_c[start:stop]
             if weight_c is not None:
-                logits = h @ weight_c.t()
+                logits = torch.mm(h, weight_c.t(), out=logits_buffer[: stop - start])
             else:
                 logits = torch.empty(stop - start, vocab, dtype=compute_dtype, device=h.device)
                 for first in range(0, vocab, _VOCAB_SLICE):
@@ -66,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             row_valid = valid[start:stop]
             # One pass: softmax computes in fp32 internally and rounds only its output, which the
             # gradient matmuls need in the compute dtype anyway.
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch._softmax(logits, -1, False, out=probs_buffer[: stop - start])
             picked = probs.gather(1, target).squeeze(1).float()
             token_loss = -torch.log(picked)
             underflow = picked < _SMALLEST_SAFE_PROBABILITY
@@ -85,9 +95,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not bool(row_valid.all()):
                 probs[~row_valid] = 0.0
             if grad_hidden is not None and weight_c is not None:
-                grad_hidden[start:stop] = probs @ weight_c
+                grad_hidden[start:stop] = linear(probs, weight_c.t())
             elif grad_hidden is not None:
                 grad_hidden[start:stop] = 0.0
+            if weight_c is not None and in_place:
+                if grad_weight is not None and start == 0:
+                    torch.mm(probs.t(), h, out=grad_weight)
+                elif grad_weight is not None:
+                    grad_weight.addmm_(probs.t(), h)
+                continue
             # In vocabulary slices, so each product's temporary (before it joins the fp32 sum)
             # is a few MB rather than another vocab x width matrix.
             for first in range(0, vocab, _VOCAB_SLICE):
@@ -95,8 +111,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 part = probs[:, first:last]
                 if grad_hidden is not None and weight_c is None:
                     grad_hidden[start:stop] += part @ weight_slice(first, last)
-                if grad_weight is not None:
+                if grad_weight is None:
+                    continue
+                if not in_place:
                     grad_weight[first:last] += part.t() @ h
+                elif start == 0:
+                    torch.mm(part.t(), h, out=grad_weight[first:last])
+                else:
+                    grad_weight[first:last].addmm_(part.t(), h)
         # A mean over zero targets is nan, as in F.cross_entropy.
         scale = 1.0 / count.to(torch.float32)
         if grad_hidden is not None:

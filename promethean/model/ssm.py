@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promethean.config import ModelConfig
+from promethean.model.layers import Linear
 
 # Time steps per chunk of the parallel scan: long enough that the carry between chunks is a short
 # loop, short enough that a chunk rarely decays past SAFE_LOG_DECAY (see `_chunk_states`).
@@ -238,13 +239,13 @@ class SelectiveSSM(nn.Module):
         self.dt_rank = config.ssm_dt_rank_size
         self.kernel = config.ssm_conv_kernel
         self.spike_threshold = config.spike_threshold
-        self.in_proj = nn.Linear(config.n_embd, 2 * self.inner, bias=config.bias)
+        self.in_proj = Linear(config.n_embd, 2 * self.inner, bias=config.bias)
         self.conv = nn.Conv1d(self.inner, self.inner, self.kernel, groups=self.inner, bias=True)
-        self.x_proj = nn.Linear(self.inner, self.dt_rank + 2 * self.state_size, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.inner, bias=True)
+        self.x_proj = Linear(self.inner, self.dt_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = Linear(self.dt_rank, self.inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.inner, self.state_size))
         self.D = nn.Parameter(torch.empty(self.inner))
-        self.out_proj = nn.Linear(self.inner, config.n_embd, bias=config.bias)
+        self.out_proj = Linear(self.inner, config.n_embd, bias=config.bias)
         self.out_proj.is_residual_projection = True
         # The fraction of state updates that fired in the last training forward (a 0-d tensor).
         self.spike_rate: torch.Tensor | None = None

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from promethean.config import ModelConfig
 from promethean.model.attention import Attention, KVCache, SlotMask, attention_mask
-from promethean.model.layers import MLP, make_norm, rotary_cos_sin, rotary_inverse_frequencies
+from promethean.model.layers import MLP, Linear, make_norm, rotary_cos_sin, rotary_inverse_frequencies
 from promethean.model.loss import linear_cross_entropy
 from promethean.model.ssm import SelectiveSSM
 
@@ -84,7 +84,7 @@ class Transformer(nn.Module):
         # A tied head is the embedding: build it on the meta device so that its vocab x width
         # matrix is never allocated (154 MB at GPT-2 size) only to be replaced by tie_weights().
         head_device = "meta" if config.tie_embeddings else None
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device=head_device)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, device=head_device)
         self.tie_weights()
         self._rotary_frequencies: dict[tuple[float, torch.device], torch.Tensor] = {}
         # Set by promethean.inference on a model prepared for its CPU kernels, whose attention
