@@ -83,6 +83,7 @@ CONTINUAL_BASE = Path("runs/continual/base/checkpoint")
 # In the report's order. decode.py and context.py take explicit small sizes for --quick.
 BENCHMARKS = (
     Benchmark("decode", "benchmarks/decode.py", quick=("--new-tokens", "16", "--repeats", "1")),
+    Benchmark("batched", "benchmarks/batched.py"),
     Benchmark("prepare", "benchmarks/prepare.py"),
     Benchmark("train", "benchmarks/train.py"),
     Benchmark("ssm", "benchmarks/ssm.py"),

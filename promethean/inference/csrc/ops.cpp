@@ -134,19 +134,32 @@ at::Tensor packed_rows(const at::Tensor& packed, const at::Tensor& ids, int64_t 
   auto sizes = ids.sizes().vec();
   sizes.push_back(K);
   at::Tensor rows = at::empty(sizes, packed.options());
-  const int64_t element = packed.element_size();
-  const char* source = static_cast<const char*>(packed.data_ptr());
-  char* target = static_cast<char*>(rows.data_ptr());
   const int64_t* index = flat.data_ptr<int64_t>();
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t r = index[i];
-    TORCH_CHECK(r >= 0 && r < panels * kPanel, "packed_rows: id ", r, " is out of range");
-    const int64_t panel = r / kPanel, lane = r % kPanel;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t at = format == kFp32 ? (panel * K + k) * kPanel + lane
-                                         : ((panel * pairs + k / 2) * kPanel + lane) * 2 + k % 2;
-      std::memcpy(target + (i * K + k) * element, source + at * element, element);
-    }
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(index[i] >= 0 && index[i] < panels * kPanel, "packed_rows: id ", index[i],
+                " is out of range");
+  // Typed copies: element k of row r sits kPanel (fp32) or 2 kPanel (pairs) elements after k-1.
+  const auto gather = [&](auto* source, auto* target) {
+    at::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t panel = index[i] / kPanel, lane = index[i] % kPanel;
+        auto* out = target + i * K;
+        if (format == kFp32) {
+          const auto* in = source + panel * K * kPanel + lane;
+          for (int64_t k = 0; k < K; ++k) out[k] = in[k * kPanel];
+        } else {
+          const auto* in = source + (panel * pairs * kPanel + lane) * 2;
+          for (int64_t k = 0; k < K; ++k) out[k] = in[(k / 2) * 2 * kPanel + k % 2];
+        }
+      }
+    });
+  };
+  if (format == kFp32) {
+    gather(packed.data_ptr<float>(), rows.data_ptr<float>());
+  } else if (format == kBf16) {
+    gather(static_cast<const uint16_t*>(packed.data_ptr()), static_cast<uint16_t*>(rows.data_ptr()));
+  } else {
+    gather(packed.data_ptr<int8_t>(), rows.data_ptr<int8_t>());
   }
   return rows;
 }
