@@ -52,6 +52,7 @@ from benchmarks.common import (  # noqa: E402
     SUMMARY_FIELDS,
     cpu_identity,
     cpu_phrase,
+    write_atomically,
     write_section,
 )
 
@@ -285,8 +286,7 @@ def write_summary(report: Path, body: str, machine: dict | None = None) -> None:
             text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + empty
         else:
             text = text[: first_section + 1] + empty + text[first_section + 1 :]
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(text)
+        write_atomically(report, text)
     write_section(report, START, END, body, machine=machine)
 
 
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None, benchmarks: Sequence[Benchmark] = BENCHM
     if not report.exists():  # the summary's place first: the benchmarks append their sections
         report.parent.mkdir(parents=True, exist_ok=True)
         title = "# Benchmarks" + (" (a --quick smoke run)" if args.quick else "")
-        report.write_text(f"{title}\n\n{SUMMARY_HEADING}{START}\n{END}\n")
+        write_atomically(report, f"{title}\n\n{SUMMARY_HEADING}{START}\n{END}\n")
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     print("measuring the machine: matmul peak (fp32, bf16), memory read bandwidth", flush=True)

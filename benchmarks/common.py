@@ -240,8 +240,15 @@ def write_section(path: Path, start: str, end: str, body: str, heading: str = ""
     else:
         section = f"{start}\n{block}\n{end}"
         text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + heading + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_atomically(path, text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` whole or not at all (a report is never left half-written)."""
+    from promethean.files import atomic_file
+
+    with atomic_file(path) as partial:
+        partial.write_text(text)
 
 
 # The summary protocol: each benchmark script takes `--json PATH` and writes there the rows of the
@@ -269,8 +276,7 @@ def write_summary_rows(path: Path | None, rows: list[dict[str, str]]) -> None:
         missing = set(SUMMARY_FIELDS) - set(row)
         if missing:
             raise ValueError(f"summary row {row!r} lacks {sorted(missing)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    write_atomically(path, json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
 
 
 def add_report_options(parser, quick: dict | None = None) -> None:
