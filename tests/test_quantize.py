@@ -250,3 +250,67 @@ def test_the_decode_benchmark_counts_the_bytes_a_prepared_model_reads_per_token(
     assert 0.5 <= bf16 / fp32 < 0.51
     # 1 byte per matrix weight plus scales, biases and norms: just over a quarter.
     assert 0.25 < int8 / fp32 < 0.27
+
+
+def _mapping_flags(address: int) -> set[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    return set()
+
+
+def _huge_pages_or_skip() -> None:
+    from promethean.inference.kernel_layers import huge_page_bytes
+
+    if huge_page_bytes(1) is None:
+        pytest.skip("this OS has no madvise(MADV_HUGEPAGE): the panels stay on ordinary pages")
+
+
+def test_the_huge_page_arena_is_advised_for_2mb_pages_and_aligned_to_them():
+    from promethean.inference.kernel_layers import HUGE_PAGE, huge_page_bytes
+
+    _huge_pages_or_skip()
+    arena = huge_page_bytes(5 << 20)
+    assert arena.dtype == torch.uint8 and arena.numel() == 5 << 20
+    assert arena.data_ptr() % HUGE_PAGE == 0
+    assert int(arena.sum()) == 0  # fresh anonymous memory reads as zeros
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("no /proc/self/smaps to read the mapping's flags from")
+    # "hg": the mapping carries MADV_HUGEPAGE (whether the kernel then grants 2 MB pages depends
+    # on its transparent_hugepage mode and free memory, not on us).
+    assert "hg" in _mapping_flags(arena.data_ptr())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gemma3"])
+def test_panels_moved_to_huge_pages_give_the_same_logits_and_tokens(preset, dtype, monkeypatch):
+    from promethean.inference import kernel_layers
+    from tests.conftest import trained_like
+
+    _huge_pages_or_skip()
+    monkeypatch.setattr(kernel_layers, "HUGE_PAGE_MINIMUM", 1 << 62)  # never moves
+    stayed = prepare_for_inference(trained_like(build(preset)), dtype)
+    monkeypatch.setattr(kernel_layers, "HUGE_PAGE_MINIMUM", 0)  # tiny models move too
+    moved = prepare_for_inference(trained_like(build(preset)), dtype)
+    layers = [m for m in moved.modules() if isinstance(m, KernelLinear)]
+    storages = {layer.packed.untyped_storage().data_ptr() for layer in layers}
+    assert len(storages) == 1, "every layer's panels are views of the one mapping"
+    assert all(not m.packed.untyped_storage().data_ptr() in storages
+               for m in stayed.modules() if isinstance(m, KernelLinear))
+    idx = torch.randint(0, moved.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(moved(idx).logits, stayed(idx).logits)
+    prompts = [idx[0].tolist(), idx[1, :6].tolist()]
+    want = [c.token_ids for c in generate(stayed, prompts, greedy(8))]
+    assert [c.token_ids for c in generate(moved, prompts, greedy(8))] == want
+    # A copy gets ordinary memory of its own, and decodes alike.
+    copied = copy.deepcopy(moved)
+    copied_layers = [m for m in copied.modules() if isinstance(m, KernelLinear)]
+    assert all(m.packed.untyped_storage().data_ptr() not in storages for m in copied_layers)
+    assert [c.token_ids for c in generate(copied, prompts, greedy(8))] == want

@@ -12,10 +12,15 @@ convolution) is elementwise PyTorch, which rounds each element alike wherever it
 
 The modules keep the interfaces of those they replace, so `Transformer.forward` runs them
 unchanged; the attention layers build their own masks from the query slots and the rows' left
-padding (`SlotMask`; the model's `attention_reads_slots`).
+padding (`SlotMask`; the model's `attention_reads_slots`). Once converted, every layer's panels
+are moved into one mapping on 2 MB pages where the OS grants them (`move_panels_to_huge_pages`):
+a decode step streams them all from memory, and reads them faster there.
 """
 
 from __future__ import annotations
+
+import ctypes
+import mmap
 
 import torch
 import torch.nn.functional as F
@@ -318,6 +323,74 @@ class Int8Embedding(KernelModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
 
 
+# Linux backs a mapping with 2 MB pages (transparent huge pages) where it is asked to; 4 KB
+# pages elsewhere, or where the kernel says never.
+HUGE_PAGE = 2 << 20
+# Weights below this much in all are left where they are: the gain is in streaming, and the
+# mapping rounds up to whole 2 MB pages.
+HUGE_PAGE_MINIMUM = 8 << 20
+PANEL_ALIGNMENT = 64  # bytes: each moved tensor starts on a cache line, as torch's allocations
+
+
+def huge_page_bytes(nbytes: int) -> torch.Tensor | None:
+    """`nbytes` of zeroed uint8 memory on 2 MB pages where the OS grants them (Linux with
+    transparent huge pages in `madvise` or `always` mode), or None where it cannot be asked.
+
+    A decode step streams every weight once from memory, and on 4 KB pages that means a TLB miss
+    (a page walk, two-level under a hypervisor) and a restart of the hardware prefetcher, which
+    does not cross a page, every 4 KB: measured on a Zen 4 VM, 2 MB pages read 10-20% faster."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return None
+    try:
+        mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        mapping.madvise(advice)
+    except (OSError, ValueError):
+        return None
+    # The tensor holds the mapping (the buffer protocol keeps it open while any view lives).
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    start = (-whole.data_ptr()) % HUGE_PAGE  # the first 2 MB boundary: whole pages from there
+    return whole[start : start + nbytes]
+
+
+@torch.no_grad()
+def move_panels_to_huge_pages(model: nn.Module) -> bool:
+    """Move every `KernelLinear`'s packed panels into one mapping on 2 MB pages (see
+    `huge_page_bytes`), one layer at a time, so that the peak memory grows by one layer's panels
+    at most. Values, shapes and dtypes are unchanged (views of the mapping); a copy of the model
+    (`copy.deepcopy`) gets ordinary memory. Returns whether they moved."""
+    layers = [module for module in model.modules() if isinstance(module, KernelLinear)]
+    sizes = [layer.packed.numel() * layer.packed.element_size() for layer in layers]
+    padded = [-(-size // PANEL_ALIGNMENT) * PANEL_ALIGNMENT for size in sizes]
+    if sum(sizes) < HUGE_PAGE_MINIMUM:
+        return False
+    arena = huge_page_bytes(sum(padded))
+    if arena is None:
+        return False
+    offset = 0
+    for layer, size, room in zip(layers, sizes, padded):
+        packed = layer.packed
+        moved = arena[offset : offset + size].view(packed.dtype).view(packed.shape)
+        moved.copy_(packed)
+        layer.packed = nn.Parameter(moved, requires_grad=False)
+        del packed
+        release_freed_memory()  # each layer's, before the next one's copy grows the peak
+        offset += room
+    return True
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the OS (glibc's malloc_trim): the panels just moved
+    were freed into the heap, where the process would otherwise keep them (RSS +50% in fp32)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 @torch.no_grad()
 def convert(model: Transformer, dtype: str) -> None:
     """Replace `model`'s layers with the kernels' (see the module docstring), in place, layer
@@ -352,6 +425,7 @@ def convert(model: Transformer, dtype: str) -> None:
     if model.position_embedding is not None:
         model.position_embedding = Embedding(model.position_embedding, activations)
     model.attention_reads_slots = True
+    move_panels_to_huge_pages(model)
 
 
 def has_kernel_layers(model: Transformer) -> bool:

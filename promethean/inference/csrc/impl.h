@@ -571,6 +571,24 @@ inline void key_scores(const float* query, const float* keys, int64_t row, int64
 }
 #endif
 
+// Asks for the cache lines of rows [first, first + count) of a head's keys and values (rows of
+// `bytes`, `stride` bytes apart) before they are read. A decode step reads a few KB per head from
+// memory, in streams too short for the hardware prefetcher to ramp up on: without this each
+// line's latency is paid nearly one at a time (measured on a Zen 4: 3-4 us per head at 17 keys).
+inline void prefetch_head_rows(const void* k, const void* v, int64_t first, int64_t count,
+                               int64_t stride, int64_t bytes) {
+  constexpr int64_t kMaxLines = 1024;  // 64 KB of each: past that the hardware prefetcher has it
+  int64_t lines = 0;
+  for (int64_t j = first; j < first + count && lines < kMaxLines; ++j) {
+    const char* key = static_cast<const char*>(k) + j * stride;
+    const char* value = static_cast<const char*>(v) + j * stride;
+    for (int64_t b = 0; b < bytes; b += 64, ++lines) {
+      _mm_prefetch(key + b, _MM_HINT_T1);
+      _mm_prefetch(value + b, _MM_HINT_T1);
+    }
+  }
+}
+
 // scratch: (keys D) + (keys D) floats for fp32 copies of bf16 keys and values, then
 // query_block x keys scores and D floats of the query.
 inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, float* scratch) {
@@ -594,6 +612,12 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
     if (hi_all < lo_all) continue;
     const int64_t span = hi_all - lo_all + 1;
     const int64_t kv_offset = b * a.kv_stride_b + hk * a.kv_stride_h;
+    {
+      const int64_t element = a.bf16 ? 2 : 4;
+      const char* k0 = static_cast<const char*>(a.k) + kv_offset * element;
+      const char* v0 = static_cast<const char*>(a.v) + kv_offset * element;
+      prefetch_head_rows(k0, v0, lo_all, span, a.kv_stride_s * element, D * element);
+    }
     // Keys and values as fp32 rows of D (copied from bf16 once for every query of the item).
     const float* keys;
     const float* values;

@@ -62,9 +62,13 @@ void select_instruction_set(c10::string_view name) {
 // Work below this many multiply-adds runs on the calling thread: starting the pool costs more.
 constexpr int64_t kSerialWork = int64_t(1) << 17;
 
+// Attention reads each key and value once from memory (a decode step's cache is not in any
+// cache), so it gains from a second thread's memory bandwidth at far less work than a product.
+constexpr int64_t kSerialAttentionWork = int64_t(1) << 13;
+
 template <typename F>
-void split(int64_t items, int64_t work, const F& body) {
-  if (items <= 1 || work < kSerialWork) {
+void split(int64_t items, int64_t work, const F& body, int64_t serial_work = kSerialWork) {
+  if (items <= 1 || work < serial_work) {
     body(0, items);
     return;
   }
@@ -415,7 +419,8 @@ void attention_raw(AttentionArgs& args) {
           thread_local std::vector<float> scratch;
           if (int64_t(scratch.size()) < scratch_floats) scratch.resize(scratch_floats);
           k.attention(args, begin, end, scratch.data());
-        });
+        },
+        kSerialAttentionWork);
 }
 
 // q (B, H, Tq, D) at slots query_slot0.., keys/values (B, Hkv, S, D) whose index 0 is slot
