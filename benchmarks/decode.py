@@ -17,10 +17,13 @@ What it measures, all in one run so that every figure has a peer measured under 
   16-token prefill included. One warm-up per engine, then --repeats rounds; each round runs every
   engine once, in an order that rotates from round to round, so that noise hits all alike. Ratios
   are taken within a round and the median over rounds is reported.
-* the memory-bandwidth bound: just before and just after each round, reading an fp32 buffer
-  well past the last-level cache (the size `benchmarks/machine.py` uses: twice the L3, at least
-  512 MiB) is timed with `torch.sum`, `torch.mv` and, where Promethean's kernels run, their
-  `stream_read` (bytes read / seconds; the fastest counts). At batch 1 every weight is read once per token, so weight bytes / memory bandwidth is
+* the memory-bandwidth bound: just before and just after each generation, reading an fp32
+  buffer well past the last-level cache (the size `benchmarks/machine.py` uses: twice the L3, at
+  least 512 MiB; on 2 MB pages where the OS grants them, as a prepared model's weights are) is
+  timed with `torch.sum`, `torch.mv` and, where Promethean's kernels run, their `stream_read`
+  (bytes read / seconds; the fastest counts, averaged over the two readings). Each generation is
+  held against the bandwidth of its own moment: on a shared host it changes from one second to
+  the next (measured on a Zen 4 VM: 28-30 or 45-55 GB/s, flipping every few seconds). At batch 1 every weight is read once per token, so weight bytes / memory bandwidth is
   the least possible time per token. Buffers as large as each dtype's weights are read too and
   reported beside it: on a CPU whose L3 could hold them (124 MB of int8 weights) such a read can
   run faster than memory, but the L3 is shared with whatever else runs, so the bound is taken
@@ -299,11 +302,14 @@ def measure_speed(new_tokens: int, repeats: int) -> dict:
     weights = {key: weight_bytes_per_token(model) for key, model in models.items()}
     # fp32 buffers as large as each dtype's weights (fp32 reads run at full speed on every CPU;
     # what matters is how many bytes come from memory).
+    from benchmarks.machine import ones_on_huge_pages
+
     buffers = {
-        dtype: torch.ones(weights[("ours", dtype)] // (4 * BANDWIDTH_WIDTH), BANDWIDTH_WIDTH)
+        dtype: ones_on_huge_pages(weights[("ours", dtype)] // (4 * BANDWIDTH_WIDTH), BANDWIDTH_WIDTH)
         for dtype in DTYPE_NAMES
     }
-    buffers[MEMORY] = torch.ones(memory_buffer_bytes() // (4 * BANDWIDTH_WIDTH), BANDWIDTH_WIDTH)
+    buffers[MEMORY] = ones_on_huge_pages(memory_buffer_bytes() // (4 * BANDWIDTH_WIDTH),
+                                         BANDWIDTH_WIDTH)
     vector = torch.ones(BANDWIDTH_WIDTH)
     for key in keys:  # warm-up, and a check that nobody stops early
         produced = GENERATE[key[0]](models[key], prompt, new_tokens)
@@ -311,24 +317,31 @@ def measure_speed(new_tokens: int, repeats: int) -> dict:
             raise SystemExit(f"{key} produced {produced} tokens, expected {new_tokens}")
         print(f"  warm-up {key[0]} {key[1]} done", flush=True)
     seconds: dict[tuple[str, str], list[float]] = {key: [] for key in keys}
-    # bandwidth[dtype] holds one dict {reader: B/s} before and one after each round.
+    # adjacent[key] holds, per round, the memory readings ({reader: B/s}) just before and just
+    # after that generation: this machine's memory bandwidth changes from second to second (a
+    # shared host), so each generation is held against the bandwidth of its own moment.
+    adjacent: dict[tuple[str, str], list[tuple[dict, dict]]] = {key: [] for key in keys}
+    # bandwidth[name]: every reading of that buffer (the weight-sized ones once per round).
     bandwidth: dict[str, list[dict[str, float]]] = {name: [] for name in buffers}
     for repeat in range(repeats):
         order = keys[repeat % len(keys) :] + keys[: repeat % len(keys)]
-        for name, buffer in buffers.items():
-            bandwidth[name].append(read_bandwidth(buffer, vector))
         for key in order:
+            before = read_bandwidth(buffers[MEMORY], vector)
             start = time.perf_counter()
             GENERATE[key[0]](models[key], prompt, new_tokens)
             seconds[key].append(time.perf_counter() - start)
-        for name, buffer in buffers.items():
-            bandwidth[name].append(read_bandwidth(buffer, vector))
+            after = read_bandwidth(buffers[MEMORY], vector)
+            adjacent[key].append((before, after))
+            bandwidth[MEMORY] += [before, after]
+        for dtype in DTYPE_NAMES:
+            bandwidth[dtype].append(read_bandwidth(buffers[dtype], vector))
         line = "  ".join(f"{k[0]} {k[1]} {new_tokens / seconds[k][-1]:6.2f} tok/s" for k in keys)
         print(f"  round {repeat + 1}/{repeats}: {line}", flush=True)
     attention = getattr(models[("transformers", "fp32")].config, "_attn_implementation", "?")
     return {
         "seconds": seconds,
         "bandwidth": bandwidth,
+        "adjacent": adjacent,
         "weights": weights,
         "attn_implementation": attention,
     }
@@ -342,29 +355,32 @@ def machine() -> dict:
     return {**cpu_description(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def round_bandwidth(samples: list[dict[str, float]], rounds: int) -> list[float]:
+def adjacent_bandwidth(readings: list[tuple[dict, dict]]) -> list[float]:
     """Per round: the fastest reader (torch.sum, torch.mv, the kernels' stream_read), averaged over
-    the samples taken just before and just after the round. The fastest reader is the better
+    the readings just before and just after the generation. The fastest reader is the better
     estimate of what the memory system can deliver, so the bound built on it is the stricter one."""
-    best = [max(sample.values()) for sample in samples]
-    return [(best[2 * r] + best[2 * r + 1]) / 2 for r in range(rounds)]
+    return [(max(before.values()) + max(after.values())) / 2 for before, after in readings]
 
 
 def summarise(speed: dict, new_tokens: int) -> dict:
+    """tok/s per engine and dtype; per key the bound (tok/s at the memory bandwidth of its own
+    moment, for ours' weight bytes of that dtype: see the module docstring); and per dtype the
+    bound of ours' generations, which the rows show as "100%"."""
     seconds, weights = speed["seconds"], speed["weights"]
     tps = {key: [new_tokens / s for s in values] for key, values in seconds.items()}
-    rounds = len(seconds[("ours", "fp32")])
-    # Every dtype's bound is taken against the same memory bandwidth (see the module docstring).
-    memory = round_bandwidth(speed["bandwidth"][MEMORY], rounds)
-    bandwidth = {dtype: memory for dtype in DTYPE_NAMES}
-    bound_tps = {
-        dtype: [bw / weights[("ours", dtype)] for bw in bandwidth[dtype]] for dtype in DTYPE_NAMES
+    bound_of = {
+        key: [bw / weights[("ours", key[1])] for bw in adjacent_bandwidth(readings)]
+        for key, readings in speed["adjacent"].items()
     }
-    return {"tps": tps, "bandwidth": bandwidth, "bound_tps": bound_tps}
+    bandwidth = {dtype: adjacent_bandwidth(speed["adjacent"][("ours", dtype)])
+                 for dtype in DTYPE_NAMES}
+    bound_tps = {dtype: bound_of[("ours", dtype)] for dtype in DTYPE_NAMES}
+    return {"tps": tps, "bandwidth": bandwidth, "bound_tps": bound_tps, "bound_of": bound_of}
 
 
 def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list[str]]:
     tps, bandwidth, bound_tps = summary["tps"], summary["bandwidth"], summary["bound_tps"]
+    bound_of = summary["bound_of"]
     weights = speed["weights"]
     med = {key: statistics.median(values) for key, values in tps.items()}
     code = f"`{command}`"
@@ -397,11 +413,11 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
 
     for dtype in DTYPE_NAMES:
         mine = ("ours", dtype)
-        ours_fraction = ratios(tps[mine], bound_tps[dtype])
+        ours_fraction = ratios(tps[mine], bound_of[mine])
         gb_per_s = statistics.median(bandwidth[dtype]) / 1e9
         if ("transformers", dtype) in tps:
             theirs = ("transformers", dtype)
-            peer = (f"{ratios(tps[theirs], bound_tps[dtype]):.0%} (transformers {dtype}, "
+            peer = (f"{ratios(tps[theirs], bound_of[theirs]):.0%} (transformers {dtype}, "
                     f"{ms_per_token(tps[theirs]):.1f} ms/token)")
             ratio = f"{ratios(tps[mine], tps[theirs]):.2f}x"
         else:
@@ -426,9 +442,9 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
             [
                 f"fraction of the memory-bandwidth bound, {dtype}, AVX2 kernels (as on a CPU "
                 "without AVX-512)",
-                f"{ratios(tps[narrow], bound_tps[dtype]):.0%} "
+                f"{ratios(tps[narrow], bound_of[narrow]):.0%} "
                 f"({ms_per_token(tps[narrow]):.1f} ms/token)",
-                f"{ratios(tps[('ours', dtype)], bound_tps[dtype]):.0%} (ours {dtype}, AVX-512 "
+                f"{ratios(tps[('ours', dtype)], bound_of[('ours', dtype)]):.0%} (ours {dtype}, AVX-512 "
                 f"kernels, {ms_per_token(tps[('ours', dtype)]):.1f} ms/token)",
                 f"{ratios(tps[narrow], tps[('ours', dtype)]):.2f}x",
                 f"100% = {ms_per_token(bound_tps[dtype]):.1f} ms/token",
@@ -448,8 +464,8 @@ def build_rows(speed: dict, rss: dict, summary: dict, command: str) -> list[list
             f"torch.mv {gbs(samples, 'mv')}",
             readers,
             "—",
-            "every bound uses the fastest reader, per round: "
-            f"{statistics.median(bandwidth['fp32']) / 1e9:.1f} GB/s",
+            "each generation's bound uses the fastest reader just before and after it; ours "
+            f"fp32's: {statistics.median(bandwidth['fp32']) / 1e9:.1f} GB/s",
             code,
         ]
     )
@@ -548,7 +564,7 @@ def summary_rows(speed: dict, summary: dict, command: str) -> list[dict[str, str
     rows = []
     for dtype in DTYPE_NAMES:
         mine = ("ours", dtype)
-        fraction = ratios(tps[mine], bound_tps[dtype])
+        fraction = ratios(tps[mine], summary["bound_of"][mine])
         target = BOUND_TARGET.get(dtype)
         rows.append(summary_row(
             f"decode gpt2-small batch 1, ours {dtype}",
@@ -583,7 +599,8 @@ def render(rows, info, speed, rss, summary, args, started, elapsed) -> str:
         dtype: ratios(tps[("ours", dtype)], tps[("transformers", "fp32")]) for dtype in DTYPE_NAMES
     }
     fraction = {
-        dtype: ratios(tps[("ours", dtype)], summary["bound_tps"][dtype]) for dtype in DTYPE_NAMES
+        dtype: ratios(tps[("ours", dtype)], summary["bound_of"][("ours", dtype)])
+        for dtype in DTYPE_NAMES
     }
     ceiling = ratios(summary["bound_tps"]["fp32"], tps[("transformers", "fp32")])
     peak = rss["ours-fp32"]["mb"]

@@ -168,10 +168,40 @@ def memory_readers(matrix, vector) -> dict[str, Callable[[], object]]:
     return readers
 
 
+def ones_on_huge_pages(rows: int, width: int):
+    """An fp32 (rows, width) tensor of ones on 2 MB pages where the OS grants them, as a prepared
+    model's weights are (promethean.inference.kernel_layers.huge_page_bytes): reads of it measure
+    what the memory delivers, not what 4 KB pages' TLB misses leave of it. Ordinary memory where
+    it cannot be asked for."""
+    import torch
+
+    try:
+        from promethean.inference.kernel_layers import huge_page_bytes
+
+        arena = huge_page_bytes(rows * width * 4)
+    except ImportError:
+        arena = None
+    if arena is None:
+        return torch.ones(rows, width)
+    matrix = arena.view(torch.float32).view(rows, width)
+    matrix.fill_(1.0)
+    return matrix
+
+
+def huge_page_mode() -> str:
+    """The kernel's transparent-huge-page mode ("madvise", "always", "never"), or "none"."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
+    return chosen[0] if chosen else "none"
+
+
 def measure_memory_readers(buffer_bytes: int | None = None, width: int = 3072, passes: int = 7,
                            budget_s: float = 3.0, threads: int | None = None) -> dict[str, float]:
-    """Bytes/s of reading an fp32 buffer of ones of `buffer_bytes` (default: well past L3) once,
-    by each of `memory_readers`: the median of up to `passes` passes each. An optional reader
+    """Bytes/s of reading an fp32 buffer of ones of `buffer_bytes` (default: well past L3; on
+    2 MB pages where granted, `ones_on_huge_pages`) once, by each of `memory_readers`: the median of up to `passes` passes each. An optional reader
     that fails, or whose sum is not the buffer's (so it did not read it all), is left out."""
     import torch
 
@@ -180,7 +210,7 @@ def measure_memory_readers(buffer_bytes: int | None = None, width: int = 3072, p
     previous = _with_threads(threads)
     figures: dict[str, float] = {}
     try:
-        matrix = torch.ones(rows, width)
+        matrix = ones_on_huge_pages(rows, width)
         vector = torch.ones(width)
         read_bytes = matrix.numel() * matrix.element_size()
         readers = memory_readers(matrix, vector)

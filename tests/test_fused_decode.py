@@ -158,6 +158,26 @@ def test_prompts_training_gradients_and_hooks_keep_the_module_path():
 
 
 @needs_kernels
+@pytest.mark.parametrize("where", ["final_norm", "lm_head"])
+def test_the_step_ends_with_the_head_and_a_hook_there_still_runs(where):
+    model = prepared("tiny-llama", "bf16")
+    assert model.fused_decode.returns_logits
+    calls = count_fused_steps(model)
+    with torch.inference_mode():
+        cache = model.new_cache(1, capacity=16)
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        logits = model(torch.tensor([[4]]), cache=cache).logits
+        assert calls[0] == 1 and logits.shape == (1, 1, model.config.vocab_size)
+        assert logits.dtype == torch.bfloat16 and bool(logits.abs().sum() > 0)
+        hook = getattr(model, where).register_forward_hook(lambda _m, _a, output: output * 0)
+        hooked = model(torch.tensor([[5]]), cache=cache).logits
+        hook.remove()
+        assert calls[0] == 1 and not bool(hooked.abs().sum())  # the layers ran, and the hook
+        model(torch.tensor([[6]]), cache=cache)
+        assert calls[0] == 2
+
+
+@needs_kernels
 def test_a_prepared_model_refuses_a_conversion_in_a_sentence():
     model = prepared("tiny-gpt2", "int8")
     before, _ = decode(model, [1, 2, 3], [4, 5], capacity=8)

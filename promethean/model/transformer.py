@@ -93,8 +93,9 @@ class Transformer(nn.Module):
         self.attention_reads_slots = False
         # Set by promethean.inference (fused_decode) on a model prepared for inference: runs every
         # block of a cached decode step (one new token per row) in one call, bit-identical to the
-        # blocks. It has `rope_thetas`, `can_step(cache)`, `step(x, cache, rotaries)` and
-        # `rebuilt(model)` (the same step over the model's tensors after a conversion).
+        # blocks. It has `rope_thetas`, `can_step(cache)`, `step(x, cache, rotaries)`,
+        # `returns_logits` (the step ends with the final norm and the head, and returns logits)
+        # and `rebuilt(model)` (the same step over the model's tensors after a conversion).
         self.fused_decode = None
         self.reset_parameters()
 
@@ -224,7 +225,8 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.n_embd**0.5, dtype=x.dtype)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
-        x = self.dropout(x)
+        if self.training:  # in eval, dropout is the identity: not even a call
+            x = self.dropout(x)
 
         fused = self.fused_decode
         if (fused is not None and length == 1 and cache is not None and targets is None
@@ -232,6 +234,9 @@ class Transformer(nn.Module):
             rotaries = {theta: self._rotary(theta, positions, x.dtype)
                         for theta in fused.rope_thetas}
             x = fused.step(x, cache, rotaries)
+            if fused.returns_logits:  # the step ran the final norm and the head too
+                cache.length += length
+                return TransformerOutput(x, None)
         else:
             x = self._run_blocks(x, slots, positions, cache, left_padding)
         if cache is not None:

@@ -604,6 +604,9 @@ enum Param : int64_t {
   kMlpPostNormWeight, kMlpPostNormBias,
   kParamsPerLayer
 };
+// After the layers' params, when the step ends with the head: the final norm and the head.
+enum HeadParam : int64_t { kFinalNormWeight, kFinalNormBias, kHead, kHeadScales, kHeadBias,
+                           kHeadParams };
 
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
@@ -625,7 +628,12 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
                          const OptionalTensors& rotary, const std::optional<at::Tensor>& left_padding,
                          int64_t query_slot, at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
   const Kernels& k = kernels();
-  TORCH_CHECK(shape_ints.size() == 8 && reals.size() == 2, "decode_blocks: bad stack shape");
+  // With the final norm and the head (5 more params, shape + [vocab, final rms], reals + [final
+  // eps]) the step returns the logits (batch, 1, vocab) instead of the last block's output.
+  const bool with_head = shape_ints.size() == 10;
+  TORCH_CHECK((shape_ints.size() == 8 && reals.size() == 2) ||
+                  (with_head && reals.size() == 3),
+              "decode_blocks: bad stack shape");
   const int64_t layers = shape_ints[0], H = shape_ints[1], Hkv = shape_ints[2];
   const int64_t D = shape_ints[3], C = shape_ints[4], hidden = shape_ints[5];
   const int64_t up_activation = shape_ints[6];
@@ -636,7 +644,8 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kFloat,
               "decode_blocks: x must be bf16 or fp32");
   const int64_t B = input.size(0);
-  TORCH_CHECK(int64_t(params.size()) == layers * kParamsPerLayer && int64_t(keys.size()) == layers &&
+  TORCH_CHECK(int64_t(params.size()) == layers * kParamsPerLayer + (with_head ? kHeadParams : 0) &&
+                  int64_t(keys.size()) == layers &&
                   int64_t(values.size()) == layers && int64_t(first_slots.size()) == layers &&
                   int64_t(filled.size()) == layers && int64_t(windows.size()) == layers,
               "decode_blocks: parameters or caches do not match the number of layers");
@@ -777,7 +786,17 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
       add_to_residual(out);
     }
   }
-  return x;
+  if (!with_head) return x;
+  // Transformer.forward after the blocks: final_norm, then lm_head (KernelNorm, KernelLinear).
+  const int64_t base = layers * kParamsPerLayer, vocab = shape_ints[8];
+  norm_rows(residual, bf16, B, C, C, params.get(base + kFinalNormWeight)->data_ptr<float>(),
+            float_data(params.get(base + kFinalNormBias)), reals[2], shape_ints[9] != 0, h, C);
+  const Projection head = projection_of(*params.get(base + kHead), C, vocab,
+                                        params.get(base + kHeadScales),
+                                        params.get(base + kHeadBias), kNone);
+  at::Tensor logits = at::empty({B, 1, vocab}, x.options());
+  linear_rows(head, h, bf16, B, C, logits.data_ptr(), bf16, vocab);
+  return logits;
 }
 
 }  // namespace
