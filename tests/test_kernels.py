@@ -219,6 +219,19 @@ def test_packed_rows_are_the_weights_rows():
         assert torch.equal(kernels.packed_rows(kernels.pack_linear(weight), ids, 77), weight[ids])
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_packed_rows_come_dequantized_as_pytorch_would(dtype):
+    generator = torch.Generator().manual_seed(0)
+    quantized, scales = quantize_rows(torch.randn(130, 77, generator=generator) * 3)
+    ids = torch.tensor([[0, 129, 5], [64, 63, 64]])
+    want = (quantized[ids].float() * scales[ids].unsqueeze(-1)).to(dtype)
+    got = kernels.packed_rows(kernels.pack_linear(quantized), ids, 77, scales, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="scales go with int8 panels"):
+        kernels.packed_rows(kernels.pack_linear(quantized.float()), ids, 77, scales, dtype)
+
+
 # ------------------------------------------------------------------------- norms, attention
 @needs_kernels
 @pytest.mark.parametrize("rms", [False, True])

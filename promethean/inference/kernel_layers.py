@@ -279,10 +279,9 @@ class PackedEmbedding(KernelModule):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
-        rows = kernels.packed_rows(head.packed, idx, self.embedding_dim)
-        if head.scales is None:
-            return rows
-        return (rows.float() * head.scales[idx].unsqueeze(-1)).to(self.dtype)
+        # int8: dequantized in the same call (one operation, not five: after a decode step's
+        # weights have streamed through the caches each one left runs cold).
+        return kernels.packed_rows(head.packed, idx, self.embedding_dim, head.scales, self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, rows of the head's panels"

@@ -100,10 +100,14 @@ def pack_linear(weight: torch.Tensor, gated: bool = False) -> torch.Tensor:
     return torch.ops.promethean_kernels.pack_linear(weight, gated)
 
 
-def packed_rows(packed: torch.Tensor, ids: torch.Tensor, in_features: int) -> torch.Tensor:
-    """Rows `ids` of a packed weight, (*ids.shape, in_features) in its dtype: the lookup of an
-    embedding that shares the head's matrix."""
-    return torch.ops.promethean_kernels.packed_rows(packed, ids, in_features)
+def packed_rows(packed: torch.Tensor, ids: torch.Tensor, in_features: int,
+                scales: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Rows `ids` of a packed weight, (*ids.shape, in_features): the lookup of an embedding that
+    shares the head's matrix. In the weight's dtype; or, given int8 panels' `scales`, each row
+    times its scale in `dtype` (fp32 or bf16), as `(rows.float() * scales[ids]).to(dtype)`."""
+    return torch.ops.promethean_kernels.packed_rows(packed, ids, in_features, scales,
+                                                    dtype == torch.bfloat16)
 
 
 def linear(

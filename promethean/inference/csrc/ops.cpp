@@ -128,7 +128,10 @@ at::Tensor pack_linear(const at::Tensor& weight_in, bool gated) {
 
 // Rows `ids` of a packed (non-gated) weight, as a (..., K) tensor of its dtype: the lookup of an
 // embedding tied to the head.
-at::Tensor packed_rows(const at::Tensor& packed, const at::Tensor& ids, int64_t K) {
+inline uint16_t bf16_bits(float value);
+
+at::Tensor packed_rows(const at::Tensor& packed, const at::Tensor& ids, int64_t K,
+                       const std::optional<at::Tensor>& scales, bool bf16_out) {
   const int32_t format = format_of(packed);
   TORCH_CHECK(packed.is_contiguous(), "packed_rows: the packed weight must be contiguous");
   const int64_t panels = packed.size(0);
@@ -165,7 +168,29 @@ at::Tensor packed_rows(const at::Tensor& packed, const at::Tensor& ids, int64_t 
   } else {
     gather(packed.data_ptr<int8_t>(), rows.data_ptr<int8_t>());
   }
-  return rows;
+  if (!scales.has_value()) return rows;
+  // int8 rows times their scales, as PyTorch computes (rows.float() * scales[ids]).to(dtype):
+  // one fp32 multiplication, then (for bf16) one rounding to nearest even.
+  TORCH_CHECK(format == kInt8, "packed_rows: scales go with int8 panels");
+  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous() && scales->dim() == 1,
+              "packed_rows: the scales must be a contiguous fp32 vector");
+  const float* row_scales = scales->data_ptr<float>();
+  for (int64_t i = 0; i < count; ++i)
+    TORCH_CHECK(index[i] < scales->numel(), "packed_rows: id ", index[i], " has no scale");
+  at::Tensor values = at::empty(sizes, packed.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  const int8_t* quantized = rows.data_ptr<int8_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    const float scale = row_scales[index[i]];
+    for (int64_t k = 0; k < K; ++k) {
+      const float value = float(quantized[i * K + k]) * scale;
+      if (bf16_out) {
+        static_cast<uint16_t*>(values.data_ptr())[i * K + k] = bf16_bits(value);
+      } else {
+        values.data_ptr<float>()[i * K + k] = value;
+      }
+    }
+  }
+  return values;
 }
 
 // --------------------------------------------------------------------------------- products
@@ -807,7 +832,7 @@ TORCH_LIBRARY(promethean_kernels, m) {
   m.def("instruction_set() -> str", &promethean_kernels::instruction_set);
   m.def("select_instruction_set(str name) -> ()", &promethean_kernels::select_instruction_set);
   m.def("pack_linear(Tensor weight, bool gated) -> Tensor");
-  m.def("packed_rows(Tensor packed, Tensor ids, int K) -> Tensor");
+  m.def("packed_rows(Tensor packed, Tensor ids, int K, Tensor? scales, bool bf16_out) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, int outputs, Tensor? scales, Tensor? bias, int activation) -> Tensor");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms, bool unit_offset) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
