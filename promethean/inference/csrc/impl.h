@@ -501,6 +501,15 @@ inline F16 load_head_chunk(const void* base, bool bf16, int64_t offset, int64_t 
   return count == 16 ? f16_load(p) : f16_load_n(p, count);
 }
 
+// 16 (or `count`) values of a key or value row as fp32: from fp32, or widened from bf16 (exact,
+// so either way a score is computed from the same numbers).
+inline F16 load_chunk(const float* p, int count) {
+  return count == 16 ? f16_load(p) : f16_load_n(p, count);
+}
+inline F16 load_chunk(const uint16_t* p, int count) {
+  return count == 16 ? f16_load_bf16(p) : f16_load_bf16_n(p, count);
+}
+
 // The keys a query at `slot` of a row with `padding` sees: [*lo, *hi] as cache indices.
 inline void visible_keys(const AttentionArgs& a, int64_t slot, int64_t padding, int64_t* lo,
                          int64_t* hi) {
@@ -538,7 +547,8 @@ inline __m512 reduce_add_16(const __m512* acc) {
   return _mm512_permutexvar_ps(order, e);
 }
 
-inline void key_scores(const float* query, const float* keys, int64_t row, int64_t j0, int n,
+template <typename T>  // T: float or uint16_t (bf16) keys
+inline void key_scores(const float* query, const T* keys, int64_t row, int64_t j0, int n,
                        int64_t D, float scale, float* out) {
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
@@ -548,8 +558,8 @@ inline void key_scores(const float* query, const float* keys, int64_t row, int64
     const __m512 q = _mm512_maskz_loadu_ps(mask, query + d);
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {  // keys past n repeat key j0: computed, never stored
-      const float* key = keys + (j0 + (i < n ? i : 0)) * row + d;
-      acc[i] = _mm512_fmadd_ps(q, _mm512_maskz_loadu_ps(mask, key), acc[i]);
+      const T* key = keys + (j0 + (i < n ? i : 0)) * row + d;
+      acc[i] = _mm512_fmadd_ps(q, load_chunk(key, count).v, acc[i]);
     }
   }
   const __m512 scores = _mm512_mul_ps(reduce_add_16(acc), _mm512_set1_ps(scale));
@@ -559,13 +569,14 @@ inline void key_scores(const float* query, const float* keys, int64_t row, int64
 constexpr int kScoreKeys = 4;
 constexpr int kValueQueries = 1;
 
-inline void key_scores(const float* query, const float* keys, int64_t row, int64_t j0, int n,
+template <typename T>  // T: float or uint16_t (bf16) keys
+inline void key_scores(const float* query, const T* keys, int64_t row, int64_t j0, int n,
                        int64_t D, float scale, float* out) {
   F16 acc[4] = {f16_zero(), f16_zero(), f16_zero(), f16_zero()};
   for (int64_t d = 0; d < D; d += 16) {
     const int count = int(min64(16, D - d));
     const F16 q = f16_load_n(query + d, count);
-    for (int i = 0; i < n; ++i) acc[i] = fma(q, f16_load_n(keys + (j0 + i) * row + d, count), acc[i]);
+    for (int i = 0; i < n; ++i) acc[i] = fma(q, load_chunk(keys + (j0 + i) * row + d, count), acc[i]);
   }
   for (int i = 0; i < n; ++i) out[i] = reduce_add(acc[i]) * scale;
 }
@@ -618,13 +629,97 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
       const char* v0 = static_cast<const char*>(a.v) + kv_offset * element;
       prefetch_head_rows(k0, v0, lo_all, span, a.kv_stride_s * element, D * element);
     }
-    // Keys and values as fp32 rows of D (copied from bf16 once for every query of the item).
-    const float* keys;
-    const float* values;
-    int64_t row;
     float* scores = scratch + 2 * a.keys * D;  // one row of `span` per query of the block
     float* query = scores + a.query_block * a.keys;
-    if (a.bf16) {
+    float norms[64];
+    // The queries of the item against keys and values of `row` elements each (fp32, or bf16
+    // widened as they are read: exact, so the results are the same bits either way).
+    const auto attend = [&](const auto* keys, const auto* values, int64_t row) {
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        // Each query's softmax weights, at scores[(t - t0) * span + (j - lo_all)].
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t first = lo[t - t0], last = hi[t - t0];
+          if (last < first) continue;
+          const int64_t q_offset = b * a.q_stride_b + h * a.q_stride_h + t * a.q_stride_t;
+          for (int64_t d = 0; d < D; d += 16)
+            f16_store_n(query + d, load_head_chunk(a.q, a.bf16, q_offset, d, D), int(min64(16, D - d)));
+          float* weights = scores + (t - t0) * span + (first - lo_all);
+          for (int64_t j = first; j <= last; j += kScoreKeys)
+            key_scores(query, keys, row, j, int(min64(kScoreKeys, last - j + 1)), D, a.scale,
+                       weights + (j - first));
+          const int64_t seen = last - first + 1;
+          // The largest score (the order of a max does not matter): 16 at a time, then the rest.
+          F16 bests = f16_set1(-__builtin_inff());
+          int64_t j = 0;
+          for (; j + 16 <= seen; j += 16) bests = f16_max(f16_load(weights + j), bests);
+          float best = reduce_max(bests);
+          for (; j < seen; ++j) best = weights[j] > best ? weights[j] : best;
+          // Softmax weights; their sum in 16 lanes anchored at the first key seen.
+          F16 total = f16_zero();
+          const F16 shift = f16_set1(best);
+          for (int64_t j = 0; j < seen; j += 16) {
+            const int count = int(min64(16, seen - j));
+            const F16 weight = f16_keep_first(f16_exp(f16_load_n(weights + j, count) - shift), count);
+            f16_store_n(weights + j, weight, count);
+            total = total + weight;
+          }
+          norms[t - t0] = reduce_add(total);
+        }
+        // The weighted sums of values, key after key for each query, kValueQueries queries and 4
+        // chunks of D at a time (each value's chunks loaded once for all of them).
+        for (int64_t tq = t0; tq < t1; tq += kValueQueries) {
+          const int64_t nq = min64(kValueQueries, t1 - tq);
+          int64_t from = a.keys, to = -1;
+          for (int64_t i = 0; i < nq; ++i) {
+            if (hi[tq - t0 + i] < lo[tq - t0 + i]) continue;
+            from = min64(from, lo[tq - t0 + i]);
+            to = max64(to, hi[tq - t0 + i]);
+          }
+          for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
+            const int64_t cn = min64(4, chunks - c0);
+            F16 acc[kValueQueries][4];
+            for (int64_t i = 0; i < kValueQueries; ++i)
+              for (int c = 0; c < 4; ++c) acc[i][c] = f16_zero();
+            for (int64_t j = from; j <= to; ++j) {
+              const auto* value = values + j * row;
+              F16 v[4];
+              for (int64_t c = 0; c < cn; ++c) {
+                const int64_t d = (c0 + c) * 16;
+                v[c] = load_chunk(value + d, int(min64(16, D - d)));
+              }
+              for (int64_t i = 0; i < nq; ++i) {
+                const int64_t t = tq + i;
+                if (j < lo[t - t0] || j > hi[t - t0]) continue;
+                const F16 weight = f16_set1(scores[(t - t0) * span + (j - lo_all)]);
+                for (int64_t c = 0; c < cn; ++c) acc[i][c] = fma(weight, v[c], acc[i][c]);
+              }
+            }
+            for (int64_t i = 0; i < nq; ++i) {
+              const int64_t t = tq + i;
+              if (hi[t - t0] < lo[t - t0]) continue;
+              const F16 norm = f16_set1(norms[t - t0]);
+              for (int64_t c = 0; c < cn; ++c) {
+                const int64_t d = (c0 + c) * 16;
+                const int count = int(min64(16, D - d));
+                const int64_t o = b * a.out_stride_b + t * a.out_stride_t + h * D + d;
+                if (a.bf16) {
+                  f16_store_bf16_n(static_cast<uint16_t*>(a.out) + o, acc[i][c] / norm, count);
+                } else {
+                  f16_store_n(static_cast<float*>(a.out) + o, acc[i][c] / norm, count);
+                }
+              }
+            }
+          }
+        }
+      }
+    };
+    if (!a.bf16) {
+      attend(static_cast<const float*>(a.k) + kv_offset, static_cast<const float*>(a.v) + kv_offset,
+             a.kv_stride_s);
+    } else if (t1 - t0 <= kValueQueries) {  // a decode step: each key is read once, as it is
+      attend(static_cast<const uint16_t*>(a.k) + kv_offset,
+             static_cast<const uint16_t*>(a.v) + kv_offset, a.kv_stride_s);
+    } else {  // a prompt's block of queries: each key widened to fp32 once for all of them
       float* key_copy = scratch;
       float* value_copy = scratch + a.keys * D;
       for (int64_t j = 0; j < span; ++j) {
@@ -635,88 +730,8 @@ inline void attention(const AttentionArgs& a, int64_t item0, int64_t item1, floa
           f16_store_n(value_copy + j * D + d, load_head_chunk(a.v, true, source, d, D), count);
         }
       }
-      keys = key_copy - lo_all * D;
-      values = value_copy - lo_all * D;
-      row = D;
-    } else {
-      keys = static_cast<const float*>(a.k) + kv_offset;
-      values = static_cast<const float*>(a.v) + kv_offset;
-      row = a.kv_stride_s;
-    }
-    float norms[64];
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      // Each query's softmax weights, at scores[(t - t0) * span + (j - lo_all)].
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t first = lo[t - t0], last = hi[t - t0];
-        if (last < first) continue;
-        const int64_t q_offset = b * a.q_stride_b + h * a.q_stride_h + t * a.q_stride_t;
-        for (int64_t d = 0; d < D; d += 16)
-          f16_store_n(query + d, load_head_chunk(a.q, a.bf16, q_offset, d, D), int(min64(16, D - d)));
-        float* weights = scores + (t - t0) * span + (first - lo_all);
-        for (int64_t j = first; j <= last; j += kScoreKeys)
-          key_scores(query, keys, row, j, int(min64(kScoreKeys, last - j + 1)), D, a.scale,
-                     weights + (j - first));
-        const int64_t seen = last - first + 1;
-        float best = -__builtin_inff();
-        for (int64_t j = 0; j < seen; ++j) best = weights[j] > best ? weights[j] : best;
-        // Softmax weights; their sum in 16 lanes anchored at the first key seen.
-        F16 total = f16_zero();
-        const F16 shift = f16_set1(best);
-        for (int64_t j = 0; j < seen; j += 16) {
-          const int count = int(min64(16, seen - j));
-          const F16 weight = f16_keep_first(f16_exp(f16_load_n(weights + j, count) - shift), count);
-          f16_store_n(weights + j, weight, count);
-          total = total + weight;
-        }
-        norms[t - t0] = reduce_add(total);
-      }
-      // The weighted sums of values, key after key for each query, kValueQueries queries and 4
-      // chunks of D at a time (each value's chunks loaded once for all of them).
-      for (int64_t tq = t0; tq < t1; tq += kValueQueries) {
-        const int64_t nq = min64(kValueQueries, t1 - tq);
-        int64_t from = a.keys, to = -1;
-        for (int64_t i = 0; i < nq; ++i) {
-          if (hi[tq - t0 + i] < lo[tq - t0 + i]) continue;
-          from = min64(from, lo[tq - t0 + i]);
-          to = max64(to, hi[tq - t0 + i]);
-        }
-        for (int64_t c0 = 0; c0 < chunks; c0 += 4) {
-          const int64_t cn = min64(4, chunks - c0);
-          F16 acc[kValueQueries][4];
-          for (int64_t i = 0; i < kValueQueries; ++i)
-            for (int c = 0; c < 4; ++c) acc[i][c] = f16_zero();
-          for (int64_t j = from; j <= to; ++j) {
-            const float* value = values + j * row;
-            F16 v[4];
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t d = (c0 + c) * 16;
-              const int count = int(min64(16, D - d));
-              v[c] = count == 16 ? f16_load(value + d) : f16_load_n(value + d, count);
-            }
-            for (int64_t i = 0; i < nq; ++i) {
-              const int64_t t = tq + i;
-              if (j < lo[t - t0] || j > hi[t - t0]) continue;
-              const F16 weight = f16_set1(scores[(t - t0) * span + (j - lo_all)]);
-              for (int64_t c = 0; c < cn; ++c) acc[i][c] = fma(weight, v[c], acc[i][c]);
-            }
-          }
-          for (int64_t i = 0; i < nq; ++i) {
-            const int64_t t = tq + i;
-            if (hi[t - t0] < lo[t - t0]) continue;
-            const F16 norm = f16_set1(norms[t - t0]);
-            for (int64_t c = 0; c < cn; ++c) {
-              const int64_t d = (c0 + c) * 16;
-              const int count = int(min64(16, D - d));
-              const int64_t o = b * a.out_stride_b + t * a.out_stride_t + h * D + d;
-              if (a.bf16) {
-                f16_store_bf16_n(static_cast<uint16_t*>(a.out) + o, acc[i][c] / norm, count);
-              } else {
-                f16_store_n(static_cast<float*>(a.out) + o, acc[i][c] / norm, count);
-              }
-            }
-          }
-        }
-      }
+      attend(static_cast<const float*>(key_copy) - lo_all * D,
+             static_cast<const float*>(value_copy) - lo_all * D, D);
     }
   }
 }
