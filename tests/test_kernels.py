@@ -502,3 +502,30 @@ def test_the_built_library_is_reused_from_the_cache(tmp_path):
     second = run_python(CHECK, PROMETHEAN_KERNEL_CACHE=str(cache))
     assert second.returncode == 0 and second.stderr == ""
     assert second.stdout == first.stdout
+
+
+# --------------------------------------------------------------------------------- argmax
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 1.5, -1.5, 3.0, -3.0, 2.0**-130, -0.0,
+                                        float("inf"), float("-inf"), float("nan")]),
+                       min_size=1, max_size=70),
+       rows=st.integers(1, 3), bf16=st.booleans())
+def test_argmax_rows_chooses_as_torch_argmax_ties_infinities_and_nans_included(values, rows, bf16):
+    x = torch.tensor([values[r:] + values[:r] for r in range(rows)])  # rows rotated: other orders
+    if bf16:
+        x = x.bfloat16()
+    want = x.float().argmax(dim=-1)
+    assert torch.equal(kernels.argmax_rows(x), want)
+    assert torch.equal(kernels.argmax_rows(x[:, None]), want[:, None])  # (B, 1, V) logits too
+
+
+@needs_kernels
+def test_argmax_rows_of_a_vocabulary_and_a_strided_view():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50257, generator=generator)
+    assert torch.equal(kernels.argmax_rows(logits), logits.argmax(dim=-1))
+    wide = torch.randn(3, 2, 500, generator=generator)
+    assert torch.equal(kernels.argmax_rows(wide[:, 1]), wide[:, 1].argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="argmax_rows: x must be fp32 or bf16"):
+        kernels.argmax_rows(torch.zeros(2, 3, dtype=torch.int32))

@@ -40,6 +40,7 @@ from promethean.inference.generate import (
     SamplingParams,
     _StopWatcher,
     fit_prompt,
+    greedy_tokens,
     pick_tokens,
     process_logits,
     sampling_generator,
@@ -375,7 +376,7 @@ class Engine:
         logits = self.model(self._last_tokens[:, None], cache=self._cache).logits[:, -1].float()
         # Plain greedy rows share one argmax (the same choice as row by row, in one kernel).
         plain = [_is_plain_greedy(request.params) for request in self._running]
-        argmax = logits.argmax(dim=-1).tolist() if any(plain) else None
+        argmax = greedy_tokens(logits).tolist() if any(plain) else None
         keep, tokens = [], []
         for row, request in enumerate(self._running):
             chosen = argmax[row] if plain[row] else None

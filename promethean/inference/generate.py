@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from promethean.errors import PrometheanError
+from promethean.inference import kernels
 from promethean.model import Transformer
 from promethean.tokenizer import Tokenizer
 
@@ -117,11 +118,20 @@ def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Ge
     return generator
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.float().argmax(dim=-1)`: on CPU by the kernels where they are loaded (a prepared
+    model's), ~10x faster on a 50k vocabulary and without the fp32 copy of bf16 logits."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16) \
+            and kernels.loaded():
+        return kernels.argmax_rows(logits)
+    return logits.float().argmax(dim=-1)
+
+
 def pick_tokens(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> torch.Tensor:
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -205,9 +215,14 @@ def _decode_loop(
                     seen[index, 0] = False
 
     active = list(range(len(prompts)))  # which rows are still in the batch, in batch order
-    logits = model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
+    # The last position's logits in the model's dtype: plain greedy picks from them as they are.
+    logits = model(ids, cache=cache, last_logits_only=True).logits[:, -1]
     while active:
-        next_tokens = pick_tokens(process_logits(logits, params, seen), params, generator)
+        if params.greedy and seen is None:
+            next_tokens = greedy_tokens(logits)
+        else:
+            next_tokens = pick_tokens(process_logits(logits.float(), params, seen), params,
+                                      generator)
         is_stop = torch.isin(next_tokens, stop_ids) if stop_ids.numel() else None
         tokens = next_tokens.tolist()
         stops = is_stop.tolist() if is_stop is not None else [False] * len(tokens)
@@ -239,7 +254,7 @@ def _decode_loop(
             active = [active[position] for position in keep]
         if seen is not None:
             seen.scatter_(1, next_tokens[:, None], True)
-        logits = model(next_tokens[:, None], cache=cache).logits[:, -1].float()
+        logits = model(next_tokens[:, None], cache=cache).logits[:, -1]
 
 
 def _finish(row: _Row, tokenizer: Tokenizer | None) -> Completion:

@@ -58,6 +58,11 @@ def available() -> bool:
     return _load() is None
 
 
+def loaded() -> bool:
+    """Whether the kernels are built and loaded in this process already (never builds them)."""
+    return _load.cache_info().currsize > 0 and _load() is None
+
+
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run here, in one sentence; None where they can."""
     return _load()
@@ -172,6 +177,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def silu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x) elementwise, every element computed alike wherever it sits."""
     return torch.ops.promethean_kernels.activate(x, ACTIVATIONS["silu"])
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.float().argmax(dim=-1)` (int64) for fp32 or bf16 x, without the copy, ~10x faster."""
+    return torch.ops.promethean_kernels.argmax_rows(x)
 
 
 def stream_read(buffer: torch.Tensor) -> float:
