@@ -736,8 +736,19 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
   char* attended = scratch_bytes<4>(B * inner * size);
   char* wide = scratch_bytes<5>(B * hidden * size);
   char* out = scratch_bytes<6>(B * C * size);
-  const auto add_to_residual = [&](char* from) {  // x = x + h, as Block.forward's ATen add
-    x.add_(at::from_blob(from, {B, 1, C}, x.options()));
+  // x = x + h, as Block.forward's ATen add computes it: in fp32, then (bf16) rounded to nearest
+  // even; a loop, not an ATen call, which after the weights have streamed through runs cold.
+  const auto add_to_residual = [&](const char* from) {
+    const int64_t count = B * C;
+    if (bf16) {
+      uint16_t* to = reinterpret_cast<uint16_t*>(residual);
+      const uint16_t* add = reinterpret_cast<const uint16_t*>(from);
+      for (int64_t i = 0; i < count; ++i) to[i] = bf16_bits(bf16_value(to[i]) + bf16_value(add[i]));
+    } else {
+      float* to = reinterpret_cast<float*>(residual);
+      const float* add = reinterpret_cast<const float*>(from);
+      for (int64_t i = 0; i < count; ++i) to[i] += add[i];
+    }
   };
   const auto norm_of = [&](const char* from, char* to, int64_t base, Param weight) {
     norm_rows(from, bf16, B, C, C, params.get(base + weight)->data_ptr<float>(),
