@@ -431,6 +431,34 @@ at::Tensor rotary(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Te
 }
 
 // ------------------------------------------------------------------------------- attention
+// Attention of H query heads, Tq queries each from slot query_slot0, over `held` keys of a
+// cache's buffers (B, Hkv, S, D) whose index 0 is slot key_slot0; the caller sets where the
+// queries are read and the outputs written (q, out and their strides).
+AttentionArgs cache_attention(const at::Tensor& keys, const at::Tensor& values, int64_t H,
+                              int64_t Tq, int64_t query_slot0, int64_t key_slot0, int64_t held,
+                              const int64_t* left_padding, int64_t window, double scale) {
+  AttentionArgs args{};
+  args.bf16 = keys.scalar_type() == at::kBFloat16;
+  args.k = keys.data_ptr();
+  args.v = values.data_ptr();
+  args.kv_stride_b = keys.stride(0);
+  args.kv_stride_h = keys.stride(1);
+  args.kv_stride_s = keys.stride(2);
+  args.B = keys.size(0);
+  args.H = H;
+  args.Hkv = keys.size(1);
+  args.Tq = Tq;
+  args.D = keys.size(3);
+  args.query_slot0 = query_slot0;
+  args.key_slot0 = key_slot0;
+  args.keys = held;
+  args.left_padding = left_padding;
+  args.window = window;
+  args.scale = float(scale);
+  args.query_block = 32;
+  return args;
+}
+
 void attention_raw(AttentionArgs& args) {
   const Kernels& k = kernels();
   const int64_t blocks = (args.Tq + args.query_block - 1) / args.query_block;
@@ -474,32 +502,17 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& keys, const at::Tens
   }
   at::Tensor out = at::empty({B, Tq, H * D}, q.options());
   if (B == 0 || Tq == 0) return out;
-  AttentionArgs args{};
-  args.bf16 = q.scalar_type() == at::kBFloat16;
+  AttentionArgs args = cache_attention(keys, values, H, Tq, query_slot0, key_slot0, held,
+                                       left_padding.has_value() ? padding.data_ptr<int64_t>()
+                                                                : nullptr,
+                                       window, scale);
   args.q = q.data_ptr();
   args.q_stride_b = q.stride(0);
   args.q_stride_h = q.stride(1);
   args.q_stride_t = q.stride(2);
-  args.k = keys.data_ptr();
-  args.v = values.data_ptr();
-  args.kv_stride_b = keys.stride(0);
-  args.kv_stride_h = keys.stride(1);
-  args.kv_stride_s = keys.stride(2);
   args.out = out.data_ptr();
   args.out_stride_b = Tq * H * D;
   args.out_stride_t = H * D;
-  args.B = B;
-  args.H = H;
-  args.Hkv = Hkv;
-  args.Tq = Tq;
-  args.D = D;
-  args.query_slot0 = query_slot0;
-  args.key_slot0 = key_slot0;
-  args.keys = held;
-  args.left_padding = left_padding.has_value() ? padding.data_ptr<int64_t>() : nullptr;
-  args.window = window;
-  args.scale = float(scale);
-  args.query_block = 32;
   attention_raw(args);
   return out;
 }
@@ -820,32 +833,16 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
         std::memcpy(value_base + at, qkv + (b * qkv_width + inner + kv_inner + head * D) * size,
                     D * size);
       }
-    AttentionArgs args{};
-    args.bf16 = bf16;
+    AttentionArgs args = cache_attention(
+        layer_keys, layer_values, H, 1, query_slot, first_slots[layer], filled[layer] + 1,
+        left_padding.has_value() ? padding.data_ptr<int64_t>() : nullptr, windows[layer], scale);
     args.q = q;
     args.q_stride_b = inner;
     args.q_stride_h = D;
     args.q_stride_t = D;
-    args.k = layer_keys.data_ptr();
-    args.v = layer_values.data_ptr();
-    args.kv_stride_b = layer_keys.stride(0);
-    args.kv_stride_h = layer_keys.stride(1);
-    args.kv_stride_s = layer_keys.stride(2);
     args.out = attended;
     args.out_stride_b = inner;
     args.out_stride_t = inner;
-    args.B = B;
-    args.H = H;
-    args.Hkv = Hkv;
-    args.Tq = 1;
-    args.D = D;
-    args.query_slot0 = query_slot;
-    args.key_slot0 = first_slots[layer];
-    args.keys = filled[layer] + 1;
-    args.left_padding = left_padding.has_value() ? padding.data_ptr<int64_t>() : nullptr;
-    args.window = windows[layer];
-    args.scale = float(scale);
-    args.query_block = 32;
     attention_raw(args);
     project(attended, inner, out, base, kOut, C, kNone);
     if (params.get(base + kAttnPostNormWeight).has_value()) {
