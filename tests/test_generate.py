@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from promethean.config import list_presets, load_preset
 from promethean.errors import PrometheanError
@@ -192,3 +194,36 @@ def test_token_stream_yields_the_generated_ids_one_by_one():
     streamed = stream_tokens(model, [4, 5, 6], greedy(25))
     first = next(streamed)
     assert [first, *streamed] == generate(model, [[4, 5, 6]], greedy(25))[0].token_ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    temperature=st.one_of(st.floats(0, 2), st.sampled_from([0.0, 5e-324, 1e-300, 1e-40, 1e-6])),
+    top_p=st.one_of(st.none(), st.floats(5e-324, 1), st.sampled_from([1e-300, 1e-45, 1.0])),
+    top_k=st.one_of(st.none(), st.integers(1, 300)),
+    penalty=st.one_of(st.floats(1e-300, 1e300), st.sampled_from([1e-300, 1.0, 1e300])),
+    seed=st.integers(-(2**63), 2**64 - 1),
+    scale=st.sampled_from([1.0, 30.0, 1e30]),
+)
+def test_sampling_never_fails_over_the_whole_accepted_range(temperature, top_p, top_k, penalty,
+                                                            seed, scale):
+    from promethean.inference.generate import pick_tokens, process_logits, sampling_generator
+
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=penalty, seed=seed)
+    logits = torch.randn(2, 257, generator=torch.Generator().manual_seed(seed % 1000)) * scale
+    seen = torch.zeros(2, 257, dtype=torch.bool)
+    seen[:, :40] = True
+    chosen = pick_tokens(process_logits(logits, params, seen), params,
+                         sampling_generator(params, torch.device("cpu")))
+    assert chosen.shape == (2,) and all(0 <= int(token) < 257 for token in chosen)
+
+
+def test_a_temperature_below_the_greedy_threshold_is_greedy_and_a_bad_seed_is_refused():
+    from promethean.inference.generate import GREEDY_BELOW_TEMPERATURE
+
+    assert SamplingParams(temperature=1e-300).greedy
+    assert not SamplingParams(temperature=GREEDY_BELOW_TEMPERATURE).greedy
+    with pytest.raises(PrometheanError, match=r"^seed must be an integer from -2\*\*63 to "
+                                              r"2\*\*64 - 1, got 18446744073709551616\.$"):
+        SamplingParams(temperature=1.0, seed=2**64)

@@ -16,12 +16,14 @@ import uvicorn
 
 from promethean.checkpoint import load_checkpoint, save_checkpoint
 from promethean.inference.engine import Engine
+from promethean.inference.generate import SamplingParams
 from promethean.serve.app import create_app
 from promethean.tokenizer import ByteTokenizer
 from tests.conftest import build
 
 API_KEY = "secret-key"
 MODEL = "tiny-chat"
+GREEDY_PARAMS = SamplingParams(max_new_tokens=8, temperature=0.0, top_k=None)
 
 
 def free_port() -> int:
@@ -441,3 +443,105 @@ def test_the_web_page_is_open_but_the_api_it_calls_is_not(server):
     assert httpx.get(server.url + "/static/missing.js").status_code == 404
     assert httpx.get(server.url + "/health").json()["memory"] is False
     assert httpx.post(server.url + "/v1/chat/completions", json={}).status_code == 401
+
+
+# ----------------------------------------------------------- one request fails alone
+HOSTILE_SAMPLING = [
+    {"temperature": 1e-300}, {"temperature": 1e-40}, {"temperature": 5e-324},
+    {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1.0, "repetition_penalty": 1e-300},
+    {"temperature": 0.0, "repetition_penalty": 1e-300}, {"temperature": 1.0, "seed": 2**63},
+    {"temperature": 2.0, "top_k": 1, "repetition_penalty": 1e300},
+]
+
+
+@pytest.mark.parametrize("values", HOSTILE_SAMPLING)
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_extreme_sampling_values_are_answered_and_break_nothing(server, path, values):
+    body = {"model": MODEL, "max_tokens": 4, **values}
+    body.update({"prompt": "hi"} if path == "/v1/completions"
+                else {"messages": [{"role": "user", "content": "hi"}]})
+    response = httpx.post(server.url + path, json=body, headers=auth(), timeout=60)
+    assert response.status_code == 200, response.text
+    streamed = httpx.post(server.url + path, json={**body, "stream": True}, headers=auth(),
+                          timeout=60)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**70, -(2**70)])
+def test_a_seed_out_of_a_generators_range_is_a_400_that_names_it(server, seed):
+    for path, extra in [("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                        ("/chat", {"message": "hi"})]:
+        response = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 2,
+                                                       "temperature": 1.0, "seed": seed, **extra},
+                              headers=auth(), timeout=60)
+        assert response.status_code == 400, (path, response.text)
+        assert "seed" in response.json()["error"]["message"]
+
+
+def test_a_request_whose_sampling_fails_ends_alone_and_the_others_are_unchanged(monkeypatch):
+    from promethean.inference import engine as engine_module
+    from promethean.inference.engine import RequestFailedError
+    from promethean.inference.generate import SamplingParams
+
+    original = engine_module.pick_tokens
+
+    def failing(logits, params, generator):  # a fault in one request's own sampling
+        if params.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "pick_tokens", failing)
+    engine = Engine(build("tiny-llama"), ByteTokenizer(), max_batch_size=8)
+    try:
+        def params(seed):
+            return SamplingParams(max_new_tokens=12, temperature=1.0, top_k=None, seed=seed)
+
+        alone = [engine.generate([5, 6, 7], params(seed)).token_ids for seed in (1, 2)]
+        handles = [engine.submit([5, 6, 7], params(1)), engine.submit([9, 9], params(666)),
+                   engine.submit([5, 6, 7], params(2))]
+        with pytest.raises(RequestFailedError, match="^generation failed: probability tensor "):
+            handles[1].result(timeout=60)
+        assert [handles[0].result(60).token_ids, handles[2].result(60).token_ids] == alone
+        assert engine.alive and engine.generate([5, 6, 7], params(1)).token_ids == alone[0]
+    finally:
+        engine.shutdown()
+
+
+def test_a_failed_batch_step_fails_its_rows_and_the_engine_serves_the_next(monkeypatch):
+    from promethean.inference.engine import RequestFailedError
+
+    engine = Engine(build("tiny-llama"), ByteTokenizer(), max_batch_size=8)
+    original, calls = engine._step, [0]
+
+    def step_once_broken():
+        calls[0] += 1
+        if calls[0] == 2:
+            raise RuntimeError("out of memory")
+        original()
+
+    engine._step = step_once_broken
+    try:
+        handle = engine.submit([1, 2, 3], GREEDY_PARAMS)
+        with pytest.raises(RequestFailedError, match=r"^generation failed: out of memory\.$"):
+            handle.result(timeout=60)
+        assert engine.alive
+        assert len(engine.generate([1, 2, 3], GREEDY_PARAMS).token_ids) == 8
+    finally:
+        engine.shutdown()
+
+
+def test_health_says_so_while_the_engine_is_down_and_a_new_one_takes_over():
+    engine = Engine(build("tiny-llama"), ByteTokenizer())
+    app = create_app(engine=engine, tokenizer=ByteTokenizer(), model_name=MODEL)
+    running = RunningServer(app)
+    try:
+        engine.shutdown()  # as if its thread had died
+        down = httpx.get(running.url + "/health", timeout=10)
+        assert down.status_code == 503 and down.json()["status"] == "engine_down"
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(running.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert httpx.get(running.url + "/health", timeout=10).json()["status"] == "ok"
+    finally:
+        running.stop()

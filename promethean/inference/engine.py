@@ -59,6 +59,16 @@ class EngineStoppedError(PrometheanError):
     """The engine was shut down before the request could finish."""
 
 
+class RequestFailedError(PrometheanError):
+    """Something went wrong while working on this request (HTTP 500); the engine and every
+    other request carry on."""
+
+
+def _failure(error: BaseException) -> RequestFailedError:
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RequestFailedError(f"generation failed: {detail.rstrip('.')}.")
+
+
 @dataclass
 class StreamEvent:
     """One step's news for a request: new token ids and the text now safe to show; `completion`
@@ -246,6 +256,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._last_tokens: torch.Tensor | None = None
         self._stopped = False
+        self._admitting: list[_Request] = []  # taken from the queue, not yet in the batch
         self.peak_batch_size = 0  # the most rows decoded together so far
         self._thread = threading.Thread(target=self._run, name="promethean-engine", daemon=True)
         self._thread.start()
@@ -295,6 +306,11 @@ class Engine:
             self._condition.notify()
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running and taking requests."""
+        return self._thread.is_alive() and not self._stopped
+
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         try:
@@ -308,23 +324,42 @@ class Engine:
                         admitted = []
                         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                             admitted.append(self._waiting.popleft())
-                    if admitted:
-                        self._admit(admitted)
-                    if self._running:
-                        self._step()
-        except BaseException as error:  # a bug: fail every request rather than hang them
-            self._fail_all(error)
+                        self._admitting = admitted
+                    try:
+                        if admitted:
+                            self._admit(admitted)
+                        if self._running:
+                            self._step()
+                    except Exception as error:  # noqa: BLE001 - the batch's work failed
+                        # Not one request's fault that can be singled out (those are caught in
+                        # _admit and _pick): the rows in flight end with the error, and the
+                        # engine carries on with an empty batch for everyone after them.
+                        self._fail_batch(_failure(error))
+                    finally:
+                        self._admitting = []
+        except BaseException as error:  # the thread itself is going: fail everyone, never hang
+            self._fail_all(_failure(error))
             raise
         self._fail_all(EngineStoppedError("the engine has been shut down."))
+
+    def _fail_batch(self, error: BaseException) -> None:
+        with self._condition:
+            failing = list(self._running) + list(self._admitting)
+            self._running = []
+        self._cache = self._last_tokens = None
+        for request in failing:
+            if not request.handle.done:
+                request.handle._push(error)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._condition:
             self._stopped = True
-            pending = list(self._running) + list(self._waiting)
-            self._running, self._waiting = [], deque()
+            pending = list(self._running) + list(self._admitting) + list(self._waiting)
+            self._running, self._waiting, self._admitting = [], deque(), []
         self._cache = None
         for request in pending:
-            request.handle._push(error)
+            if not request.handle.done:
+                request.handle._push(error)
 
     def _admit(self, requests: list[_Request]) -> None:
         """Prefill the newcomers together (left-padded, as `generate` batches uneven prompts),
@@ -343,17 +378,27 @@ class Engine:
                            device=self.device)
         left_padding = torch.tensor(padding, device=self.device) if any(padding) else None
         capacity = longest + max(request.budget for request in starting)
-        cache = self.model.new_cache(len(starting), capacity=capacity, left_padding=left_padding)
-        logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
+        try:
+            cache = self.model.new_cache(len(starting), capacity=capacity,
+                                         left_padding=left_padding)
+            logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
+        except Exception as error:  # noqa: BLE001 - the newcomers' prefill: theirs alone
+            for request in starting:
+                self._fail(request, error)
+            return
         keep, tokens = [], []
         for row, request in enumerate(starting):
-            params = request.params
-            request.generator = sampling_generator(params, self.device)
-            if params.repetition_penalty != 1.0:
-                request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool,
-                                           device=self.device)
-                request.seen[torch.tensor(request.prompt, device=self.device)] = True
-            token = self._pick(request, logits[row : row + 1])
+            try:
+                params = request.params
+                request.generator = sampling_generator(params, self.device)
+                if params.repetition_penalty != 1.0:
+                    request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool,
+                                               device=self.device)
+                    request.seen[torch.tensor(request.prompt, device=self.device)] = True
+                token = self._pick(request, logits[row : row + 1])
+            except Exception as error:  # noqa: BLE001 - this request's own values failed it
+                self._fail(request, error)
+                continue
             if request.finish_reason is None:
                 keep.append(row)
                 tokens.append(token)
@@ -380,7 +425,11 @@ class Engine:
         keep, tokens = [], []
         for row, request in enumerate(self._running):
             chosen = argmax[row] if plain[row] else None
-            token = self._pick(request, logits[row : row + 1], chosen)
+            try:
+                token = self._pick(request, logits[row : row + 1], chosen)
+            except Exception as error:  # noqa: BLE001 - this request's own values failed it
+                self._fail(request, error)
+                continue
             if request.finish_reason is None:
                 keep.append(row)
                 tokens.append(token)
@@ -430,6 +479,11 @@ class Engine:
             return token
         self._emit(request, [token], text)
         return token
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        """End one request with `error` (its row leaves the batch with the others that finish)."""
+        request.finish_reason = "error"
+        request.handle._push(_failure(error))
 
     def _visible_text(self, request: _Request, text: str | None, final: bool) -> str:
         if self.tokenizer is None:

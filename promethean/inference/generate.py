@@ -18,9 +18,17 @@ from promethean.model import Transformer
 from promethean.tokenizer import Tokenizer
 
 
+# Below this temperature sampling is greedy: the choice is the argmax anyway, and dividing the
+# logits by a smaller one overflows (logits / 1e-300 is inf in fp32, and softmax of inf is NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# What torch.Generator.manual_seed takes.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy (argmax)."""
+    """How to pick each next token. A temperature of 0 (below GREEDY_BELOW_TEMPERATURE) means
+    greedy (argmax)."""
 
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -46,10 +54,13 @@ class SamplingParams:
             )
         if any(not stop for stop in self.stop_strings):
             raise PrometheanError("stop strings must not be empty.")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise PrometheanError(f"seed must be an integer from -2**63 to 2**64 - 1, got "
+                                  f"{self.seed}.")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 GREEDY = SamplingParams(temperature=0.0, top_k=None)
@@ -84,15 +95,17 @@ def process_logits(
     params: SamplingParams,
     seen: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to (B, V) float logits."""
+    """Apply repetition penalty, temperature, top-k and top-p to (B, V) float logits. Whatever
+    the accepted values, the result stays finite (an overflow is held at fp32's largest
+    magnitude) except where top-k or top-p drop a token (-inf); the best token always stays."""
     if seen is not None and params.repetition_penalty != 1.0:
         penalised = torch.where(
             logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
         )
-        logits = torch.where(seen, penalised, logits)
+        logits = _finite(torch.where(seen, penalised, logits))
     if params.greedy:
         return logits
-    logits = logits / params.temperature
+    logits = _finite(logits / params.temperature)
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -101,9 +114,17 @@ def process_logits(
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token once the tokens before it already cover top_p; the first always stays.
         drop_sorted = probs.cumsum(dim=-1) - probs >= params.top_p
+        # The first always stays, even where top_p is below fp32's smallest number (as 0).
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Overflowed logits held at fp32's largest magnitude (their order kept), NaN as the least."""
+    largest = torch.finfo(torch.float32).max
+    return torch.nan_to_num(logits, nan=-largest, posinf=largest, neginf=-largest)
 
 
 def sampling_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

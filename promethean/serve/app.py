@@ -46,8 +46,14 @@ from promethean.context.tree import TREE_FILE, Memory, MemoryTree
 from promethean.continual.adapters import check_name, list_adapters, load_adapter_onto
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
-from promethean.inference.engine import Engine, EngineStoppedError, QueueFullError, RequestHandle
-from promethean.inference.generate import SamplingParams
+from promethean.inference.engine import (
+    Engine,
+    EngineStoppedError,
+    QueueFullError,
+    RequestFailedError,
+    RequestHandle,
+)
+from promethean.inference.generate import SEED_MAX, SEED_MIN, SamplingParams
 from promethean.model import Transformer
 from promethean.tokenizer import Tokenizer
 
@@ -90,7 +96,7 @@ class _SamplingFields(_Body):
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
 
@@ -117,7 +123,7 @@ class ChatBody(_Body):
     max_tokens: int | None = None
     temperature: float = Field(0.8, ge=0, le=2)  # the chat card's defaults
     top_k: int | None = Field(200, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     memory: bool = False
 
 
@@ -326,6 +332,7 @@ class ModelVariants:
         self.engines: dict[str, Engine] = {}  # adapter name -> engine, least recently used first
         self.handles: dict[str, list[RequestHandle]] = {}
         self._loading = asyncio.Lock()
+        self.closing = False
 
     def names(self) -> list[str]:
         adapters = list_adapters(self.checkpoint) if self.checkpoint is not None else []
@@ -343,8 +350,24 @@ class ModelVariants:
                        f"{', '.join(repr(name) for name in known)}.", param="model",
                        code="model_not_found")
 
+    def revive(self) -> bool:
+        """Start a new engine on the same model where an engine thread has died (a bug: every
+        failure the engine can pin on requests ends only those); False while shutting down."""
+        if self.closing:
+            return False
+        if not self.base.alive:
+            self.base = Engine(self.base.model, self.base.tokenizer,
+                               max_batch_size=self.base.max_batch_size,
+                               max_queue=self.base.max_queue)
+        for name, engine in list(self.engines.items()):
+            if not engine.alive:
+                self.engines.pop(name)  # rebuilt on its next request
+                self.handles.pop(name, None)
+        return True
+
     async def engine(self, adapter: str | None) -> Engine:
         if adapter is None:
+            self.revive()
             return self.base
         async with self._loading:  # one build at a time; later callers find it built
             if adapter not in self.engines:
@@ -396,6 +419,7 @@ class ModelVariants:
                 del self.handles[name]
 
     def shutdown(self) -> None:
+        self.closing = True
         for engine in [self.base, *self.engines.values()]:
             engine.shutdown()
 
@@ -490,6 +514,9 @@ class Server:
                 except EngineStoppedError as error:
                     raise ApiError(503, str(error), error_type="server_error", code="shutting_down",
                                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                except RequestFailedError as error:
+                    raise ApiError(500, str(error), error_type="server_error",
+                                   code="generation_failed")
                 self.finished(handle, completion)
                 return completion
             if await request.is_disconnected():
@@ -597,6 +624,13 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+def _stream_error(error: PrometheanError) -> str:
+    """The last event of a stream that failed after it began: OpenAI's error object."""
+    code = "shutting_down" if isinstance(error, EngineStoppedError) else "generation_failed"
+    return _sse({"error": {"message": str(error), "type": "server_error", "param": None,
+                           "code": code}})
+
+
 def create_app(
     model: Transformer | None = None,
     tokenizer: Tokenizer | None = None,
@@ -659,8 +693,14 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "queue_depth": variants.queue_depth,
-                "running": variants.running, "memory": memory is not None}
+        alive = variants.base.alive
+        status = {"status": "ok" if alive else "engine_down", "model": server.model_name,
+                  "queue_depth": variants.queue_depth, "running": variants.running,
+                  "memory": memory is not None}
+        if not alive:  # say so this once, and start a new engine for the next request
+            variants.revive()
+            return JSONResponse(status, status_code=503)
+        return status
 
     @app.get("/metrics")
     async def metrics():
@@ -711,6 +751,8 @@ def create_app(
                         elif event.text:
                             yield _sse(chunk(event.text, None))
                     yield "data: [DONE]\n\n"
+                except (RequestFailedError, EngineStoppedError) as error:
+                    yield _stream_error(error)  # the 200 is sent: the error is the last event
                 finally:
                     handle.cancel()  # a no-op when finished; frees the row when the client left
 
@@ -765,6 +807,8 @@ def create_app(
                             if body.memory:  # before [DONE]: a client that saw it can recall it
                                 await server.remember(human, completion, "serve")
                     yield "data: [DONE]\n\n"
+                except (RequestFailedError, EngineStoppedError) as error:
+                    yield _stream_error(error)  # the 200 is sent: the error is the last event
                 finally:
                     handle.cancel()
 
