@@ -821,6 +821,12 @@ def serve(
     memory: Annotated[Optional[Path], typer.Option(
         help="Memory directory that chat requests with \"memory\": true recall from and remember into.")] = None,
     memory_tokens: Annotated[int, typer.Option(help="Most prompt tokens the recalled memories take.")] = 256,
+    allow_origin: Annotated[Optional[list[str]], typer.Option(
+        "--allow-origin", help="A web origin (https://app.example) whose pages may call this "
+        "server; repeatable. Others are refused (403).")] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option(
+        "--allow-host", help="A Host name to answer to besides the loopback ones (or, bound "
+        "elsewhere, the only ones); repeatable.")] = None,
 ) -> None:
     """Serve a checkpoint: the web chat at /, OpenAI-compatible /v1 API, /chat, /health and /metrics."""
     from promethean.serve.app import serve as run_server
@@ -830,7 +836,8 @@ def serve(
     run_server(checkpoint, host=host, port=port, api_key=api_key, chat_log=chat_log,
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
                max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
-               memory_tokens=memory_tokens)
+               memory_tokens=memory_tokens, allowed_origins=tuple(allow_origin or ()),
+               allow_hosts=tuple(allow_host or ()))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -545,3 +545,66 @@ def test_health_says_so_while_the_engine_is_down_and_a_new_one_takes_over():
         assert httpx.get(running.url + "/health", timeout=10).json()["status"] == "ok"
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b'{"model": "tiny-chat", "prompt": "\\ud800", "max_tokens": 2}', "lone UTF-16 surrogate"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "number too long"),
+        (b'{"prompt": "\xff\xfe"}', "not valid JSON"),
+    ],
+)
+def test_hostile_bodies_get_one_json_sentence(server, body, fragment):
+    for path in ("/v1/completions", "/v1/chat/completions", "/chat"):
+        response = httpx.post(server.url + path, content=body, timeout=60,
+                              headers={**auth(), "Content-Type": "application/json"})
+        assert response.status_code == 400, (path, response.text)
+        assert fragment in response.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_answer_in_the_error_shape(server):
+    missing = httpx.get(server.url + "/v1/nothing", headers=auth(), timeout=10)
+    assert missing.status_code == 404
+    assert missing.json()["error"] == {"message": "there is no route /v1/nothing.",
+                                       "type": "invalid_request_error", "param": None,
+                                       "code": "not_found"}
+    wrong = httpx.get(server.url + "/v1/completions", headers=auth(), timeout=10)
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["message"] == "/v1/completions does not take GET."
+
+
+def test_a_page_of_another_origin_cannot_post_and_the_servers_own_page_can(server):
+    lines = server.chat_log.read_text().count("\n") if server.chat_log.exists() else 0
+    foreign = httpx.post(server.url + "/chat", content=json.dumps({"message": "buy now"}),
+                         headers={**auth(), "Origin": "https://attacker.example",
+                                  "Content-Type": "text/plain"}, timeout=30)
+    assert foreign.status_code == 403
+    assert foreign.json()["error"]["message"] == (
+        "a page from https://attacker.example may not call this server: only its own page, or "
+        "an origin given with --allow-origin.")
+    assert (server.chat_log.read_text().count("\n") if server.chat_log.exists() else 0) == lines
+    own = httpx.post(server.url + "/v1/completions", headers={**auth(), "Origin": server.url},
+                     json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert own.status_code == 200
+
+
+def test_allowed_origins_and_hosts():
+    app = create_app(build("tiny-llama"), ByteTokenizer(), model_name=MODEL,
+                     allowed_origins=("https://app.example",),
+                     allowed_hosts=("localhost", "127.0.0.1", "::1"))
+    running = RunningServer(app)
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        allowed = httpx.post(running.url + "/v1/completions", json=body, timeout=60,
+                             headers={"Origin": "https://app.example"})
+        assert allowed.status_code == 200
+        rebound = httpx.post(running.url + "/v1/completions", json=body, timeout=60,
+                             headers={"Host": "attacker.example"})
+        assert rebound.status_code == 403
+        assert rebound.json()["error"]["code"] == "host_not_allowed"
+        named = httpx.get(f"http://localhost:{running.port}/health", timeout=10)
+        assert named.status_code == 200
+    finally:
+        running.stop()

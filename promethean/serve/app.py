@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -132,8 +134,22 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON ({error}).", code="invalid_json")
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to be a request.",
+                       code="invalid_json") from None
+    except ValueError as error:  # an integer of more digits than Python converts (4,300)
+        raise ApiError(400, f"the request body holds a number too long to read ({error}).",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object.", code="invalid_json")
+    try:  # JSON may spell a lone UTF-16 surrogate ("\ud800"): not text any tokenizer can take
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \\ud800), "
+                       "which is not text.", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to be a request.",
+                       code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -433,6 +449,9 @@ class Server:
                  variants: ModelVariants | None = None, memory: ServerMemory | None = None) -> None:
         self.engine = engine
         self.memory = memory
+        # Browser safety (see _AuthoriseAndCount.browser_refusal); create_app sets them.
+        self.allowed_origins: frozenset[str] = frozenset()
+        self.allowed_hosts: frozenset[str] | None = None
         self.variants = variants or ModelVariants(engine, model_name, None, 0)
         self.tokenizer = tokenizer
         self.model_name = model_name
@@ -592,6 +611,11 @@ class _AuthoriseAndCount:
         path = scope["path"]
         route = (path if path in KNOWN_ROUTES
                  else "/static" if path.startswith("/static/") else "other")
+        refusal = self.browser_refusal(scope)
+        if refusal is not None:
+            self.server.metrics.record_request(route, refusal.status)
+            await refusal.response()(scope, receive, send)
+            return
         key = self.server.api_key
         if key is not None and not _is_open(path):
             given = dict(scope["headers"]).get(b"authorization", b"")
@@ -614,6 +638,40 @@ class _AuthoriseAndCount:
             await self.app(scope, receive, send_and_note_status)
         finally:
             self.server.metrics.record_request(route, status)
+
+    def browser_refusal(self, scope) -> ApiError | None:
+        """A request a browser may have been made to send: from a page of another origin (any
+        site can POST a form or a text/plain body here, no CORS preflight asked), or, on a
+        loopback server, under a Host name it does not answer to (a DNS-rebinding page)."""
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        allowed_hosts = self.server.allowed_hosts
+        if allowed_hosts is not None and _host_name(host).lower() not in allowed_hosts:
+            return ApiError(403, f"this server does not answer to the Host '{host}'; start it "
+                            "with --allow-host NAME to allow a name.",
+                            error_type="permission_error", code="host_not_allowed")
+        origin = headers.get(b"origin")
+        if origin is None:  # not sent by a browser page (curl, the openai client, ...)
+            return None
+        origin_text = origin.decode("latin-1")
+        own = f"{scope.get('scheme', 'http')}://{host}"
+        if origin_text != own and origin_text not in self.server.allowed_origins:
+            return ApiError(403, f"a page from {origin_text} may not call this server: only its "
+                            "own page, or an origin given with --allow-origin.",
+                            error_type="permission_error", code="origin_not_allowed")
+        return None
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port ('[::1]:8000' -> '::1')."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+GRACEFUL_SHUTDOWN_SECONDS = 10
+# The names a loopback-bound server answers to by default.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 def _finish_reason(reason: str) -> str:
@@ -645,16 +703,24 @@ def create_app(
     dtype: str = "fp32",
     memory: ServerMemory | None = None,
     memory_save_seconds: float = 60.0,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
     directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
-    (prepared as `dtype`, as the base model was). With `memory`, chat requests may ask for it."""
+    (prepared as `dtype`, as the base model was). With `memory`, chat requests may ask for it.
+    A request from a browser page of another origin than the server's own (or one of
+    `allowed_origins`) is refused; with `allowed_hosts`, so is one whose Host header names
+    another host."""
     if engine is None:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     tokenizer = tokenizer or engine.tokenizer
     variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines, dtype)
     server = Server(engine, tokenizer, model_name, api_key,
                     ChatLog(chat_log) if chat_log is not None else None, variants, memory)
+    server.allowed_origins = frozenset(origin.rstrip("/") for origin in allowed_origins)
+    server.allowed_hosts = (None if allowed_hosts is None
+                            else frozenset(name.lower() for name in allowed_hosts))
 
     async def save_memory_periodically() -> None:
         while True:
@@ -684,6 +750,34 @@ def create_app(
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError):
         return error.response()
+
+    # Every other refusal in the API's error shape too: an unknown route or method, a body the
+    # framework itself rejects, and (logged) anything a route did not expect.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        if error.status_code == 404:
+            message = f"there is no route {request.url.path}."
+            code = "not_found"
+        elif error.status_code == 405:
+            message = f"{request.url.path} does not take {request.method}."
+            code = "method_not_allowed"
+        else:
+            message, code = str(error.detail), None
+        return ApiError(error.status_code, message, code=code,
+                        headers=getattr(error, "headers", None)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, error: RequestValidationError):
+        first = (error.errors() or [{}])[0]
+        param = ".".join(str(part) for part in first.get("loc", ())) or None
+        return ApiError(400, f"{param}: {first.get('msg', 'invalid')}.", param=param,
+                        code="invalid_value").response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception):
+        log.exception("a request failed")
+        return ApiError(500, f"the server failed on this request ({type(error).__name__}).",
+                        error_type="server_error", code="internal_error").response()
 
     app.mount("/static", StaticFiles(directory=STATIC_DIRECTORY), name="static")
 
@@ -879,6 +973,8 @@ def build_app(
     dtype: str = "fp32",
     memory: str | Path | None = None,
     memory_tokens: int = 256,
+    allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] | None = None,
 ) -> FastAPI:
     """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
     or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
@@ -902,11 +998,21 @@ def build_app(
     return create_app(model, loaded.tokenizer, model_name=Path(checkpoint).resolve().name,
                       api_key=api_key, chat_log=chat_log, max_batch_size=max_batch_size,
                       max_queue=max_queue, checkpoint=checkpoint,
-                      max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory)
+                      max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory,
+                      allowed_origins=allowed_origins, allowed_hosts=allowed_hosts)
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
-    """Serve a checkpoint until interrupted (`settings`: those of `build_app`)."""
+def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
+          allow_hosts: tuple[str, ...] = (), **settings) -> None:
+    """Serve a checkpoint until interrupted (`settings`: those of `build_app`). Bound to a
+    loopback address it answers only to loopback names (and `allow_hosts`): a page that has
+    rebound its own name to 127.0.0.1 gets no answer; bound elsewhere, to any name unless
+    `allow_hosts` are given."""
     import uvicorn
 
-    uvicorn.run(build_app(checkpoint, **settings), host=host, port=port, log_level="info")
+    if host in LOOPBACK_NAMES or host.startswith("127.") or allow_hosts:
+        loopback = LOOPBACK_NAMES if host in LOOPBACK_NAMES or host.startswith("127.") else ()
+        settings["allowed_hosts"] = (*loopback, host, *allow_hosts)
+    # In-flight requests get this long to finish at shutdown (SIGTERM); then it completes.
+    uvicorn.run(build_app(checkpoint, **settings), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
