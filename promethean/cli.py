@@ -824,11 +824,17 @@ def serve(
     allow_origin: Annotated[Optional[list[str]], typer.Option(
         "--allow-origin", help="A web origin (https://app.example) whose pages may call this "
         "server; repeatable. Others are refused (403).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; larger get 413.")] = 1 << 20,
+    max_chat_history_tokens: Annotated[int, typer.Option(
+        help="Tokens of each /chat conversation the server keeps (the oldest turns go).")] = 4096,
+    max_chats: Annotated[int, typer.Option(
+        help="/chat conversations kept (the least recently used go).")] = 1000,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="A Host name to answer to besides the loopback ones (or, bound "
         "elsewhere, the only ones); repeatable.")] = None,
 ) -> None:
     """Serve a checkpoint: the web chat at /, OpenAI-compatible /v1 API, /chat, /health and /metrics."""
+    from promethean.serve.app import ServeLimits
     from promethean.serve.app import serve as run_server
 
     if not checkpoint.is_dir():
@@ -837,7 +843,10 @@ def serve(
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
                max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
                memory_tokens=memory_tokens, allowed_origins=tuple(allow_origin or ()),
-               allow_hosts=tuple(allow_host or ()))
+               allow_hosts=tuple(allow_host or ()),
+               limits=ServeLimits(max_body_bytes=max_body_bytes,
+                                  max_history_tokens=max_chat_history_tokens,
+                                  max_chats=max_chats))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -608,3 +608,47 @@ def test_allowed_origins_and_hosts():
         assert named.status_code == 200
     finally:
         running.stop()
+
+
+def test_every_size_is_bounded_and_each_refusal_names_its_limit():
+    from promethean.serve.app import ServeLimits
+
+    limits = ServeLimits(max_body_bytes=20_000, max_text_chars=5_000, max_messages=3,
+                         max_chat_id_chars=40, max_stop_chars=10, max_history_tokens=60,
+                         max_chats=2)
+    app = create_app(build("tiny-llama"), ByteTokenizer(), model_name=MODEL, limits=limits)
+    running = RunningServer(app)
+    url = running.url
+
+    def refused(path, body=None, content=None, status=400):
+        response = httpx.post(url + path, json=body, content=content, timeout=60)
+        assert response.status_code == status, response.text
+        return response.json()["error"]["message"]
+
+    try:
+        big = json.dumps({"prompt": "x" * 30_000}).encode()
+        assert "max_body_bytes" in refused("/v1/completions", content=big, status=413)
+        chunked = (piece for piece in [big[:15_000], big[15_000:]])  # no Content-Length
+        assert "max_body_bytes" in refused("/v1/completions", content=chunked, status=413)
+        assert "max_text_chars" in refused("/v1/completions", {"prompt": "x" * 6_000})
+        assert "max_text_chars" in refused("/chat", {"message": "x" * 6_000})
+        message = {"role": "user", "content": "hi"}
+        assert "max_messages" in refused("/v1/chat/completions", {"messages": [message] * 4})
+        assert "max_chat_id_chars" in refused("/chat", {"message": "hi", "chat_id": "c" * 41})
+        assert "max_stop_chars" in refused("/v1/completions", {"prompt": "hi", "stop": "s" * 11})
+        # A kept conversation stays within its tokens; the least recently used chat goes.
+        server = app.state.server
+        for turn in range(8):
+            answer = httpx.post(url + "/chat", json={"message": f"turn {turn} " + "w" * 20,
+                                                     "chat_id": "long", "max_tokens": 4,
+                                                     "temperature": 0}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            kept = server.chats["long"]
+            assert sum(tokens for _, tokens in kept) <= 60 and kept[0][0].role == "human"
+        assert kept[-2][0].text.startswith("turn 7")
+        for chat in ("a", "b"):
+            httpx.post(url + "/chat", json={"message": "hi", "chat_id": chat, "max_tokens": 2},
+                       timeout=60)
+        assert list(server.chats) == ["a", "b"]
+    finally:
+        running.stop()

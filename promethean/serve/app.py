@@ -28,6 +28,8 @@ import asyncio
 import hmac
 import json
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass
 import os
 import threading
 import time
@@ -46,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from promethean.context.intake import Intake
 from promethean.context.tree import TREE_FILE, Memory, MemoryTree
 from promethean.continual.adapters import check_name, list_adapters, load_adapter_onto
-from promethean.data.chat import Turn, assistant_prompt
+from promethean.data.chat import Turn, assistant_prompt, render_turn
 from promethean.errors import PrometheanError
 from promethean.inference.engine import (
     Engine,
@@ -61,7 +63,6 @@ from promethean.tokenizer import Tokenizer
 
 RETRY_AFTER_SECONDS = 1
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-MAX_CHATS_REMEMBERED = 1000
 STATIC_DIRECTORY = Path(__file__).parent / "static"
 SERVE_DTYPES = ("fp32", "bf16", "int8")
 NO_MEMORY = ("memory was requested but this server was started without a memory directory "
@@ -116,7 +117,7 @@ class ChatMessage(_Body):
 class ChatCompletionBody(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     memory: bool = False  # our extension: recall memories into the prompt, remember the exchange
-    chat_id: str | None = Field(None, max_length=200)  # our extension: groups turns in the chat log
+    chat_id: str | None = None  # our extension: groups turns in the chat log
 
 
 class ChatBody(_Body):
@@ -127,6 +128,76 @@ class ChatBody(_Body):
     top_k: int | None = Field(200, ge=1)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     memory: bool = False
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """How much one request may ask of the server; each refusal names its limit (400 or 413)."""
+
+    max_body_bytes: int = 1 << 20  # a request body
+    max_text_chars: int = 100_000  # a prompt, a message's content, /chat's message
+    max_messages: int = 256  # messages of a chat completion
+    max_chat_id_chars: int = 200
+    max_stop_chars: int = 200  # each stop string
+    max_history_tokens: int = 4096  # a /chat conversation kept by the server; oldest turns go
+    max_chats: int = 1000  # /chat conversations kept; the least recently used go
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value < 1:
+                raise PrometheanError(f"the serve limit {name} must be at least 1, got {value}.")
+
+
+def _too_long(what: str, limit_name: str, limit: int, param: str) -> ApiError:
+    return ApiError(400, f"{what} is longer than {limit:,} (the server's {limit_name}).",
+                    param=param, code="too_long")
+
+
+def check_sizes(body: BaseModel, limits: ServeLimits) -> None:
+    """Refuse a parsed body whose texts, messages, stop strings or chat id pass the limits."""
+    texts: list[tuple[str, str]] = []
+    prompt = getattr(body, "prompt", None)
+    if prompt is not None:
+        texts += [("prompt", text) for text in ([prompt] if isinstance(prompt, str) else prompt)]
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        if len(messages) > limits.max_messages:
+            raise ApiError(400, f"messages holds {len(messages)} messages, more than "
+                           f"{limits.max_messages} (the server's max_messages).",
+                           param="messages", code="too_long")
+        texts += [("messages.content", message.content) for message in messages]
+    if getattr(body, "message", None) is not None:
+        texts.append(("message", body.message))
+    for param, text in texts:
+        if len(text) > limits.max_text_chars:
+            raise _too_long(f"{param} ({len(text):,} characters)", "max_text_chars",
+                            limits.max_text_chars, param)
+    chat_id = getattr(body, "chat_id", None)
+    if chat_id is not None and len(chat_id) > limits.max_chat_id_chars:
+        raise _too_long(f"chat_id ({len(chat_id):,} characters)", "max_chat_id_chars",
+                        limits.max_chat_id_chars, "chat_id")
+    stops = getattr(body, "stop", None)
+    for stop in ([stops] if isinstance(stops, str) else stops or []):
+        if len(stop) > limits.max_stop_chars:
+            raise _too_long(f"a stop string ({len(stop):,} characters)", "max_stop_chars",
+                            limits.max_stop_chars, "stop")
+
+
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The request body, refused (413) as soon as it passes max_body_bytes: never read whole."""
+    limit = limits.max_body_bytes
+    refusal = ApiError(413, f"the request body is larger than {limit:,} bytes (the server's "
+                       "max_body_bytes).", code="body_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise refusal
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise refusal
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
@@ -459,7 +530,9 @@ class Server:
         self.chat_log = chat_log
         self.metrics = Metrics()
         self.context_length = engine.model.config.context_length
-        self.chats: dict[str, list[Turn]] = {}
+        self.limits = ServeLimits()  # create_app sets the app's
+        # /chat conversations: chat id -> [(turn, its tokens)], least recently used first.
+        self.chats: OrderedDict[str, list[tuple[Turn, int]]] = OrderedDict()
         self.created = int(time.time())
 
     # -------------------------------------------------------------- validation helpers
@@ -544,6 +617,40 @@ class Server:
     def finished(self, handle: RequestHandle, completion) -> None:
         seconds = time.monotonic() - handle.submitted_at
         self.metrics.record_generation(handle.prompt_length, len(completion.token_ids), seconds)
+
+    def conversation_prompt(self, history: list[tuple[Turn, int]], human: Turn
+                            ) -> tuple[list[Turn], list[int]]:
+        """The prompt for the next reply in a kept conversation: as many of its latest turns as
+        fit the context with the new one, whole exchanges dropped oldest first, chosen from each
+        turn's stored token count (one pass, then one encoding; no re-encoding per drop)."""
+        room = self.context_length - 1 - len(self.tokenizer.encode_ordinary(
+            assistant_prompt([human])))
+        start, used = len(history), 0
+        while start > 0 and used + history[start - 1][1] <= room:
+            start -= 1
+            used += history[start][1]
+        start += start % 2  # whole exchanges: begin at a human turn
+        turns = [turn for turn, _ in history[start:]] + [human]
+        prompt = self.tokenizer.encode_ordinary(assistant_prompt(turns))
+        while len(prompt) >= self.context_length and len(turns) > 1:  # turns' tokens merged
+            turns = turns[2:] if len(turns) > 2 else turns[1:]
+            prompt = self.tokenizer.encode_ordinary(assistant_prompt(turns))
+        return turns, prompt
+
+    def keep_chat(self, chat_id: str, history: list[tuple[Turn, int]], new: list[Turn]) -> None:
+        """Store a conversation with its new turns: at most max_history_tokens of it (the oldest
+        exchanges dropped) and at most max_chats conversations (the least recently used)."""
+        limits = self.limits
+        kept = history + [(turn, len(self.tokenizer.encode_ordinary(render_turn(turn))))
+                          for turn in new]
+        total, start = sum(tokens for _, tokens in kept), 0
+        while total > limits.max_history_tokens and start + 2 <= len(kept):
+            total -= kept[start][1] + kept[start + 1][1]
+            start += 2
+        self.chats[chat_id] = kept[start:]
+        self.chats.move_to_end(chat_id)
+        while len(self.chats) > limits.max_chats:
+            self.chats.popitem(last=False)
 
     def chat_prompt(self, messages: list[ChatMessage], memory_block: str = "") -> str:
         """System messages, then the recalled memories, then the conversation."""
@@ -705,6 +812,7 @@ def create_app(
     memory_save_seconds: float = 60.0,
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
     directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
@@ -718,6 +826,7 @@ def create_app(
     variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines, dtype)
     server = Server(engine, tokenizer, model_name, api_key,
                     ChatLog(chat_log) if chat_log is not None else None, variants, memory)
+    server.limits = limits or ServeLimits()
     server.allowed_origins = frozenset(origin.rstrip("/") for origin in allowed_origins)
     server.allowed_hosts = (None if allowed_hosts is None
                             else frozenset(name.lower() for name in allowed_hosts))
@@ -809,7 +918,8 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body: CompletionBody = _parse(CompletionBody, await request.body())
+        body: CompletionBody = _parse(CompletionBody, await read_body(request, server.limits))
+        check_sizes(body, server.limits)
         server.check_memory(body.memory)
         if body.memory:
             raise ApiError(400, "memory works with chat requests (/chat and /v1/chat/completions): "
@@ -858,7 +968,8 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body: ChatCompletionBody = _parse(ChatCompletionBody, await request.body())
+        body: ChatCompletionBody = _parse(ChatCompletionBody, await read_body(request, server.limits))
+        check_sizes(body, server.limits)
         server.check_memory(body.memory)
         adapter = server.check_model(body.model)
         model_id = body.model or server.model_name
@@ -922,15 +1033,13 @@ def create_app(
 
     @app.post("/chat")
     async def chat(request: Request):
-        body: ChatBody = _parse(ChatBody, await request.body())
+        body: ChatBody = _parse(ChatBody, await read_body(request, server.limits))
+        check_sizes(body, server.limits)
         server.check_memory(body.memory)
         chat_id = body.chat_id or uuid.uuid4().hex
         history = list(server.chats.get(chat_id, []))
-        turns = history + [Turn("human", body.message)]
-        prompt = server.tokenizer.encode_ordinary(assistant_prompt(turns))
-        while len(prompt) >= server.context_length and len(turns) > 1:
-            turns = turns[2:] if len(turns) > 2 else turns[1:]  # forget the oldest exchange
-            prompt = server.tokenizer.encode_ordinary(assistant_prompt(turns))
+        human = Turn("human", body.message)
+        turns, prompt = await asyncio.to_thread(server.conversation_prompt, history, human)
         server.check_prompt(prompt)
         params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
         memories: list[Memory] = []
@@ -941,10 +1050,7 @@ def create_app(
         handle = await server.submit(prompt, params)
         completion = await server.wait(request, handle)
         reply = completion.text.strip()
-        history += [Turn("human", body.message), Turn("assistant", reply)]
-        server.chats[chat_id] = history
-        while len(server.chats) > MAX_CHATS_REMEMBERED:
-            server.chats.pop(next(iter(server.chats)))
+        server.keep_chat(chat_id, history, [human, Turn("assistant", reply)])
         server.log_turn(chat_id, body.message, completion, "/chat")
         result = {"response": reply, "chat_id": chat_id,
                   "finish_reason": _finish_reason(completion.finish_reason),
@@ -975,6 +1081,7 @@ def build_app(
     memory_tokens: int = 256,
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
     """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
     or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
@@ -999,7 +1106,8 @@ def build_app(
                       api_key=api_key, chat_log=chat_log, max_batch_size=max_batch_size,
                       max_queue=max_queue, checkpoint=checkpoint,
                       max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory,
-                      allowed_origins=allowed_origins, allowed_hosts=allowed_hosts)
+                      allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
+                      limits=limits)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
