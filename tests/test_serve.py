@@ -652,3 +652,31 @@ def test_every_size_is_bounded_and_each_refusal_names_its_limit():
         assert list(server.chats) == ["a", "b"]
     finally:
         running.stop()
+
+
+def test_openai_parameters_are_honoured_or_refused_by_name(client):
+    one = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                         max_completion_tokens=1, temperature=0)
+    assert one.usage.completion_tokens == 1
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    streamed = list(client.completions.create(model=MODEL, prompt="abc", max_tokens=3,
+                                              temperature=0, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens == 3
+    echoed = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, temperature=0,
+                                       echo=True)
+    plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, temperature=0)
+    assert echoed.choices[0].text == "abc" + plain.choices[0].text
+    for name, value in [("logprobs", True), ("tools", [{"type": "function", "function":
+                                                         {"name": "f", "parameters": {}}}]),
+                        ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5)]:
+        with pytest.raises(openai.BadRequestError, match=f"{name} is not supported"):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user",
+                                                                   "content": "hi"}],
+                                           max_tokens=2, **{name: value})
+    # Their no-op values are fine (some clients always send them).
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                   max_tokens=2, presence_penalty=0, logprobs=False)

@@ -91,9 +91,28 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+# OpenAI request parameters this server does not implement: a request that sets one (to anything
+# but its no-op value) is refused with a 400 that names it, never silently ignored.
+UNSUPPORTED_PARAMETERS = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
+    "best_of": (None, 1), "suffix": (None, ""), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "parallel_tool_calls": (None, True, False),
+}
+
+
 class _SamplingFields(_Body):
     model: str | None = None
     max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the chat API's newer name for max_tokens
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
@@ -106,6 +125,7 @@ class _SamplingFields(_Body):
 
 class CompletionBody(_SamplingFields):
     prompt: str | list[str]
+    echo: bool = False  # the prompt's text before the completion's
     memory: bool = False  # refused: a plain completion has no conversation to recall or remember
 
 
@@ -200,6 +220,14 @@ async def read_body(request: Request, limits: ServeLimits) -> bytes:
     return b"".join(chunks)
 
 
+def _refuse_unsupported(data: dict) -> None:
+    for name, no_ops in UNSUPPORTED_PARAMETERS.items():
+        if name in data and not any(data[name] == value and type(data[name]) is type(value)
+                                    for value in no_ops):
+            raise ApiError(400, f"{name} is not supported by this server; leave it out.",
+                           param=name, code="unsupported_parameter")
+
+
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         data = json.loads(raw)
@@ -213,6 +241,7 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object.", code="invalid_json")
+    _refuse_unsupported(data)
     try:  # JSON may spell a lone UTF-16 surrogate ("\ud800"): not text any tokenizer can take
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
@@ -920,6 +949,7 @@ def create_app(
     async def completions(request: Request):
         body: CompletionBody = _parse(CompletionBody, await read_body(request, server.limits))
         check_sizes(body, server.limits)
+        check_options(body)
         server.check_memory(body.memory)
         if body.memory:
             raise ApiError(400, "memory works with chat requests (/chat and /v1/chat/completions): "
@@ -933,7 +963,7 @@ def create_app(
                            param="prompt", code="invalid_value")
         prompt = server.tokenizer.encode_ordinary(prompts[0])
         server.check_prompt(prompt)
-        params = server.sampling(body, server.max_tokens(body.max_tokens, 16))
+        params = server.sampling(body, server.max_tokens(_requested_tokens(body), 16))
         handle = await server.submit(prompt, params, adapter)
         identifier, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -943,15 +973,21 @@ def create_app(
                     "choices": [{"text": text, "index": 0, "logprobs": None,
                                  "finish_reason": finish}]}
 
+        echoed = prompts[0] if body.echo else ""
         if body.stream:
             async def events():
                 try:
+                    if echoed:
+                        yield _sse(chunk(echoed, None))
                     async for event in handle.aevents():
                         if event.completion is not None:
                             server.finished(handle, event.completion)
                             if event.text:
                                 yield _sse(chunk(event.text, None))
                             yield _sse(chunk("", _finish_reason(event.completion.finish_reason)))
+                            if _wants_usage(body):
+                                yield _sse(_usage_chunk(chunk("", None), len(prompt),
+                                                        len(event.completion.token_ids)))
                         elif event.text:
                             yield _sse(chunk(event.text, None))
                     yield "data: [DONE]\n\n"
@@ -962,7 +998,7 @@ def create_app(
 
             return StreamingResponse(events(), media_type="text/event-stream")
         completion = await server.wait(request, handle)
-        result = chunk(completion.text, _finish_reason(completion.finish_reason))
+        result = chunk(echoed + completion.text, _finish_reason(completion.finish_reason))
         result["usage"] = _usage(len(prompt), len(completion.token_ids))
         return result
 
@@ -970,6 +1006,7 @@ def create_app(
     async def chat_completions(request: Request):
         body: ChatCompletionBody = _parse(ChatCompletionBody, await read_body(request, server.limits))
         check_sizes(body, server.limits)
+        check_options(body)
         server.check_memory(body.memory)
         adapter = server.check_model(body.model)
         model_id = body.model or server.model_name
@@ -979,7 +1016,8 @@ def create_app(
         human = body.messages[-1].content
         prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages))
         server.check_prompt(prompt)
-        params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
+        params = server.sampling(body, server.max_tokens(_requested_tokens(body), 128),
+                                 extra_stops=("\n",))
         memories: list[Memory] = []
         if body.memory:
             block, memories = await server.recall(human, len(prompt), params.max_new_tokens)
@@ -1009,6 +1047,9 @@ def create_app(
                             server.finished(handle, completion)
                             server.log_turn(chat_id, human, completion, "/v1/chat/completions")
                             yield _sse(chunk({}, _finish_reason(completion.finish_reason)))
+                            if _wants_usage(body):
+                                yield _sse(_usage_chunk(chunk({}, None), len(prompt),
+                                                        len(completion.token_ids)))
                             if body.memory:  # before [DONE]: a client that saw it can recall it
                                 await server.remember(human, completion, "serve")
                     yield "data: [DONE]\n\n"
@@ -1061,6 +1102,29 @@ def create_app(
         return result
 
     return app
+
+
+def _requested_tokens(body: _SamplingFields) -> int | None:
+    """max_completion_tokens (the chat API's newer name) where given, else max_tokens."""
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens
+    return body.max_tokens
+
+
+def check_options(body: _SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options goes with stream: true.", param="stream_options",
+                       code="invalid_value")
+
+
+def _wants_usage(body: _SamplingFields) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
+def _usage_chunk(template: dict[str, Any], prompt_tokens: int, completion_tokens: int
+                 ) -> dict[str, Any]:
+    """OpenAI's last chunk of a stream with stream_options.include_usage: no choices, the usage."""
+    return {**template, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
