@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from hypothesis import strategies as st
 import openai
 import pytest
 import uvicorn
@@ -680,3 +681,45 @@ def test_openai_parameters_are_honoured_or_refused_by_name(client):
     # Their no-op values are fine (some clients always send them).
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                    max_tokens=2, presence_penalty=0, logprobs=False)
+
+
+# ------------------------------------------------------------------------- fuzzing
+def _json_values():
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+               | st.floats(allow_nan=False) | st.text(max_size=40))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+_FIELDS = ["model", "prompt", "messages", "message", "max_tokens", "max_completion_tokens",
+           "temperature", "top_p", "top_k", "repetition_penalty", "stop", "seed", "stream",
+           "stream_options", "n", "echo", "memory", "chat_id", "user", "logprobs"]
+_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system",
+                                                                      "assistant", "robot"]),
+                                             "content": st.text(max_size=30)}), max_size=3)
+_BODIES = st.dictionaries(st.sampled_from(_FIELDS), _json_values() | _MESSAGES, max_size=8).map(
+    lambda body: {**body, "max_tokens": body["max_tokens"]}
+    if isinstance(body.get("max_tokens"), int) and 0 < body["max_tokens"] <= 8
+    else {**body, "max_tokens": 4})
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/chat"])
+def test_fuzzed_bodies_never_get_a_5xx_and_the_server_keeps_answering(server, path):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(body=_BODIES, raw=st.booleans())
+    def one(body, raw):
+        content = json.dumps(body).encode() if not raw else json.dumps(body)[:-1].encode()
+        response = httpx.post(server.url + path, content=content, timeout=60,
+                              headers={**auth(), "Content-Type": "application/json"})
+        assert response.status_code < 500 or response.status_code == 503, response.text
+        if response.status_code != 200:
+            assert "message" in response.json()["error"]
+
+    one()
+    normal = httpx.post(server.url + "/v1/completions", headers=auth(), timeout=60,
+                        json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+    assert normal.status_code == 200
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
