@@ -808,8 +808,14 @@ def serve(
     checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory to serve.")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback only by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option(
-        "--api-key", help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    api_key: Annotated[Optional[list[str]], typer.Option(
+        "--api-key", help="Require 'Authorization: Bearer KEY' on every route but /health; "
+        "repeatable: each key is then a user of its own.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        help="A file of API keys, one per line (as --api-key, kept out of the process list).")] = None,
+    shared_memory: Annotated[bool, typer.Option(
+        help="One memory for every user (by default each user, by key or by the OpenAI 'user' "
+        "field, has a memory and conversations of its own).")] = False,
     chat_log: Annotated[Path, typer.Option(help="JSONL file every chat turn is appended to.")] = Path("chat.jsonl"),
     max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = 16,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = 64,
@@ -839,7 +845,14 @@ def serve(
 
     if not checkpoint.is_dir():
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
-    run_server(checkpoint, host=host, port=port, api_key=api_key, chat_log=chat_log,
+    keys = list(api_key or [])
+    if api_key_file is not None:
+        try:
+            keys += [line.strip() for line in api_key_file.read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise PrometheanError(f"cannot read the API key file {api_key_file}: {error}.") from None
+    run_server(checkpoint, host=host, port=port, api_key=keys or None, chat_log=chat_log,
+               shared_memory=shared_memory,
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
                max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
                memory_tokens=memory_tokens, allowed_origins=tuple(allow_origin or ()),

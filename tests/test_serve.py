@@ -644,13 +644,13 @@ def test_every_size_is_bounded_and_each_refusal_names_its_limit():
                                                      "chat_id": "long", "max_tokens": 4,
                                                      "temperature": 0}, timeout=60)
             assert answer.status_code == 200, answer.text
-            kept = server.chats["long"]
+            kept = server.chats[("", "long")]  # (user, chat id): the default user
             assert sum(tokens for _, tokens in kept) <= 60 and kept[0][0].role == "human"
         assert kept[-2][0].text.startswith("turn 7")
         for chat in ("a", "b"):
             httpx.post(url + "/chat", json={"message": "hi", "chat_id": chat, "max_tokens": 2},
                        timeout=60)
-        assert list(server.chats) == ["a", "b"]
+        assert list(server.chats) == [("", "a"), ("", "b")]
     finally:
         running.stop()
 

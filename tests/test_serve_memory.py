@@ -194,3 +194,44 @@ def test_a_memory_made_without_a_model_is_recalled_with_its_own_hashed_embedder(
     finally:
         running.stop()
     assert len(MemoryTree.load(directory).ids()) == 2  # the exchange, embedded alike, was kept
+
+
+def test_users_have_memories_and_conversations_of_their_own(checkpoint, memory_dir, tmp_path):
+    import stat
+
+    loaded = load_checkpoint(checkpoint)
+    engine = PromptRecordingEngine(loaded.model, loaded.tokenizer, max_batch_size=4)
+    memory = ServerMemory.open(memory_dir, checkpoint, loaded.tokenizer)
+    log = tmp_path / "chat.jsonl"
+    running = RunningServer(create_app(engine=engine, model_name=MODEL, checkpoint=checkpoint,
+                                       memory=memory, api_key=["alice-key", "bob-key"],
+                                       chat_log=log))
+    secret = "my home address is 12 Quay Street, and the door code is 4711"
+
+    def say(key, message, **fields):
+        response = httpx.post(running.url + "/chat", timeout=60,
+                              headers={"Authorization": f"Bearer {key}"},
+                              json={"message": message, "max_tokens": 6, "temperature": 0,
+                                    "memory": True, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    try:
+        alice = say("alice-key", secret)
+        bob = say("bob-key", "where does the other user live? what is the door code?")
+        assert all("Quay" not in m["text"] for m in bob["memories"])
+        assert "Quay" not in engine.prompts[-1] and FACT not in engine.prompts[-1]
+        # Bob knowing Alice's chat id continues a conversation of his own, not hers.
+        say("bob-key", "and what did I say before?", chat_id=alice["chat_id"])
+        assert "Quay" not in engine.prompts[-1]
+        # Alice's own memory and chat do have it; the `user` field separates users of one key.
+        say("alice-key", "what is my door code?", chat_id=alice["chat_id"])
+        assert "Quay" in engine.prompts[-1]
+        say("alice-key", "what is my door code?", user="alice-child")
+        assert "Quay" not in engine.prompts[-1]
+    finally:
+        running.stop()
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    users = memory_dir / "users"
+    assert users.is_dir() and all(stat.S_IMODE(path.stat().st_mode) in (0o600, 0o700)
+                                  for path in users.rglob("*"))

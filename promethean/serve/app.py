@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -143,6 +144,7 @@ class ChatCompletionBody(_SamplingFields):
 class ChatBody(_Body):
     message: str = Field(min_length=1)
     chat_id: str | None = None
+    user: str | None = None  # as the OpenAI field: whose conversation and memory this is
     max_tokens: int | None = None
     temperature: float = Field(0.8, ge=0, le=2)  # the chat card's defaults
     top_k: int | None = Field(200, ge=1)
@@ -331,7 +333,9 @@ class ChatLog:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as file:
+            # Created owner-only (0600): the log holds every user's words.
+            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with open(descriptor, "a", encoding="utf-8") as file:
                 file.write(line)
                 file.flush()
                 os.fsync(file.fileno())
@@ -372,6 +376,7 @@ class ServerMemory:
         self.token_budget, self.k = token_budget, k
         self.lock = threading.Lock()
         self.changed = False
+        self._intake_for = None  # tree -> Intake, set by open(): how for_user() builds one
 
     @classmethod
     def open(cls, directory: str | Path, checkpoint: str | Path | None, tokenizer: Tokenizer,
@@ -395,7 +400,25 @@ class ServerMemory:
                                          max_row_tokens=model.config.context_length)
             intake = Intake(tree, embedder, tokenizer=tokenizer, batcher=batcher,
                             surprise=embedder.loss_per_token, vocab_size=model.config.vocab_size)
-        return cls(directory, tree, embedder, intake, token_budget, k)
+        memory = cls(directory, tree, embedder, intake, token_budget, k)
+        memory._intake_for = lambda user_tree: (
+            Intake(user_tree, embedder, tokenizer=tokenizer) if model is None else
+            Intake(user_tree, embedder, tokenizer=tokenizer, batcher=batcher,
+                   surprise=embedder.loss_per_token, vocab_size=model.config.vocab_size))
+        return memory
+
+    def for_user(self, user: str) -> ServerMemory:
+        """The memory of one user: a directory of its own under `users/` (named by a hash of the
+        user, never the user's words), with this memory's embedder and intake settings."""
+        from promethean.context.retrieval import open_memory
+
+        name = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        directory = self.directory / "users" / name
+        tree = open_memory(directory, self.embedder)
+        intake = self._intake_for(tree) if self._intake_for else Intake(tree, self.embedder)
+        memory = ServerMemory(directory, tree, self.embedder, intake, self.token_budget, self.k)
+        memory._intake_for = self._intake_for
+        return memory
 
     def recall(self, query: str, count_tokens, room: int) -> tuple[str, list[Memory]]:
         """The memory block for `query` within min(room, token_budget) tokens, and its memories."""
@@ -425,8 +448,18 @@ class ServerMemory:
                 return False
             self.tree.prune()
             self.tree.save(self.directory)
+            _owner_only(self.directory)
             self.changed = False
             return True
+
+
+def _owner_only(directory: Path) -> None:
+    """Memories are one user's words: the directory and its files readable by the owner only."""
+    for path in [directory, *directory.iterdir()]:
+        try:
+            path.chmod(0o700 if path.is_dir() else 0o600)
+        except OSError:  # a file another process just replaced: the next save sets it
+            pass
 
 
 def _memories_used(memories: list[Memory]) -> list[dict[str, Any]]:
@@ -545,7 +578,7 @@ class Server:
     """What the routes share: the engine, the tokenizer, metrics, the chat log, chat histories."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str,
-                 api_key: str | None, chat_log: ChatLog | None,
+                 api_key: str | list[str] | None, chat_log: ChatLog | None,
                  variants: ModelVariants | None = None, memory: ServerMemory | None = None) -> None:
         self.engine = engine
         self.memory = memory
@@ -555,13 +588,22 @@ class Server:
         self.variants = variants or ModelVariants(engine, model_name, None, 0)
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.api_key = api_key
+        # "Bearer KEY" header -> the key's name ("" when there is one key: one user).
+        keys = [api_key] if isinstance(api_key, str) else list(api_key or [])
+        if any(not key for key in keys):
+            raise PrometheanError("an API key must not be empty.")
+        self.api_keys: dict[bytes, str] = {
+            f"Bearer {key}".encode(): "" if len(keys) == 1 else f"key{index + 1}"
+            for index, key in enumerate(keys)}
+        self.api_key = keys[0] if keys else None
+        self.shared_memory = False  # create_app sets it
+        self.user_memories: dict[str, ServerMemory] = {}
         self.chat_log = chat_log
         self.metrics = Metrics()
         self.context_length = engine.model.config.context_length
         self.limits = ServeLimits()  # create_app sets the app's
-        # /chat conversations: chat id -> [(turn, its tokens)], least recently used first.
-        self.chats: OrderedDict[str, list[tuple[Turn, int]]] = OrderedDict()
+        # /chat conversations: (user, chat id) -> [(turn, its tokens)], least recently used first.
+        self.chats: OrderedDict[tuple[str, str], list[tuple[Turn, int]]] = OrderedDict()
         self.created = int(time.time())
 
     # -------------------------------------------------------------- validation helpers
@@ -666,7 +708,8 @@ class Server:
             prompt = self.tokenizer.encode_ordinary(assistant_prompt(turns))
         return turns, prompt
 
-    def keep_chat(self, chat_id: str, history: list[tuple[Turn, int]], new: list[Turn]) -> None:
+    def keep_chat(self, chat_id: tuple[str, str], history: list[tuple[Turn, int]],
+                  new: list[Turn]) -> None:
         """Store a conversation with its new turns: at most max_history_tokens of it (the oldest
         exchanges dropped) and at most max_chats conversations (the least recently used)."""
         limits = self.limits
@@ -689,27 +732,49 @@ class Server:
         return system + memory_block + assistant_prompt(turns)
 
     # --------------------------------------------------------------------------- memory
+    def user_of(self, request: Request, body: BaseModel) -> str:
+        """Who a request speaks for: its API key's name where several keys are configured, and
+        the OpenAI `user` field; "" for the one default user."""
+        key_name = getattr(request.state, "key_name", "")
+        user = getattr(body, "user", None) or ""
+        return f"{key_name}\x1f{user}" if key_name or user else ""
+
+    def memory_of(self, user: str) -> ServerMemory:
+        """The memory a user recalls from and remembers into: the shared one for the default
+        user or with shared_memory, else the user's own."""
+        if self.shared_memory or not user:
+            return self.memory
+        if user not in self.user_memories:
+            self.user_memories[user] = self.memory.for_user(user)
+        return self.user_memories[user]
+
+    def every_memory(self) -> list[ServerMemory]:
+        return [self.memory, *self.user_memories.values()] if self.memory is not None else []
+
     def check_memory(self, wanted: bool) -> None:
         if wanted and self.memory is None:
             raise ApiError(400, NO_MEMORY, param="memory", code="memory_unavailable")
 
-    async def recall(self, query: str, prompt_tokens: int, max_new_tokens: int
+    async def recall(self, user: str, query: str, prompt_tokens: int, max_new_tokens: int
                      ) -> tuple[str, list[Memory]]:
-        """The memory block for a prompt of `prompt_tokens` tokens: it takes at most the room
-        left in the context once the reply's `max_new_tokens` are set aside."""
+        """The memory block for a prompt of `prompt_tokens` tokens, from `user`'s memory: it
+        takes at most the room left in the context once the reply's `max_new_tokens` are set
+        aside."""
         room = self.context_length - 1 - prompt_tokens - max_new_tokens
-        return await asyncio.to_thread(self.memory.recall, query, self.count_tokens, room)
+        memory = await asyncio.to_thread(self.memory_of, user)
+        return await asyncio.to_thread(memory.recall, query, self.count_tokens, room)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode_ordinary(text))
 
-    async def remember(self, human: str, completion, source: str) -> None:
-        """Offer a finished exchange to the memory. A failure is logged, not raised: the reply
-        has been given by then."""
+    async def remember(self, user: str, human: str, completion, source: str) -> None:
+        """Offer a finished exchange to `user`'s memory. A failure is logged, not raised: the
+        reply has been given by then."""
         if completion.finish_reason == "cancelled":
             return
         try:
-            await asyncio.to_thread(self.memory.remember, human, completion.text.strip(), source)
+            memory = await asyncio.to_thread(self.memory_of, user)
+            await asyncio.to_thread(memory.remember, human, completion.text.strip(), source)
         except Exception:  # noqa: BLE001 - the server keeps serving; the log says what broke
             log.exception("could not remember an exchange")
 
@@ -752,16 +817,20 @@ class _AuthoriseAndCount:
             self.server.metrics.record_request(route, refusal.status)
             await refusal.response()(scope, receive, send)
             return
-        key = self.server.api_key
-        if key is not None and not _is_open(path):
+        keys = self.server.api_keys
+        if keys and not _is_open(path):
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {key}".encode()):
-                response = ApiError(401, "a valid API key is required: send the header "
-                                    "'Authorization: Bearer KEY'.", error_type="authentication_error",
-                                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                self.server.metrics.record_request(route, 401)
-                await response.response()(scope, receive, send)
-                return
+            # Every key compared, in constant time each: which one matched says nothing by timing.
+            matches = [name for header, name in keys.items() if hmac.compare_digest(given, header)]
+            if matches:
+                scope.setdefault("state", {})["key_name"] = matches[0]
+            else:
+                    response = ApiError(401, "a valid API key is required: send the header "
+                                        "'Authorization: Bearer KEY'.", error_type="authentication_error",
+                                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                    self.server.metrics.record_request(route, 401)
+                    await response.response()(scope, receive, send)
+                    return
         status = 500
 
         async def send_and_note_status(message) -> None:
@@ -829,7 +898,7 @@ def create_app(
     model: Transformer | None = None,
     tokenizer: Tokenizer | None = None,
     model_name: str = "promethean",
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     chat_log: str | Path | None = None,
     max_batch_size: int = 16,
     max_queue: int = 64,
@@ -842,13 +911,16 @@ def create_app(
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
     limits: ServeLimits | None = None,
+    shared_memory: bool = False,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
     directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
     (prepared as `dtype`, as the base model was). With `memory`, chat requests may ask for it.
     A request from a browser page of another origin than the server's own (or one of
     `allowed_origins`) is refused; with `allowed_hosts`, so is one whose Host header names
-    another host."""
+    another host. `api_key` may be several keys: each is then a user of its own. Memories and
+    /chat conversations are per user (the key, and the OpenAI `user` field) unless
+    `shared_memory` shares one memory among all."""
     if engine is None:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     tokenizer = tokenizer or engine.tokenizer
@@ -856,6 +928,7 @@ def create_app(
     server = Server(engine, tokenizer, model_name, api_key,
                     ChatLog(chat_log) if chat_log is not None else None, variants, memory)
     server.limits = limits or ServeLimits()
+    server.shared_memory = shared_memory
     server.allowed_origins = frozenset(origin.rstrip("/") for origin in allowed_origins)
     server.allowed_hosts = (None if allowed_hosts is None
                             else frozenset(name.lower() for name in allowed_hosts))
@@ -863,10 +936,11 @@ def create_app(
     async def save_memory_periodically() -> None:
         while True:
             await asyncio.sleep(memory_save_seconds)
-            try:
-                await asyncio.to_thread(memory.save)
-            except Exception:  # noqa: BLE001 - the next save (or the one at shutdown) retries
-                log.exception("could not save the memory to %s", memory.directory)
+            for each in server.every_memory():
+                try:
+                    await asyncio.to_thread(each.save)
+                except Exception:  # noqa: BLE001 - the next save (or the one at shutdown) retries
+                    log.exception("could not save the memory to %s", each.directory)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -877,8 +951,8 @@ def create_app(
             if saver is not None:
                 saver.cancel()
             variants.shutdown()
-            if memory is not None:
-                await asyncio.to_thread(memory.save)
+            for each in server.every_memory():
+                await asyncio.to_thread(each.save)
 
     app = FastAPI(title="Promethean", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.server = server
@@ -1008,6 +1082,7 @@ def create_app(
         check_sizes(body, server.limits)
         check_options(body)
         server.check_memory(body.memory)
+        user = server.user_of(request, body)
         adapter = server.check_model(body.model)
         model_id = body.model or server.model_name
         if body.messages[-1].role != "user":
@@ -1020,7 +1095,7 @@ def create_app(
                                  extra_stops=("\n",))
         memories: list[Memory] = []
         if body.memory:
-            block, memories = await server.recall(human, len(prompt), params.max_new_tokens)
+            block, memories = await server.recall(user, human, len(prompt), params.max_new_tokens)
             prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages, block))
             server.check_prompt(prompt)
         handle = await server.submit(prompt, params, adapter)
@@ -1051,7 +1126,7 @@ def create_app(
                                 yield _sse(_usage_chunk(chunk({}, None), len(prompt),
                                                         len(completion.token_ids)))
                             if body.memory:  # before [DONE]: a client that saw it can recall it
-                                await server.remember(human, completion, "serve")
+                                await server.remember(user, human, completion, "serve")
                     yield "data: [DONE]\n\n"
                 except (RequestFailedError, EngineStoppedError) as error:
                     yield _stream_error(error)  # the 200 is sent: the error is the last event
@@ -1068,7 +1143,7 @@ def create_app(
                                "finish_reason": _finish_reason(completion.finish_reason)}],
                   "usage": _usage(len(prompt), len(completion.token_ids))}
         if body.memory:
-            await server.remember(human, completion, "serve")
+            await server.remember(user, human, completion, "serve")
             result["memories"] = _memories_used(memories)
         return result
 
@@ -1078,26 +1153,29 @@ def create_app(
         check_sizes(body, server.limits)
         server.check_memory(body.memory)
         chat_id = body.chat_id or uuid.uuid4().hex
-        history = list(server.chats.get(chat_id, []))
+        user = server.user_of(request, body)
+        kept_as = (user, chat_id)  # a chat id continues only its own user's conversation
+        history = list(server.chats.get(kept_as, []))
         human = Turn("human", body.message)
         turns, prompt = await asyncio.to_thread(server.conversation_prompt, history, human)
         server.check_prompt(prompt)
         params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
         memories: list[Memory] = []
         if body.memory:
-            block, memories = await server.recall(body.message, len(prompt), params.max_new_tokens)
+            block, memories = await server.recall(user, body.message, len(prompt),
+                                                  params.max_new_tokens)
             prompt = server.tokenizer.encode_ordinary(block + assistant_prompt(turns))
             server.check_prompt(prompt)
         handle = await server.submit(prompt, params)
         completion = await server.wait(request, handle)
         reply = completion.text.strip()
-        server.keep_chat(chat_id, history, [human, Turn("assistant", reply)])
+        server.keep_chat(kept_as, history, [human, Turn("assistant", reply)])
         server.log_turn(chat_id, body.message, completion, "/chat")
         result = {"response": reply, "chat_id": chat_id,
                   "finish_reason": _finish_reason(completion.finish_reason),
                   "usage": _usage(len(prompt), len(completion.token_ids))}
         if body.memory:
-            await server.remember(body.message, completion, "serve")
+            await server.remember(user, body.message, completion, "serve")
             result["memories"] = _memories_used(memories)
         return result
 
@@ -1134,7 +1212,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def build_app(
     checkpoint: str | Path,
-    api_key: str | None = None,
+    api_key: str | list[str] | None = None,
     chat_log: str | Path | None = "chat.jsonl",
     max_batch_size: int = 16,
     max_queue: int = 64,
@@ -1146,6 +1224,7 @@ def build_app(
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
     limits: ServeLimits | None = None,
+    shared_memory: bool = False,
 ) -> FastAPI:
     """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
     or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
@@ -1171,7 +1250,7 @@ def build_app(
                       max_queue=max_queue, checkpoint=checkpoint,
                       max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory,
                       allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
-                      limits=limits)
+                      limits=limits, shared_memory=shared_memory)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,
