@@ -671,7 +671,7 @@ def test_openai_parameters_are_honoured_or_refused_by_name(client):
                                        echo=True)
     plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=2, temperature=0)
     assert echoed.choices[0].text == "abc" + plain.choices[0].text
-    for name, value in [("logprobs", True), ("tools", [{"type": "function", "function":
+    for name, value in [("tools", [{"type": "function", "function":
                                                          {"name": "f", "parameters": {}}}]),
                         ("response_format", {"type": "json_object"}), ("presence_penalty", 0.5)]:
         with pytest.raises(openai.BadRequestError, match=f"{name} is not supported"):
@@ -723,3 +723,37 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_server_keeps_answering(server, pa
                         json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
     assert normal.status_code == 200
     assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_logprobs_are_the_models_log_softmax_for_completions_and_chat(client):
+    import math
+
+    import torch
+
+    from promethean.inference.engine import token_logprobs
+
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=3, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for item in content:
+        assert item.logprob <= 0 and len(item.top_logprobs) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert item.token == item.top_logprobs[0].token
+        assert math.isclose(item.logprob, item.top_logprobs[0].logprob)
+    plain = client.completions.create(model=MODEL, prompt="abc", max_tokens=3, temperature=0,
+                                      logprobs=1)
+    logprobs = plain.choices[0].logprobs
+    assert "".join(logprobs.tokens) == plain.choices[0].text
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(3)]
+    # An independent computation: log-softmax by hand over known logits.
+    logits = torch.tensor([2.0, 0.5, -1.0, 1.5])
+    chosen, best = token_logprobs(logits, 1, 2)
+    total = math.log(sum(math.exp(v) for v in [2.0, 0.5, -1.0, 1.5]))
+    assert math.isclose(chosen, 0.5 - total, rel_tol=1e-6)
+    assert [index for index, _ in best] == [0, 3] and math.isclose(best[0][1], 2.0 - total,
+                                                                    rel_tol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="logprobs in a stream is not supported"):
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=2, logprobs=1,
+                                  stream=True)

@@ -149,6 +149,7 @@ class _Request:
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (V,) tokens seen, for the repetition penalty
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     shown: int = 0  # characters of text already streamed
     stop_at: int | None = None
     finish_reason: str | None = None
@@ -229,6 +230,15 @@ class RequestHandle:
 
 
 # ------------------------------------------------------------------------------ engine
+def token_logprobs(logits: torch.Tensor, token: int, top: int
+                   ) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's log-probability under the model's (V,) logits, and the `top` most
+    likely tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top).indices.tolist() if top else []
+    return float(logprobs[token]), [(index, float(logprobs[index])) for index in best]
+
+
 def _is_plain_greedy(params: SamplingParams) -> bool:
     return params.greedy and params.repetition_penalty == 1.0
 
@@ -464,6 +474,8 @@ class Engine:
             self._finish(request, "stop")
             return token
         request.token_ids.append(token)
+        if params.logprobs is not None:
+            request.logprobs.append(token_logprobs(logits[0], token, params.logprobs))
         if request.seen is not None:
             request.seen[token] = True
         text = None
@@ -514,7 +526,9 @@ class Engine:
             full = self.tokenizer.decode(request.token_ids)
             if request.stop_at is not None:
                 full = full[: request.stop_at]
-        completion = Completion(token_ids=list(request.token_ids), text=full, finish_reason=reason)
+        completion = Completion(token_ids=list(request.token_ids), text=full, finish_reason=reason,
+                                logprobs=list(request.logprobs)
+                                if request.params.logprobs is not None else None)
         new_ids = request.token_ids[-1:] if reason != "stop" or request.stop_at is not None else []
         if reason == "cancelled":
             new_ids = []

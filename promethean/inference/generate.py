@@ -21,6 +21,7 @@ from promethean.tokenizer import Tokenizer
 # Below this temperature sampling is greedy: the choice is the argmax anyway, and dividing the
 # logits by a smaller one overflows (logits / 1e-300 is inf in fp32, and softmax of inf is NaN).
 GREEDY_BELOW_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # alternatives reported per token, at most (OpenAI's top_logprobs limit)
 # What torch.Generator.manual_seed takes.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -38,6 +39,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     seed: int | None = None
+    # Report each chosen token's log-probability under the model (its raw logits' log-softmax)
+    # and that of the `logprobs` most likely tokens (0: the chosen one's alone); None: nothing.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -54,6 +58,8 @@ class SamplingParams:
             )
         if any(not stop for stop in self.stop_strings):
             raise PrometheanError("stop strings must not be empty.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise PrometheanError(f"logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}.")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise PrometheanError(f"seed must be an integer from -2**63 to 2**64 - 1, got "
                                   f"{self.seed}.")
@@ -74,6 +80,9 @@ class Completion:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" (a stop token or string) or "length" (budget or context full)
+    # With SamplingParams.logprobs: per token of token_ids, (its log-probability, [(id, log-prob)
+    # of the most likely tokens, most likely first]).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 def fit_prompt(prompt: list[int], context_length: int, crop: bool) -> list[int]:

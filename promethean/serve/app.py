@@ -99,7 +99,7 @@ class StreamOptions(_Body):
 # OpenAI request parameters this server does not implement: a request that sets one (to anything
 # but its no-op value) is refused with a 400 that names it, never silently ignored.
 UNSUPPORTED_PARAMETERS = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []),
+    "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
     "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0),
@@ -127,6 +127,7 @@ class _SamplingFields(_Body):
 class CompletionBody(_SamplingFields):
     prompt: str | list[str]
     echo: bool = False  # the prompt's text before the completion's
+    logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's, and this many others'
     memory: bool = False  # refused: a plain completion has no conversation to recall or remember
 
 
@@ -137,12 +138,16 @@ class ChatMessage(_Body):
 
 class ChatCompletionBody(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     memory: bool = False  # our extension: recall memories into the prompt, remember the exchange
     chat_id: str | None = None  # our extension: groups turns in the chat log
 
 
 class ChatBody(_Body):
     message: str = Field(min_length=1)
+    logprobs: bool | int | None = None  # refused unless false or null: see the /chat route
+    top_logprobs: int | None = None
     chat_id: str | None = None
     user: str | None = None  # as the OpenAI field: whose conversation and memory this is
     max_tokens: int | None = None
@@ -631,6 +636,20 @@ class Server:
 
     def sampling(self, body: _SamplingFields | ChatBody, max_tokens: int,
                  extra_stops: tuple[str, ...] = ()) -> SamplingParams:
+        logprobs = None
+        if isinstance(body, ChatBody) and (body.logprobs or body.top_logprobs is not None):
+            raise ApiError(400, "logprobs is not supported on /chat; ask /v1/chat/completions.",
+                           param="logprobs", code="unsupported_parameter")
+        if isinstance(body, ChatCompletionBody):
+            if body.top_logprobs is not None and not body.logprobs:
+                raise ApiError(400, "top_logprobs goes with logprobs: true.",
+                               param="top_logprobs", code="invalid_value")
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        elif isinstance(body, CompletionBody):
+            logprobs = body.logprobs
+        if logprobs is not None and getattr(body, "stream", False):
+            raise ApiError(400, "logprobs in a stream is not supported; ask without stream.",
+                           param="logprobs", code="unsupported_parameter")
         stops = getattr(body, "stop", None)
         stops = (stops,) if isinstance(stops, str) else tuple(stops or ())
         if len(stops) > 4 or any(not stop for stop in stops):
@@ -645,6 +664,7 @@ class Server:
             stop_token_ids=(self.tokenizer.eot_id,),
             stop_strings=tuple(dict.fromkeys(extra_stops + stops)),
             seed=body.seed,
+            logprobs=logprobs,
         )
 
     async def submit(self, prompt: list[int], params: SamplingParams,
@@ -1073,6 +1093,9 @@ def create_app(
             return StreamingResponse(events(), media_type="text/event-stream")
         completion = await server.wait(request, handle)
         result = chunk(echoed + completion.text, _finish_reason(completion.finish_reason))
+        if completion.logprobs is not None:
+            result["choices"][0]["logprobs"] = _completion_logprobs(server.tokenizer, completion,
+                                                                    len(echoed))
         result["usage"] = _usage(len(prompt), len(completion.token_ids))
         return result
 
@@ -1140,6 +1163,7 @@ def create_app(
         result = {"id": identifier, "object": "chat.completion", "created": created,
                   "model": model_id,
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                               "logprobs": _chat_logprobs(server.tokenizer, completion),
                                "finish_reason": _finish_reason(completion.finish_reason)}],
                   "usage": _usage(len(prompt), len(completion.token_ids))}
         if body.memory:
@@ -1180,6 +1204,37 @@ def create_app(
         return result
 
     return app
+
+
+def _completion_logprobs(tokenizer: Tokenizer, completion, offset: int) -> dict[str, Any]:
+    """The completions API's logprobs: each token's text, log-probability, the most likely
+    tokens' (by text) and where each token's text starts."""
+    tokens, chosen, top, offsets = [], [], [], []
+    for token_id, (logprob, best) in zip(completion.token_ids, completion.logprobs):
+        text = tokenizer.decode([token_id])
+        tokens.append(text)
+        chosen.append(logprob)
+        top.append({tokenizer.decode([index]): value for index, value in best})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": chosen, "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer: Tokenizer, completion) -> dict[str, Any] | None:
+    """The chat API's logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    if completion.logprobs is None:
+        return None
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob,
+                "bytes": list(text.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**entry(token_id, logprob),
+                         "top_logprobs": [entry(index, value) for index, value in best]}
+                        for token_id, (logprob, best) in zip(completion.token_ids,
+                                                             completion.logprobs)]}
 
 
 def _requested_tokens(body: _SamplingFields) -> int | None:
