@@ -757,3 +757,14 @@ def test_logprobs_are_the_models_log_softmax_for_completions_and_chat(client):
     with pytest.raises(openai.BadRequestError, match="logprobs in a stream is not supported"):
         client.completions.create(model=MODEL, prompt="abc", max_tokens=2, logprobs=1,
                                   stream=True)
+
+
+def test_the_openapi_schema_documents_every_request_body(server):
+    schema = httpx.get(server.url + "/openapi.json", headers=auth(), timeout=30).json()
+    for path, model, field in [("/v1/completions", "CompletionBody", "prompt"),
+                               ("/v1/chat/completions", "ChatCompletionBody", "messages"),
+                               ("/chat", "ChatBody", "message")]:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert field in schema["components"]["schemas"][model]["properties"]
+    assert "ChatMessage" in schema["components"]["schemas"]  # the models' own references resolve

@@ -975,6 +975,22 @@ def create_app(
                 await asyncio.to_thread(each.save)
 
     app = FastAPI(title="Promethean", docs_url=None, redoc_url=None, lifespan=lifespan)
+    default_openapi = app.openapi
+
+    def openapi_with_bodies() -> dict[str, Any]:
+        # The routes read their bodies themselves (bounded, with one-sentence errors), so
+        # FastAPI does not see the models: their schemas are added here for clients and fuzzers.
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionBody, ChatCompletionBody, ChatBody):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(body.pop("$defs", {}))
+                schemas[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_with_bodies
     app.state.server = server
 
     app.add_middleware(_AuthoriseAndCount, server=server)
@@ -1039,7 +1055,7 @@ def create_app(
                                             "created": server.created, "owned_by": "promethean"}
                                            for name in variants.names()]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_documented_body(CompletionBody))
     async def completions(request: Request):
         body: CompletionBody = _parse(CompletionBody, await read_body(request, server.limits))
         check_sizes(body, server.limits)
@@ -1099,7 +1115,7 @@ def create_app(
         result["usage"] = _usage(len(prompt), len(completion.token_ids))
         return result
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_documented_body(ChatCompletionBody))
     async def chat_completions(request: Request):
         body: ChatCompletionBody = _parse(ChatCompletionBody, await read_body(request, server.limits))
         check_sizes(body, server.limits)
@@ -1171,7 +1187,7 @@ def create_app(
             result["memories"] = _memories_used(memories)
         return result
 
-    @app.post("/chat")
+    @app.post("/chat", openapi_extra=_documented_body(ChatBody))
     async def chat(request: Request):
         body: ChatBody = _parse(ChatBody, await read_body(request, server.limits))
         check_sizes(body, server.limits)
@@ -1235,6 +1251,12 @@ def _chat_logprobs(tokenizer: Tokenizer, completion) -> dict[str, Any] | None:
                          "top_logprobs": [entry(index, value) for index, value in best]}
                         for token_id, (logprob, best) in zip(completion.token_ids,
                                                              completion.logprobs)]}
+
+
+def _documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses `model` from its raw body."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _requested_tokens(body: _SamplingFields) -> int | None:
