@@ -835,6 +835,9 @@ def serve(
         help="Tokens of each /chat conversation the server keeps (the oldest turns go).")] = 4096,
     max_chats: Annotated[int, typer.Option(
         help="/chat conversations kept (the least recently used go).")] = 1000,
+    max_text_chars: Annotated[int, typer.Option(
+        help="Longest prompt, message or /chat message, in characters.")] = 100_000,
+    max_messages: Annotated[int, typer.Option(help="Most messages in a chat completion.")] = 256,
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="A Host name to answer to besides the loopback ones (or, bound "
         "elsewhere, the only ones); repeatable.")] = None,
@@ -859,7 +862,8 @@ def serve(
                allow_hosts=tuple(allow_host or ()),
                limits=ServeLimits(max_body_bytes=max_body_bytes,
                                   max_history_tokens=max_chat_history_tokens,
-                                  max_chats=max_chats))
+                                  max_chats=max_chats, max_text_chars=max_text_chars,
+                                  max_messages=max_messages))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

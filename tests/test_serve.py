@@ -607,6 +607,16 @@ def test_allowed_origins_and_hosts():
         assert rebound.json()["error"]["code"] == "host_not_allowed"
         named = httpx.get(f"http://localhost:{running.port}/health", timeout=10)
         assert named.status_code == 200
+        # The allowed origin's preflight is answered (CORS, configured), a foreign one's is not.
+        preflight = {"Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        answered = httpx.options(running.url + "/v1/completions", timeout=10,
+                                 headers={**preflight, "Origin": "https://app.example"})
+        assert answered.status_code == 200
+        assert answered.headers["access-control-allow-origin"] == "https://app.example"
+        foreign = httpx.options(running.url + "/v1/completions", timeout=10,
+                                headers={**preflight, "Origin": "https://attacker.example"})
+        assert "access-control-allow-origin" not in foreign.headers
     finally:
         running.stop()
 

@@ -994,6 +994,13 @@ def create_app(
     app.state.server = server
 
     app.add_middleware(_AuthoriseAndCount, server=server)
+    if allowed_origins:  # CORS only when asked for: a page of those origins may then call in
+        from starlette.middleware.cors import CORSMiddleware
+
+        # Added last, so outermost: a preflight (which carries no API key) is answered here.
+        app.add_middleware(CORSMiddleware, allow_origins=sorted(server.allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError):
