@@ -778,3 +778,19 @@ def test_the_openapi_schema_documents_every_request_body(server):
         assert body["schema"] == {"$ref": f"#/components/schemas/{model}"}
         assert field in schema["components"]["schemas"][model]["properties"]
     assert "ChatMessage" in schema["components"]["schemas"]  # the models' own references resolve
+
+
+def test_the_chat_log_is_owner_only_even_when_it_was_made_before(tmp_path):
+    import stat
+
+    from promethean.serve.app import ChatLog
+
+    older = tmp_path / "chat.jsonl"
+    older.write_text('{"human": "kept"}\n')
+    older.chmod(0o644)
+    ChatLog(older).append({"human": "hi", "assistant": "hello"})
+    assert stat.S_IMODE(older.stat().st_mode) == 0o600
+    assert older.read_text().splitlines()[0] == '{"human": "kept"}'  # nothing lost
+    fresh = tmp_path / "new" / "chat.jsonl"
+    ChatLog(fresh).append({"human": "hi"})
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o600

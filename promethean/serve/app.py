@@ -333,6 +333,7 @@ class ChatLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._owner_only = False
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
@@ -341,6 +342,9 @@ class ChatLog:
             # Created owner-only (0600): the log holds every user's words.
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             with open(descriptor, "a", encoding="utf-8") as file:
+                if not self._owner_only:  # a log from before, made with the umask's mode
+                    os.fchmod(descriptor, 0o600)
+                    self._owner_only = True
                 file.write(line)
                 file.flush()
                 os.fsync(file.fileno())
