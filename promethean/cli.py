@@ -848,6 +848,8 @@ def serve(
 
     if not checkpoint.is_dir():
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
+    if not 0 <= port <= 65535:
+        raise PrometheanError(f"--port must be from 0 to 65535, got {port}.")
     keys = list(api_key or [])
     if api_key_file is not None:
         try:
@@ -880,6 +882,10 @@ def main() -> None:
     except PrometheanError as error:
         # Plain write: one unwrapped line that scripts can match whatever the terminal width.
         sys.stderr.write(f"error: {error}\n")
+        sys.exit(1)
+    except OSError as error:  # a path the OS refuses (unwritable, not a directory, in use, ...)
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        sys.stderr.write(f"error: {error.strerror or error}{where}.\n")
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

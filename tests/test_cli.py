@@ -137,3 +137,18 @@ def test_convert_from_a_pickled_checkpoint_is_refused(tmp_path):
     result = run("convert", "from-hf", str(tmp_path), "--out", str(tmp_path / "out"))
     assert result.returncode == 1
     assert "safetensors" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_bad_paths_and_ports_are_one_error_line(checkpoint, tmp_path):
+    fails_with(run("pretrain", str(tmp_path)), f"{tmp_path} is a directory; give a config file (TOML).")
+    fails_with(run("serve", str(checkpoint), "--port", "99999"),
+               "--port must be from 0 to 65535, got 99999.")
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    result = run("export", str(checkpoint), "--format", "gguf", "--out", str(a_file / "x.gguf"))
+    assert result.returncode == 1 and result.stderr.startswith("error: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and a_file.read_text() == "mine"
+    result = run("generate", str(checkpoint), "--prompt", "hi", "--seed", str(2**64))
+    fails_with(result, f"seed must be an integer from -2**63 to 2**64 - 1, got {2**64}.")
+    assert run("generate", str(checkpoint), "--prompt", "hi", "--temperature", "1e-300",
+               "--max-new-tokens", "2").returncode == 0
