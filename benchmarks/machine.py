@@ -188,16 +188,6 @@ def ones_on_huge_pages(rows: int, width: int):
     return matrix
 
 
-def huge_page_mode() -> str:
-    """The kernel's transparent-huge-page mode ("madvise", "always", "never"), or "none"."""
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "none"
-    chosen = [word.strip("[]") for word in text.split() if word.startswith("[")]
-    return chosen[0] if chosen else "none"
-
-
 def measure_memory_readers(buffer_bytes: int | None = None, width: int = 3072, passes: int = 7,
                            budget_s: float = 3.0, threads: int | None = None) -> dict[str, float]:
     """Bytes/s of reading an fp32 buffer of ones of `buffer_bytes` (default: well past L3; on

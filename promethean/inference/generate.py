@@ -104,26 +104,28 @@ def process_logits(
     params: SamplingParams,
     seen: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to (B, V) float logits. Whatever
-    the accepted values, the result stays finite (an overflow is held at fp32's largest
-    magnitude) except where top-k or top-p drop a token (-inf); the best token always stays."""
+    """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits of any float
+    dtype, in fp32 wherever they change (plain greedy returns them as they are). Whatever the
+    accepted values, the result stays finite (an overflow is held at fp32's largest magnitude)
+    except where top-k or top-p drop a token (-inf); the best token always stays."""
     if seen is not None and params.repetition_penalty != 1.0:
+        logits = logits.float()
         penalised = torch.where(
             logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
         )
         logits = _finite(torch.where(seen, penalised, logits))
     if params.greedy:
         return logits
-    logits = _finite(logits / params.temperature)
+    logits = _finite(logits.float() / params.temperature)
     if params.top_k is not None and params.top_k < logits.size(-1):
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p is not None and params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token once the tokens before it already cover top_p; the first always stays.
+        # Drop a token once the tokens before it already cover top_p; the first always stays,
+        # even where top_p is below fp32's smallest number (so 0 here).
         drop_sorted = probs.cumsum(dim=-1) - probs >= params.top_p
-        # The first always stays, even where top_p is below fp32's smallest number (as 0).
         drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
@@ -248,11 +250,7 @@ def _decode_loop(
     # The last position's logits in the model's dtype: plain greedy picks from them as they are.
     logits = model(ids, cache=cache, last_logits_only=True).logits[:, -1]
     while active:
-        if params.greedy and seen is None:
-            next_tokens = greedy_tokens(logits)
-        else:
-            next_tokens = pick_tokens(process_logits(logits.float(), params, seen), params,
-                                      generator)
+        next_tokens = pick_tokens(process_logits(logits, params, seen), params, generator)
         is_stop = torch.isin(next_tokens, stop_ids) if stop_ids.numel() else None
         tokens = next_tokens.tolist()
         stops = is_stop.tolist() if is_stop is not None else [False] * len(tokens)

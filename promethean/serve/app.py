@@ -238,8 +238,13 @@ def _refuse_unsupported(data: dict) -> None:
 def _parse(model: type[BaseModel], raw: bytes) -> Any:
     try:
         data = json.loads(raw)
+        # JSON may spell a lone UTF-16 surrogate ("\ud800"): not text any tokenizer can take.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ApiError(400, f"the request body is not valid JSON ({error}).", code="invalid_json")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \\ud800), "
+                       "which is not text.", code="invalid_json") from None
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply to be a request.",
                        code="invalid_json") from None
@@ -249,14 +254,6 @@ def _parse(model: type[BaseModel], raw: bytes) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object.", code="invalid_json")
     _refuse_unsupported(data)
-    try:  # JSON may spell a lone UTF-16 surrogate ("\ud800"): not text any tokenizer can take
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \\ud800), "
-                       "which is not text.", code="invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply to be a request.",
-                       code="invalid_json") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -616,6 +613,15 @@ class Server:
         self.created = int(time.time())
 
     # -------------------------------------------------------------- validation helpers
+    async def body(self, request: Request, model: type[BaseModel]) -> Any:
+        """The request's body as `model`: read within max_body_bytes, parsed, and checked
+        against the size limits (and stream_options against stream)."""
+        body = _parse(model, await read_body(request, self.limits))
+        check_sizes(body, self.limits)
+        if isinstance(body, _SamplingFields):
+            check_options(body)
+        return body
+
     def check_model(self, name: str | None) -> str | None:
         """The adapter that `name` asks for (None: the base model); 404 for an unknown model."""
         return self.variants.adapter_of(name)
@@ -1068,9 +1074,7 @@ def create_app(
 
     @app.post("/v1/completions", openapi_extra=_documented_body(CompletionBody))
     async def completions(request: Request):
-        body: CompletionBody = _parse(CompletionBody, await read_body(request, server.limits))
-        check_sizes(body, server.limits)
-        check_options(body)
+        body: CompletionBody = await server.body(request, CompletionBody)
         server.check_memory(body.memory)
         if body.memory:
             raise ApiError(400, "memory works with chat requests (/chat and /v1/chat/completions): "
@@ -1128,9 +1132,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", openapi_extra=_documented_body(ChatCompletionBody))
     async def chat_completions(request: Request):
-        body: ChatCompletionBody = _parse(ChatCompletionBody, await read_body(request, server.limits))
-        check_sizes(body, server.limits)
-        check_options(body)
+        body: ChatCompletionBody = await server.body(request, ChatCompletionBody)
         server.check_memory(body.memory)
         user = server.user_of(request, body)
         adapter = server.check_model(body.model)
@@ -1200,8 +1202,7 @@ def create_app(
 
     @app.post("/chat", openapi_extra=_documented_body(ChatBody))
     async def chat(request: Request):
-        body: ChatBody = _parse(ChatBody, await read_body(request, server.limits))
-        check_sizes(body, server.limits)
+        body: ChatBody = await server.body(request, ChatBody)
         server.check_memory(body.memory)
         chat_id = body.chat_id or uuid.uuid4().hex
         user = server.user_of(request, body)
