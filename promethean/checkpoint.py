@@ -1,8 +1,12 @@
 """Checkpoints are directories: `model.safetensors`, `config.json` and `tokenizer.json`.
 
-Nothing is ever unpickled, and a checkpoint is written to a temporary directory that is renamed
-into place, so a crash mid-save leaves the previous checkpoint intact. Loading checks every tensor
-against the config and names the first one that does not fit.
+Nothing is ever unpickled, and a checkpoint is written to a staging directory that is switched
+into place atomically (`promethean.files.atomic_directory`), so a crash mid-save leaves the
+previous checkpoint intact. A save replaces only the checkpoint's own files: whatever else the
+directory holds (`adapters/`, a continual run, a user's notes) is kept. `checksums.json` records
+the sha256 of every file the save wrote; loading verifies them (a flipped byte is one sentence
+naming the file), then checks every tensor against the config and names the first one that does
+not fit.
 (Training state files are added beside these by the trainer; this module is what every layer that
 only needs a model — inference, serving, interop — reads.)
 """
@@ -10,6 +14,7 @@ only needs a model — inference, serving, interop — reads.)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,13 @@ from safetensors.torch import save_file
 
 from promethean.config import ModelConfig, parse_model_config
 from promethean.errors import CheckpointError
-from promethean.files import atomic_directory
+from promethean.files import (
+    CHECKSUMS_FILE,
+    atomic_directory,
+    is_leftover,
+    verify_checksums,
+    write_checksums,
+)
 from promethean.model import Transformer
 from promethean.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -28,6 +39,12 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FORMAT = "promethean-checkpoint"
 CHECKPOINT_VERSION = 1
+# Written beside the model by the trainer (promethean.train.state) for an exact resume.
+TRAINING_STATE_FILES = ("train_state.json", "train_state.safetensors")
+# The names a checkpoint save owns: replaced (or dropped) by every save, never carried over.
+CHECKPOINT_FILES = frozenset(
+    {MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CHECKSUMS_FILE, *TRAINING_STATE_FILES}
+)
 
 
 @dataclass
@@ -58,14 +75,18 @@ def save_checkpoint(
     model: Transformer,
     tokenizer: Tokenizer,
     metadata: dict[str, Any] | None = None,
+    *,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
+    """Write the checkpoint's files (and what `extra_files(staging)` adds) in one atomic switch,
+    keeping every other entry `directory` already holds."""
     directory = Path(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but the model's "
             f"vocabulary is only {model.config.vocab_size}."
         )
-    with atomic_directory(directory) as scratch:
+    with atomic_directory(directory, carry_over=True, never_carry=CHECKPOINT_FILES) as scratch:
         save_file(model_tensors(model), str(scratch / MODEL_FILE), metadata={"format": "pt"})
         record = {
             "format": CHECKPOINT_FORMAT,
@@ -75,7 +96,34 @@ def save_checkpoint(
         }
         (scratch / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
         tokenizer.save(scratch)
+        if extra_files is not None:
+            extra_files(scratch)
+        write_checksums(scratch)
     return directory
+
+
+def refuse_to_replace(directory: str | Path, overwrite: bool, option: str = "--out") -> None:
+    """For commands that write a new checkpoint: refuse a directory that already holds something
+    unless `overwrite` (and even then only the checkpoint's own files are replaced)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; {option} names a checkpoint directory.")
+    held = sorted(p.name for p in directory.iterdir() if not is_leftover(p.name))
+    if not held or overwrite:
+        return
+    shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+    if (directory / CONFIG_FILE).is_file():
+        raise CheckpointError(
+            f"{directory} already holds a checkpoint ({shown}); pass --overwrite to replace its "
+            f"model (its other files, such as adapters/, are kept), or choose another {option}."
+        )
+    raise CheckpointError(
+        f"{directory} already exists and holds {shown}; choose another {option}, or pass "
+        "--overwrite to write the checkpoint beside them (nothing already there is deleted "
+        "except an older checkpoint's own files)."
+    )
 
 
 def read_versioned_record(path: Path, record_format: str, version: int, kind: str) -> dict:
@@ -143,9 +191,15 @@ def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    *,
+    verify: bool = True,
 ) -> Checkpoint:
+    """The checkpoint in `directory`; with `verify` (the default) every file is first checked
+    against the sha256 recorded when it was written."""
     directory = Path(directory)
     config, metadata = read_checkpoint_record(directory)
+    if verify:
+        verify_checksums(directory, (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE), CheckpointError)
     if not (directory / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{directory} is missing {TOKENIZER_FILE}.")
     tokenizer = load_tokenizer(directory)

@@ -41,6 +41,9 @@ err_console = Console(stderr=True)
 DeviceOption = Annotated[
     Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or mps (default: best available).")
 ]
+OverwriteCheckpointOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Write into a directory that already holds files: a checkpoint there has "
+    "its model files replaced; everything else in it (adapters/, your files) is kept.")]
 DtypeOption = Annotated[str, typer.Option(
     "--dtype", help="fp32, bf16, fp16 or int8 (weight-only). bf16 and int8 are converted from "
     "fp32 weights after any adapter merge.")]
@@ -144,11 +147,14 @@ def model_init(
     preset: Annotated[str, typer.Argument(help="Preset name or .toml file.")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    overwrite: OverwriteCheckpointOption = False,
 ) -> None:
     """Write a checkpoint with freshly initialised weights."""
     import torch
 
-    from promethean.checkpoint import save_checkpoint
+    from promethean.checkpoint import refuse_to_replace, save_checkpoint
+
+    refuse_to_replace(out, overwrite)
     from promethean.config import load_preset
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
@@ -253,11 +259,14 @@ def convert_from_hf(
     source: Annotated[Path, typer.Argument(help="A transformers model directory (safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
     tokenizer: Annotated[str, typer.Option(help="Tokenizer to store with it (gpt2 or bytes).")] = "gpt2",
+    overwrite: OverwriteCheckpointOption = False,
 ) -> None:
     """Import a GPT2LMHeadModel, LlamaForCausalLM or Gemma3ForCausalLM directory."""
     import torch
 
-    from promethean.checkpoint import save_checkpoint
+    from promethean.checkpoint import refuse_to_replace, save_checkpoint
+
+    refuse_to_replace(out, overwrite)
     from promethean.interop.hf import import_hf
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
@@ -423,14 +432,29 @@ ResumeOption = Annotated[Optional[Path], typer.Option(
     "--resume", help="A training checkpoint (out/step-XXXXXX) to continue exactly.")]
 
 
+RunOverwriteOption = Annotated[bool, typer.Option(
+    "--overwrite", help="Let this run replace another run's step checkpoints and metrics in its "
+    "out (a fresh start there, or a resume from an older step); other files are kept.")]
+BranchOption = Annotated[Optional[Path], typer.Option(
+    "--branch", help="With --resume: continue into this new run directory (out) instead, leaving "
+    "the original run as it is.")]
+
+
 BudgetOption = Annotated[Optional[str], typer.Option(
     "--memory-budget", help="Memory to fit in (8GB, 512MB): micro-batch and accumulation are "
     "chosen to fit, keeping batch_size x grad_accum sequences per step; refused before training "
     "if nothing fits.")]
 
 
-def _run_training(config, resume: Path | None, memory_budget: str | None = None) -> None:
+def _run_training(config, resume: Path | None, memory_budget: str | None = None,
+                  overwrite: bool = False, branch: Path | None = None) -> None:
     from promethean.train.trainer import train
+
+    if branch is not None:
+        if resume is None:
+            raise PrometheanError("--branch continues a run elsewhere; give the --resume "
+                                  "checkpoint to branch from.")
+        config = config.model_copy(update={"out": str(branch)})
 
     if memory_budget is not None:
         from promethean.train.memory import fit_to_budget
@@ -441,13 +465,18 @@ def _run_training(config, resume: Path | None, memory_budget: str | None = None)
             f"accumulation ({config.batch_size * config.grad_accum} sequences a step), "
             f"estimated peak {estimate.describe()}", err=True,
         )
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
+        if result.signal is not None:
+            sys.exit(130 if result.signal == "SIGINT" else 143)
         return  # under torchrun, rank 0 alone reports
     best = "" if result.best_val_loss is None else f"; best val loss {result.best_val_loss:.4f} in {result.best_checkpoint}"
     skipped = f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""
     typer.echo(f"{result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens): "
                f"checkpoint {result.final_checkpoint}{best}{skipped}")
+    if result.signal is not None:
+        # Saved, and resumable; the exit status still says it was stopped (128 + the signal).
+        sys.exit(130 if result.signal == "SIGINT" else 143)
 
 
 @app.command()
@@ -460,12 +489,14 @@ def pretrain(
     set_: SetOption = None,
     resume: ResumeOption = None,
     memory_budget: BudgetOption = None,
+    overwrite: RunOverwriteOption = False,
+    branch: BranchOption = None,
 ) -> None:
     """Train a model (a preset, or a checkpoint to continue from) on prepared token data."""
     from promethean.train.config import load_train_config
 
     overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or [])]
-    _run_training(load_train_config(config, overrides), resume, memory_budget)
+    _run_training(load_train_config(config, overrides), resume, memory_budget, overwrite, branch)
 
 
 @app.command()
@@ -475,6 +506,8 @@ def finetune(
     set_: SetOption = None,
     resume: ResumeOption = None,
     memory_budget: BudgetOption = None,
+    overwrite: RunOverwriteOption = False,
+    branch: BranchOption = None,
 ) -> None:
     """Fine-tune every weight of a checkpoint on prepared token data."""
     from promethean.checkpoint import read_checkpoint_record
@@ -482,7 +515,7 @@ def finetune(
 
     read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
     _run_training(load_train_config(config, [*(set_ or []), f"model={str(checkpoint)!r}"]), resume,
-                  memory_budget)
+                  memory_budget, overwrite, branch)
 
 
 @app.command()
@@ -876,9 +909,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main() -> None:
     import warnings
 
+    # Typer raises click's exceptions (vendored in newer Typer): found through BadParameter's
+    # bases so that this works with either.
+    click_exception = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     warnings.showwarning = _show_warning
     try:
-        app()
+        # standalone_mode=False: click hands usage errors to us instead of printing its boxed
+        # message and exiting 2, so they become one `error:` line and exit 1 like the rest.
+        status = app(standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)
+    except click_exception as error:
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError":  # `promethean model`: its help
+            sys.stdout.write(error.format_message() + "\n")
+            sys.exit(0)
+        command = context.command_path if context is not None else "promethean"
+        message = " ".join(error.format_message().split()).rstrip(".")
+        sys.stderr.write(f"error: {message} ({command} --help lists the arguments and "
+                         "options).\n")
+        sys.exit(1)
+    except typer.Abort:  # Ctrl-C or end of input at a prompt
+        err_console.print("interrupted")
+        sys.exit(130)
     except PrometheanError as error:
         # Plain write: one unwrapped line that scripts can match whatever the terminal width.
         sys.stderr.write(f"error: {error}\n")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -207,12 +206,12 @@ def run_quickstart(
         log_interval=max(1, min(10, steps // 20)), early_stopping_patience=None,
         device=device or "auto",
     )
-    if run_dir.exists():  # a fresh run: metrics.jsonl is appended to, and old steps would mix
-        shutil.rmtree(run_dir)
     console.print(f"[bold]5.[/] training on {torch_device} ({plan}; batch {BATCH_SIZE} x "
                   f"{BLOCK_SIZE} tokens):")
     started = time.perf_counter()
-    trained = train(config)
+    # Each quickstart is a fresh run: the previous one's step checkpoints and metrics (its own
+    # files) are replaced; anything else in the run directory, like adapters in best/, is kept.
+    trained = train(config, overwrite=True)
     elapsed = time.perf_counter() - started
 
     # 6. plot, checkpoint, bits per byte, samples

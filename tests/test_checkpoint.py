@@ -20,7 +20,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_equal_logits(tiny_model, tmp_path):
     directory = save_checkpoint(tmp_path / "ckpt", tiny_model, ByteTokenizer())
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "tokenizer.json"]
     loaded = load_checkpoint(directory)
     idx = torch.randint(0, 257, (2, 16))
     assert torch.equal(loaded.model(idx).logits, tiny_model(idx).logits)
@@ -97,7 +97,7 @@ def test_tensor_with_the_wrong_shape_is_named(saved):
     tensors["blocks.1.mlp.up_proj.weight"] = torch.zeros(7, 7)
     save_file(tensors, path)
     with pytest.raises(CheckpointError) as error:
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
     assert "tensor 'blocks.1.mlp.up_proj.weight'" in str(error.value)
     assert "has shape (7, 7) but the config needs (352, 128)." in str(error.value)
 
@@ -109,12 +109,12 @@ def test_missing_and_unexpected_tensors_are_named(saved):
     del tensors["final_norm.weight"]
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"is missing tensor 'final_norm.weight' that the config requires\."):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
     tensors["final_norm.weight"] = torch.ones(128)
     tensors["blocks.9.extra"] = torch.ones(1)
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"has tensor 'blocks.9.extra' that the config does not describe\."):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_config_that_does_not_match_the_tensors(saved):
@@ -123,14 +123,14 @@ def test_config_that_does_not_match_the_tensors(saved):
     record["model"]["n_layer"] = 6
     (directory / "config.json").write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"is missing tensor 'blocks.4.attn_norm.weight'"):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_corrupt_files_are_reported(saved):
     _, directory = saved
     (directory / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_truncated_safetensors_is_reported(saved):
@@ -138,7 +138,7 @@ def test_truncated_safetensors_is_reported(saved):
     path = directory / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"model.safetensors is not a readable safetensors file"):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_invalid_model_config_in_checkpoint(saved):
@@ -147,7 +147,7 @@ def test_invalid_model_config_in_checkpoint(saved):
     record["model"]["n_kv_head"] = 3
     (directory / "config.json").write_text(json.dumps(record))
     with pytest.raises(PrometheanError, match=r"n_kv_head \(3\) must divide n_head \(4\)"):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_non_finite_weights_are_refused(saved):
@@ -157,7 +157,7 @@ def test_non_finite_weights_are_refused(saved):
     tensors["final_norm.weight"][0] = float("nan")
     save_file(tensors, path)
     with pytest.raises(CheckpointError, match=r"tensor 'final_norm.weight' .* holds NaN or infinite values\."):
-        load_checkpoint(directory)
+        load_checkpoint(directory, verify=False)
 
 
 def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):

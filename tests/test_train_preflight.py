@@ -164,5 +164,14 @@ def test_corrupted_checkpoints_are_one_sentence(data_dir, resumable, tmp_path):
         shutil.copytree(step, broken)
         data = (broken / name).read_bytes()
         (broken / name).write_bytes(data[: len(data) // 2])
+        # The sha256 recorded at save time catches it first, naming the file...
+        with pytest.raises(CheckpointError) as error:
+            train(config(data_dir, tmp_path / "r", max_steps=4), resume=broken)
+        assert str(error.value) == (
+            f"{broken / name} is corrupt: its sha256 differs from the one recorded when it was "
+            "written; restore it from a copy or use another checkpoint."
+        )
+        # ...and a checkpoint from before checksums gets the reader's own sentence.
+        (broken / "checksums.json").unlink()
         with pytest.raises(CheckpointError, match=expected):
             train(config(data_dir, tmp_path / "r", max_steps=4), resume=broken)

@@ -9,8 +9,9 @@ Beside `model.safetensors`, `config.json` and the tokenizer (written by
   scaler, numpy and Python RNG states, the data sampler's position, the best validation loss and
   the early-stopping counter.
 
-The whole directory is written through `promethean.files.atomic_directory`, so a crash mid-save
-leaves the previous checkpoint of that name intact. Nothing is pickled, and no non-finite tensor
+The whole directory is written in one atomic switch by `save_checkpoint` (these files join the
+model's in its staging directory, and their sha256 in its `checksums.json`, verified on resume),
+so a crash mid-save leaves the previous checkpoint of that name intact. Nothing is pickled, and no non-finite tensor
 is ever written: a model or optimizer holding NaN or infinity is refused with a sentence.
 """
 
@@ -27,12 +28,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from promethean.checkpoint import model_tensors, read_versioned_record, save_checkpoint
+from promethean.checkpoint import (
+    TRAINING_STATE_FILES,
+    model_tensors,
+    read_versioned_record,
+    save_checkpoint,
+)
 from promethean.errors import CheckpointError
-from promethean.files import atomic_directory
+from promethean.files import verify_checksums
 
-STATE_TENSORS_FILE = "train_state.safetensors"
-STATE_JSON_FILE = "train_state.json"
+STATE_JSON_FILE, STATE_TENSORS_FILE = TRAINING_STATE_FILES
 STATE_FORMAT = "promethean-train-state"
 STATE_VERSION = 1
 
@@ -49,6 +54,9 @@ class Progress:
     best_val_loss: float | None = None
     evals_without_improvement: int = 0
     sampler: dict[str, Any] = field(default_factory=dict)
+    # Which run (lineage) this is: kept on resume, new on a fresh start or a branch, so pruning
+    # old checkpoints never touches another run's ("" for checkpoints older than run ids).
+    run_id: str = ""
 
 
 # ------------------------------------------------------------------------------ RNG states
@@ -148,17 +156,16 @@ def save_training_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": rng_record,
     }
-    with atomic_directory(directory) as scratch:
-        # save_checkpoint writes its own staging directory and renames it over the (empty)
-        # scratch one; the state files then join it before the whole is renamed into place.
-        save_checkpoint(scratch, model, tokenizer, metadata)
+
+    def write_state(scratch: Path) -> None:
         save_file(
             {**optimizer_tensors, **rng_tensors},
             str(scratch / STATE_TENSORS_FILE),
             metadata={"format": "pt"},
         )
         (scratch / STATE_JSON_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return directory
+
+    return save_checkpoint(directory, model, tokenizer, metadata, extra_files=write_state)
 
 
 @dataclass
@@ -182,6 +189,7 @@ def load_training_state(directory: str | Path) -> TrainingState:
             f"{directory} holds no training state ({STATE_JSON_FILE} and {STATE_TENSORS_FILE}); "
             "it can be fine-tuned from but not resumed."
         )
+    verify_checksums(directory, TRAINING_STATE_FILES, CheckpointError)
     record = read_versioned_record(json_path, STATE_FORMAT, STATE_VERSION, "training state")
     try:
         tensors = load_file(str(tensors_path))

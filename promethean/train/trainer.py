@@ -8,11 +8,18 @@ learning rate set from `schedule.lr_at(step)`. Around it:
   `out/best` is rewritten whenever the validation loss improves by more than `min_delta`, and
   `early_stopping_patience` evaluations without such an improvement end the run;
 - checkpoints `out/step-XXXXXX` every `checkpoint_interval` steps and at the end, the last
-  `keep_last` kept; each carries the training state, so `train(config, resume=dir)` continues
-  exactly where the run was (same batches, same RNG, same optimizer moments, same schedule);
+  `keep_last` of this run's lineage kept; each carries the training state, so
+  `train(config, resume=dir)` continues exactly where the run was (same batches, same RNG, same
+  optimizer moments, same schedule);
+- the run directory is claimed before anything is loaded (`claim_run_directory`): a fresh run
+  into a directory that holds another run's checkpoints or metrics is refused unless
+  `overwrite`, and so is a resume from an older step into a run with newer checkpoints (resume
+  into another `out` to branch); a resume drops the metrics lines after the resumed step, so
+  `metrics.jsonl` reads as one run;
 - a non-finite loss or gradient skips the optimizer step (counted as `skipped_steps`);
   `max_nonfinite_in_a_row` of them in a row stop the run with a sentence;
-- SIGINT/SIGTERM set a flag: the loop saves a checkpoint at the next step boundary and returns;
+- SIGINT/SIGTERM set a flag: the loop saves a checkpoint at the next step boundary and returns
+  (`TrainResult.signal` says which; the CLI then exits 130 or 143);
 - metrics as JSON lines in `out/metrics.jsonl`, and a rich progress bar on stderr.
 """
 
@@ -58,10 +65,128 @@ class TrainResult:
     skipped_steps: int
     # (step, train loss) of every step this call ran; nan for skipped steps.
     losses: list[tuple[int, float]] = field(default_factory=list)
+    signal: str | None = None  # "SIGINT" or "SIGTERM" when stopped == "interrupted"
 
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:06d}"
+
+
+def step_directories(out: Path) -> dict[int, Path]:
+    """{step: path} of the complete step checkpoints in `out`."""
+    found = {}
+    if out.is_dir():
+        for path in out.glob(f"{STEP_PREFIX}*"):
+            digits = path.name[len(STEP_PREFIX) :]
+            if digits.isdigit() and path.is_dir():
+                found[int(digits)] = path
+    return dict(sorted(found.items()))
+
+
+def _lineage(checkpoint: Path) -> str | None:
+    """The run id a training checkpoint belongs to ("" for ones written before run ids), or None
+    when its training state cannot be read."""
+    from promethean.train.state import STATE_JSON_FILE
+
+    try:
+        record = json.loads((checkpoint / STATE_JSON_FILE).read_text())
+        return str(record["progress"].get("run_id", ""))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def resolve_resume(resume: str | Path | None) -> Path | None:
+    """`--resume` names a training checkpoint, or a run directory: then its newest step."""
+    from promethean.train.state import STATE_JSON_FILE
+
+    if resume is None:
+        return None
+    resume = Path(resume)
+    if resume.is_dir() and not (resume / STATE_JSON_FILE).is_file():
+        steps = step_directories(resume)
+        if steps:
+            return steps[max(steps)]
+    return resume
+
+
+@dataclass
+class RunClaim:
+    """What a run may do to its `out` before it starts (see `claim_run_directory`)."""
+
+    run_id: str
+    remove: list[Path] = field(default_factory=list)  # checkpoints the user asked to replace
+    metrics_up_to: int | None = None  # keep metrics lines up to this step; None: start afresh
+
+
+def claim_run_directory(out: Path, resume: Path | None, resumed_step: int | None,
+                        resumed_run_id: str | None, overwrite: bool) -> RunClaim:
+    """Refuse, with one sentence, a run that would mix with or destroy another run in `out`;
+    otherwise say which of the tool's own files it replaces (only with `overwrite`)."""
+    import uuid
+
+    steps = step_directories(out)
+    metrics = out / METRICS_FILE
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    held = [p.name for p in steps.values()] + [n for n in (BEST_DIR,) if (out / n).is_dir()]
+    held += [METRICS_FILE] if has_metrics else []
+    if resume is None:
+        if held and not overwrite:
+            shown = ", ".join(held[-3:])
+            newest = f" --resume {steps[max(steps)]}" if steps else " --resume"
+            raise PrometheanError(
+                f"{out} already holds a training run ({shown}); continue it with{newest}, start "
+                "over in it with --overwrite (its step checkpoints and metrics are replaced; "
+                "adapters and other files are kept), or choose another out."
+            )
+        return RunClaim(uuid.uuid4().hex, remove=list(steps.values()) if overwrite else [])
+    assert resumed_step is not None
+    resume_inside = resume.resolve().parent == out.resolve()
+    foreign = [p for p in steps.values() if _lineage(p) != resumed_run_id]
+    newer = [p for step, p in steps.items() if step > resumed_step and p not in foreign]
+    if foreign and not overwrite:
+        raise PrometheanError(
+            f"{out} holds checkpoints of another run ({foreign[-1].name}); resume {resume} into "
+            "a new directory (--branch DIR), or pass --overwrite to replace them."
+        )
+    if has_metrics and not steps and not resume_inside and not overwrite:
+        raise PrometheanError(
+            f"{out} holds another run's {METRICS_FILE}; resume {resume} into a new directory "
+            "(--branch DIR), or pass --overwrite to replace it."
+        )
+    if newer and not overwrite:
+        raise PrometheanError(
+            f"{out} has checkpoints newer than {resume} (step {resumed_step}): "
+            f"{', '.join(p.name for p in newer[-3:])}; resuming there would replace them. Resume "
+            f"from {newer[-1]} to continue the run, resume into a new directory to branch "
+            "(--branch DIR), or pass --overwrite to discard them."
+        )
+    if foreign or newer:  # overwrite: a new lineage, the discarded checkpoints removed
+        return RunClaim(uuid.uuid4().hex, remove=foreign + newer, metrics_up_to=resumed_step)
+    if not resume_inside:  # a branch: the run continues elsewhere as a lineage of its own
+        return RunClaim(uuid.uuid4().hex, metrics_up_to=resumed_step)
+    return RunClaim(resumed_run_id or "", metrics_up_to=resumed_step)
+
+
+def _apply_claim(out: Path, claim: RunClaim) -> None:
+    """Remove what the claim replaces and cut metrics.jsonl back to the resumed step."""
+    from promethean.files import atomic_file
+
+    for path in claim.remove:
+        shutil.rmtree(path, ignore_errors=True)
+    metrics = out / METRICS_FILE
+    if not metrics.is_file():
+        return
+    kept = []
+    if claim.metrics_up_to is not None:
+        for line in metrics.read_text(errors="replace").splitlines(keepends=True):
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                continue  # a line torn by a crash
+            if isinstance(step, int) and step <= claim.metrics_up_to:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with atomic_file(metrics) as partial:
+        partial.write_text("".join(kept))
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -153,13 +278,16 @@ def _progress_bar(config: TrainConfig, enabled: bool):
 # ------------------------------------------------------------------------------ pre-flight
 
 
-def preflight(config: TrainConfig, resume: str | Path | None = None) -> None:
-    """Refuse a run that cannot work, with one sentence, before any weight is loaded or step run.
+def preflight(config: TrainConfig, resume: str | Path | None = None,
+              overwrite: bool = False) -> RunClaim:
+    """Refuse a run that cannot work, with one sentence, before any weight is loaded or step run;
+    returns the run's claim on its `out` (`claim_run_directory`).
 
     Reads only small files (the model's config, the data's meta.json, the resume checkpoint's
-    config.json): a data tokenizer larger than the model's vocabulary, data prepared with another
-    tokenizer than the checkpoint being fine-tuned, and a resume checkpoint from a different model
-    or batch shape. (Unreadable checkpoint files are refused where they are read.)
+    config.json and train_state.json): a data tokenizer larger than the model's vocabulary, data
+    prepared with another tokenizer than the checkpoint being fine-tuned, a resume checkpoint from
+    a different model or batch shape, and an `out` that holds another run or newer checkpoints.
+    (Unreadable checkpoint files are refused where they are read.)
     """
     from promethean.checkpoint import read_checkpoint_record
     from promethean.data.prepare import read_meta, tokenizer_record
@@ -184,8 +312,11 @@ def preflight(config: TrainConfig, resume: str | Path | None = None) -> None:
                 f"{own['kind']} tokenizer (fingerprint {own['fingerprint'][:12]}); prepare the data "
                 f"with --tokenizer {config.model}."
             )
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise PrometheanError(f"out {out} is a file; it names the run directory to write.")
     if resume is None:
-        return
+        return claim_run_directory(out, None, None, None, overwrite)
     saved_model, metadata = read_checkpoint_record(resume)
     here, there = model_config.model_dump(exclude={"name"}), saved_model.model_dump(exclude={"name"})
     differing = [key for key in here if here[key] != there.get(key)]
@@ -197,7 +328,7 @@ def preflight(config: TrainConfig, resume: str | Path | None = None) -> None:
         )
     saved = metadata.get("train_config")
     if not isinstance(saved, dict):
-        return
+        return _resume_claim(out, Path(resume), overwrite)
     # What an exact resume needs is the same micro-batches per optimizer step across the whole
     # job: grad_accum x world size, so a run may resume on a different number of processes.
     world_size_here = int(os.environ.get("WORLD_SIZE", "1"))
@@ -221,6 +352,14 @@ def preflight(config: TrainConfig, resume: str | Path | None = None) -> None:
                 f"{value}; an exact resume needs the same batch_size, grad_accum x processes "
                 "and block_size."
             )
+    return _resume_claim(out, Path(resume), overwrite)
+
+
+def _resume_claim(out: Path, resume: Path, overwrite: bool) -> RunClaim:
+    from promethean.train.state import load_training_state
+
+    progress = load_training_state(resume).progress
+    return claim_run_directory(out, resume, progress.step, progress.run_id, overwrite)
 
 
 # ----------------------------------------------------------------------------------- train
@@ -231,21 +370,26 @@ def train(
     resume: str | Path | None = None,
     *,
     until_step: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train as `config` says; with `resume`, continue exactly from that training checkpoint.
+    """Train as `config` says; with `resume`, continue exactly from that training checkpoint
+    (or the newest step checkpoint of a run directory).
 
     `until_step` stops after that step as an interruption would (checkpoint saved), without
-    changing the schedule, which still runs to `max_steps`.
+    changing the schedule, which still runs to `max_steps`. `overwrite` lets the run replace
+    another run's checkpoints and metrics in `config.out` (see `claim_run_directory`).
 
     Under `torchrun` (WORLD_SIZE > 1) every rank runs this same function on its share of the
     batches, with the model in DDP (or FSDP, `config.distributed`); rank 0 alone writes. See
     `promethean.train.distributed` for how that run relates to a one-process one.
     """
-    preflight(config, resume)  # one sentence before anything is loaded
+    resume = resolve_resume(resume)
+    claim = preflight(config, resume, overwrite)  # one sentence before anything is loaded
     from promethean.device import resolve_device
 
     with distributed.session(resolve_device(config.device)) as dist_context:
-        return _train(config, resume, until_step=until_step, dist_context=dist_context)
+        return _train(config, resume, until_step=until_step, dist_context=dist_context,
+                      claim=claim)
 
 
 def _train(
@@ -254,6 +398,7 @@ def _train(
     *,
     until_step: int | None,
     dist_context: distributed.DistributedContext,
+    claim: RunClaim,
 ) -> TrainResult:
     """`train` inside its distributed session (a one-process context when not distributed)."""
     from promethean.data.batches import (
@@ -318,7 +463,7 @@ def _train(
     )
     use_scaler = amp_dtype is torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler) if use_scaler else None
-    progress = Progress()
+    progress = Progress(run_id=claim.run_id)
     if state is not None:
         # How the update runs (fused kernel, foreach) belongs to this machine, not the saved one.
         runtime = [
@@ -337,6 +482,7 @@ def _train(
             scaler.load_state_dict(state.scaler)
         sampler.load_state_dict(state.progress.sampler)
         progress = state.progress
+        progress.run_id = claim.run_id
         state.restore_rng()
 
     forward_model = torch.compile(train_model) if config.compile else train_model
@@ -360,6 +506,8 @@ def _train(
     }
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        _apply_claim(out, claim)
+    distributed.barrier()
     metrics_path = out / METRICS_FILE
     last_step = min(config.max_steps, until_step) if until_step is not None else config.max_steps
 
@@ -393,12 +541,9 @@ def _train(
 
     def save_step_checkpoint() -> Path:
         path = save(out / step_dir_name(progress.step))
-        existing = sorted(
-            p
-            for p in out.glob(f"{STEP_PREFIX}*")
-            if p.is_dir() and p.name[len(STEP_PREFIX) :].isdigit()
-        )
-        for old in existing[: -config.keep_last] if is_main else ():
+        # Only this run's lineage is pruned: another run's checkpoints are never ours to delete.
+        mine = [p for p in step_directories(out).values() if _lineage(p) == progress.run_id]
+        for old in mine[: -config.keep_last] if is_main else ():
             shutil.rmtree(old, ignore_errors=True)
         return path
 
@@ -558,4 +703,5 @@ def _train(
         best_val_loss=progress.best_val_loss,
         skipped_steps=progress.skipped_steps,
         losses=losses,
+        signal=stop_flag.signal_name if stopped == "interrupted" else None,
     )
