@@ -351,6 +351,58 @@ def test_lora_ewc_replay_stages_record_every_domain(domains, tmp_path):
     assert png == run / "forgetting.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _tree(root):
+    """{relative path: bytes} of every file under `root` (directories as None)."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_failed_stage_leaves_the_run_exactly_as_it_was(domains, tmp_path, monkeypatch, full):
+    import subprocess
+    import sys
+
+    import promethean.continual.learn as learn_module
+
+    _, checkpoint, data = domains
+    run = tmp_path / "run"
+    first = learn(options(checkpoint, "beta", data["beta"], run, use_ewc=True, replay=0.25,
+                          full=full, base_domain=("alpha", str(data["alpha"]))))
+    base = first.output if full else checkpoint
+    before, adapters_before = _tree(run), _tree(checkpoint)
+
+    def disk_full(path, record):
+        raise OSError(28, "No space left on device", str(path))
+
+    # The last write of a stage, after EWC, replay, the adapter (or checkpoint) and the metrics.
+    monkeypatch.setattr(learn_module, "_write_json", disk_full)
+    with pytest.raises(OSError):
+        learn(options(base, "gamma", data["gamma"], run, use_ewc=True, replay=0.25, full=full))
+    monkeypatch.undo()
+    assert _tree(run) == before
+    assert _tree(checkpoint) == adapters_before
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]
+
+    # A killed stage leaves its staging copy behind; the next stage removes it and commits.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    leftover = run.parent / f".run.partial-{dead}-{'0' * 32}"
+    (leftover / "ewc").mkdir(parents=True)
+    second = learn(options(base, "gamma", data["gamma"], run, use_ewc=True, replay=0.25,
+                           full=full))
+    assert not leftover.exists()
+    record = read_run(run)
+    assert [s["stage"] for s in record["stages"]] == [0, 1, 2]
+    assert json.loads((run / "ewc" / "ewc.json").read_text())["domains"] == [
+        "alpha", "beta", "gamma"]
+    stages = [json.loads(line)["stage"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert stages == sorted(stages) and set(stages) == {1, 2}  # no lines of the failed stage twice
+    assert stages.count(2) == stages.count(1)
+    if not full:
+        assert (second.output / "adapter_model.safetensors").read_bytes() == (
+            run / "stages" / "02-gamma" / "adapter_model.safetensors").read_bytes()
+
+
 def test_full_fine_tuning_writes_checkpoints_that_chain(domains, tmp_path):
     _, checkpoint, data = domains
     run = tmp_path / "full"

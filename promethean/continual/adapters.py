@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from promethean.errors import PrometheanError
-from promethean.files import atomic_directory
+from promethean.files import atomic_directory, verify_checksums, write_checksums
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -439,6 +439,7 @@ class Adapters(nn.Module):
         with atomic_directory(directory) as scratch:
             save_file(tensors, str(scratch / ADAPTER_FILE), metadata={"format": "pt"})
             (scratch / ADAPTER_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            write_checksums(scratch)
         return directory
 
     def load(self, directory: str | Path, name: str | None = None, *,
@@ -522,6 +523,7 @@ def _read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     path = directory / ADAPTER_FILE
     if not path.is_file():
         raise AdapterError(f"{directory} is missing {ADAPTER_FILE}.")
+    verify_checksums(directory, (ADAPTER_CONFIG_FILE, ADAPTER_FILE), AdapterError)
     try:
         with safe_open(str(path), framework="pt") as reader:
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}  # noqa: SIM118

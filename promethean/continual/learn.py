@@ -15,9 +15,14 @@ base model itself. A stage:
    with EWC, estimates the Fisher of every earlier domain not yet consolidated (online EWC state
    in `RUN/ewc`) and adds the penalty to the loss;
 4. trains `update_steps` AdamW steps (warmup + cosine, clipping), then evaluates every known
-   domain, writes the adapter to `CHECKPOINT/adapters/NAME` (or a full checkpoint to
-   `RUN/stages/NN-DOMAIN`), consolidates EWC on the new domain, adds it to the replay buffer,
-   and appends the stage to `continual.json`.
+   domain, writes the stage's adapter (or its full checkpoint) to `RUN/stages/NN-DOMAIN`,
+   consolidates EWC on the new domain, adds it to the replay buffer, and appends the stage to
+   `continual.json`;
+5. commits: all of the above was written into a staging copy of the run directory (what the
+   stage does not rewrite is carried over by hard links), which then takes the run's place in
+   one atomic switch. Only after that is a LoRA stage's adapter published to
+   `CHECKPOINT/adapters/NAME`, where generate, chat and serve find it by name (a crash between
+   the two is repaired by the next stage, which publishes the last committed adapter first).
 
 Why a loop of its own rather than `train.trainer.train`: the trainer loads, saves and resumes a
 plain model checkpoint (its optimizer state is keyed to the model's parameters, its checkpoints
@@ -25,14 +30,15 @@ are whole models), while a LoRA stage trains parameters that live beside the mod
 only those; fitting that in would touch the trainer's model loading, saving and resume paths,
 which other work is changing now. This loop reuses the trainer's parts instead (AdamW groups,
 the schedule, the window sampler, exact evaluation, atomic checkpoint writing). A stage is short
-and writes nothing until it has finished: an interrupted stage leaves the run as it was, and is
-simply run again (there is no mid-stage resume).
+and all-or-nothing: an interrupted or failed stage leaves the run exactly as it was (its staging
+copy is removed by the next write), and is simply run again (there is no mid-stage resume).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,12 +56,13 @@ from promethean.continual.adapters import (
     checkpoint_sha256,
 )
 from promethean.errors import PrometheanError
-from promethean.files import atomic_file
+from promethean.files import atomic_directory, atomic_file, link_tree
 
 RUN_FILE = "continual.json"
 RUN_FORMAT = "promethean-continual-run"
 RUN_VERSION = 1
 METRICS_FILE = "metrics.jsonl"
+STAGES_DIR = "stages"  # RUN/stages/NN-DOMAIN: each stage's adapter, or its full checkpoint
 DEFAULT_VAL_FRACTION = 0.02
 
 
@@ -134,9 +141,11 @@ def _default_run(checkpoint: Path) -> Path:
 # ------------------------------------------------------------------------------------- data
 
 
-def domain_data(spec: str, domain: str, tokenizer, run: Path, val_fraction: float):
+def domain_data(spec: str, domain: str, tokenizer, run: Path, staging: Path | None,
+                val_fraction: float):
     """The prepared directory for `spec`: used as is when it holds meta.json, else the corpus
-    is prepared into RUN/data/DOMAIN with the model's tokenizer (reused when already there)."""
+    is prepared into RUN/data/DOMAIN with the model's tokenizer (reused when already there).
+    During a stage, that preparation happens in the run's staging copy (`staging`)."""
     from promethean.data.batches import TokenDataset
     from promethean.data.corpora import open_corpus
     from promethean.data.prepare import META_FILE, prepare
@@ -144,11 +153,29 @@ def domain_data(spec: str, domain: str, tokenizer, run: Path, val_fraction: floa
     if (Path(spec) / META_FILE).is_file():
         return TokenDataset(spec, tokenizer)
     corpus = open_corpus(spec)
-    out = run / "data" / domain
+    out = (staging or run) / "data" / domain
+    if staging is not None and (run / "data" / domain).is_dir() and not out.exists():
+        link_tree(run / "data" / domain, out)  # prepare sees it and skips work already done
     prepare(corpus.documents(), tokenizer, out, source_name=corpus.name,
             source_sha256=corpus.fingerprint(), workers=1, val_fraction=val_fraction,
             overwrite=True, progress=False)
     return TokenDataset(out, tokenizer)
+
+
+def publish_adapter(stage_adapter: Path, published: Path) -> None:
+    """Copy a committed stage's adapter to CHECKPOINT/adapters/NAME (where generate, chat and
+    serve find it by name), atomically; a no-op when that copy is already the same."""
+    from promethean.continual.adapters import ADAPTER_CONFIG_FILE, ADAPTER_FILE
+    from promethean.files import file_sha256
+
+    names = (ADAPTER_FILE, ADAPTER_CONFIG_FILE)
+    if all((published / n).is_file() and file_sha256(published / n) == file_sha256(
+            stage_adapter / n) for n in names):
+        return
+    with atomic_directory(published) as scratch:
+        for entry in stage_adapter.iterdir():
+            if entry.is_file():
+                shutil.copy2(entry, scratch / entry.name)
 
 
 def evaluate_domains(model, datasets: dict, batch_size: int, block_size: int, device,
@@ -241,6 +268,9 @@ def learn(options: LearnOptions) -> StageResult:
     is_new_domain = options.domain not in record["domains"]
     stage_index = len(record["stages"]) or 1  # stage 0 is the base model, written below
     previous = record["stages"][-1] if record["stages"] else None
+    if previous is not None and previous.get("published"):
+        # A crash after the last stage committed but before its adapter was published.
+        publish_adapter(Path(previous["adapter"]), Path(previous["published"]))
 
     # ---- the model to learn on
     if options.full:
@@ -282,145 +312,171 @@ def learn(options: LearnOptions) -> StageResult:
         adapters.to(device)
         trainable = adapters.trainable_parameters(name)
 
-    # ---- data for every known domain
-    datasets = {}
-    for known, entry in record["domains"].items():
-        datasets[known] = domain_data(entry["data"], known, tokenizer, run, options.val_fraction)
-    new_dataset = domain_data(options.data, options.domain, tokenizer, run, options.val_fraction)
-    datasets[options.domain] = new_dataset
-    if new_dataset.split_meta("val")["tokens"] == 0:
-        raise PrometheanError(f"the validation split of {options.domain}'s data is empty.")
+    # ---- everything the stage writes goes into a staging copy of the run, switched into place
+    # in one step at the end (atomic_directory; entries it does not rewrite are carried over by
+    # hard links): a stage that fails or is killed leaves the run exactly as it was.
+    with atomic_directory(run, carry_over=True) as staging:
 
-    def evaluate_now(names) -> dict[str, dict[str, float]]:
-        return evaluate_domains(model, {n: datasets[n] for n in names}, options.batch_size,
-                                options.block_size, device, options.eval_batches)
+        def final_path(path: Path) -> Path:
+            """Where a path inside the staging copy will be once the stage commits."""
+            path = Path(path)
+            return run / path.relative_to(staging) if path.is_relative_to(staging) else path
 
-    # ---- stage 0 (the base), and the new domain's column before it is learned
-    if not record["stages"]:
-        if adapters is not None:
-            with adapters.disabled():
+        def staged_copy(entry: str) -> Path:
+            """`staging/entry`, starting as (links to) the run's current `entry`."""
+            target = staging / entry
+            if (run / entry).is_dir() and not target.exists():
+                link_tree(run / entry, target)
+            return target
+
+        # ---- data for every known domain
+        datasets = {}
+        for known, entry in record["domains"].items():
+            if known != options.domain:
+                datasets[known] = domain_data(entry["data"], known, tokenizer, run, staging,
+                                              options.val_fraction)
+        new_dataset = domain_data(options.data, options.domain, tokenizer, run, staging,
+                                  options.val_fraction)
+        datasets[options.domain] = new_dataset
+        if new_dataset.split_meta("val")["tokens"] == 0:
+            raise PrometheanError(f"the validation split of {options.domain}'s data is empty.")
+
+        def evaluate_now(names) -> dict[str, dict[str, float]]:
+            return evaluate_domains(model, {n: datasets[n] for n in names}, options.batch_size,
+                                    options.block_size, device, options.eval_batches)
+
+        # ---- stage 0 (the base), and the new domain's column before it is learned
+        if not record["stages"]:
+            if adapters is not None:
+                with adapters.disabled():
+                    base_val = evaluate_now(datasets)
+            else:
                 base_val = evaluate_now(datasets)
-        else:
-            base_val = evaluate_now(datasets)
-        record["stages"].append({"stage": 0, "domain": None, "val": base_val})
-    elif is_new_domain:
+            record["stages"].append({"stage": 0, "domain": None, "val": base_val})
+        elif is_new_domain:
+            if adapters is not None:
+                with adapters.disabled():
+                    record["stages"][0]["val"].update(evaluate_now([options.domain]))
+            else:
+                base = load_checkpoint(record["base_checkpoint"], device=device).model
+                record["stages"][0]["val"].update(evaluate_domains(
+                    base, {options.domain: new_dataset}, options.batch_size, options.block_size,
+                    device, options.eval_batches))
+                del base
+            # The model as it stands now, before learning the domain (forward transfer): a new
+            # adapter starts as the previous stage's one, so this is the previous stage's model.
+            record["stages"][-1]["val"].update(evaluate_now([options.domain]))
+        if is_new_domain:
+            record["domains"][options.domain] = {"data": str(final_path(new_dataset.directory)),
+                                                 "learned_at_stage": stage_index}
+        earlier = [d for d in record["domains"] if d != options.domain]
+
+        # ---- EWC: consolidate every earlier domain not consolidated yet
+        ewc = None
+        if options.use_ewc:
+            ewc_dir = staged_copy("ewc")
+            ewc = (EWC.load(ewc_dir, options.ewc_lambda, options.ewc_gamma)
+                   if (ewc_dir / "ewc.json").is_file() else EWC(options.ewc_lambda, options.ewc_gamma))
+            for domain in earlier:
+                if domain not in ewc.domains:
+                    fisher = _domain_fisher(model, trainable, datasets[domain], options, device,
+                                            estimate_fisher)
+                    ewc.consolidate(domain, fisher, trainable)
+            if not ewc.empty:
+                ewc.save(ewc_dir)
+
+        # ---- replay: every earlier domain in the buffer, mixed into the new domain's batches
+        sampler = WindowSampler(new_dataset, options.batch_size, options.block_size, "train",
+                                seed=options.seed + stage_index, device=device)
+        batches = sampler
+        buffer = None
+        if options.replay > 0 and earlier:
+            buffer = ReplayBuffer(staged_copy("replay"), options.block_size, options.replay_quota,
+                                  seed=options.seed)
+            for domain in earlier:
+                if domain not in buffer:
+                    buffer.add_split(domain, datasets[domain])
+            batches = ReplayMixer(sampler, buffer, options.replay, domains=earlier,
+                                  seed=options.seed + stage_index)
+
+        # ---- train
+        lr = options.lr or (3e-4 if options.full else 2e-3)
+        weight_decay = options.weight_decay
+        if weight_decay is None:
+            weight_decay = 0.1 if options.full else 0.0
+        optimizer = build_optimizer(model if adapters is None else adapters, lr, weight_decay,
+                                    (0.9, 0.95))
+        warmup = (options.warmup_steps if options.warmup_steps is not None
+                  else max(1, options.update_steps // 10))
+        parameters = list(trainable.values())
+        model.train()
+        metrics_path = staging / METRICS_FILE
+        if (run / METRICS_FILE).is_file():
+            shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
+        with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
+            task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
+            for step in range(options.update_steps):
+                rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                inputs, targets = batches.next_batch()
+                _, loss = model(inputs, targets)
+                penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
+                total = loss + penalty if penalty is not None else loss
+                total.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
+                if math.isfinite(float(total.detach())) and math.isfinite(grad_norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if (step + 1) % 10 == 0 or step + 1 == options.update_steps:
+                    metrics.write(json.dumps({
+                        "stage": stage_index, "domain": options.domain, "step": step + 1,
+                        "train_loss": float(loss.detach()),
+                        "ewc_penalty": 0.0 if penalty is None else float(penalty.detach()),
+                        "grad_norm": grad_norm, "lr": rate}) + "\n")
+                    metrics.flush()
+                bar.update(task, completed=step + 1, loss=float(loss.detach()))
+        model.eval()
+
+        # ---- evaluate, save, consolidate
+        val = evaluate_now(datasets)
+        stage_dir = Path(STAGES_DIR) / f"{stage_index:02d}-{options.domain}"
         if adapters is not None:
-            with adapters.disabled():
-                record["stages"][0]["val"].update(evaluate_now([options.domain]))
+            # The stage's own copy, committed with the run; published under the checkpoint after.
+            adapters.save(name, staging / stage_dir)
+            output = adapter_directory(checkpoint, name)
+            trainable_count = adapters.num_parameters(name)
+            stage_entry = {"adapter": str(run / stage_dir), "adapter_name": name,
+                           "published": str(output)}
         else:
-            base = load_checkpoint(record["base_checkpoint"], device=device).model
-            record["stages"][0]["val"].update(evaluate_domains(
-                base, {options.domain: new_dataset}, options.batch_size, options.block_size,
-                device, options.eval_batches))
-            del base
-        # The model as it stands now, before learning the domain (forward transfer): a new
-        # adapter starts as the previous stage's one, so this is the previous stage's model.
-        record["stages"][-1]["val"].update(evaluate_now([options.domain]))
-    if is_new_domain:
-        record["domains"][options.domain] = {"data": str(new_dataset.directory),
-                                             "learned_at_stage": stage_index}
-    earlier = [d for d in record["domains"] if d != options.domain]
-
-    # ---- EWC: consolidate every earlier domain not consolidated yet
-    ewc = None
-    if options.use_ewc:
-        ewc_dir = run / "ewc"
-        ewc = (EWC.load(ewc_dir, options.ewc_lambda, options.ewc_gamma)
-               if (ewc_dir / "ewc.json").is_file() else EWC(options.ewc_lambda, options.ewc_gamma))
-        for domain in earlier:
-            if domain not in ewc.domains:
-                fisher = _domain_fisher(model, trainable, datasets[domain], options, device,
-                                        estimate_fisher)
-                ewc.consolidate(domain, fisher, trainable)
-        if not ewc.empty:
-            ewc.save(ewc_dir)
-
-    # ---- replay: every earlier domain in the buffer, mixed into the new domain's batches
-    sampler = WindowSampler(new_dataset, options.batch_size, options.block_size, "train",
-                            seed=options.seed + stage_index, device=device)
-    batches = sampler
-    buffer = None
-    if options.replay > 0 and earlier:
-        buffer = ReplayBuffer(run / "replay", options.block_size, options.replay_quota,
-                              seed=options.seed)
-        for domain in earlier:
-            if domain not in buffer:
-                buffer.add_split(domain, datasets[domain])
-        batches = ReplayMixer(sampler, buffer, options.replay, domains=earlier,
-                              seed=options.seed + stage_index)
-
-    # ---- train
-    lr = options.lr or (3e-4 if options.full else 2e-3)
-    weight_decay = options.weight_decay
-    if weight_decay is None:
-        weight_decay = 0.1 if options.full else 0.0
-    optimizer = build_optimizer(model if adapters is None else adapters, lr, weight_decay,
-                                (0.9, 0.95))
-    warmup = (options.warmup_steps if options.warmup_steps is not None
-              else max(1, options.update_steps // 10))
-    parameters = list(trainable.values())
-    model.train()
-    run.mkdir(parents=True, exist_ok=True)
-    metrics_path = run / METRICS_FILE
-    with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
-        task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
-        for step in range(options.update_steps):
-            rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            inputs, targets = batches.next_batch()
-            _, loss = model(inputs, targets)
-            penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
-            total = loss + penalty if penalty is not None else loss
-            total.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
-            if math.isfinite(float(total.detach())) and math.isfinite(grad_norm):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % 10 == 0 or step + 1 == options.update_steps:
-                metrics.write(json.dumps({
-                    "stage": stage_index, "domain": options.domain, "step": step + 1,
-                    "train_loss": float(loss.detach()),
-                    "ewc_penalty": 0.0 if penalty is None else float(penalty.detach()),
-                    "grad_norm": grad_norm, "lr": rate}) + "\n")
-                metrics.flush()
-            bar.update(task, completed=step + 1, loss=float(loss.detach()))
-    model.eval()
-
-    # ---- evaluate, save, consolidate
-    val = evaluate_now(datasets)
+            output = run / stage_dir
+            save_checkpoint(staging / stage_dir, model, tokenizer,
+                            {"continual_run": str(run), "domain": options.domain,
+                             "stage": stage_index, "trained_from": str(checkpoint)})
+            trainable_count = sum(p.numel() for p in parameters)
+            stage_entry = {"checkpoint": str(output)}
+        if ewc is not None:
+            fisher = _domain_fisher(model, trainable, new_dataset, options, device, estimate_fisher)
+            ewc.consolidate(options.domain, fisher, trainable)
+            ewc.save(staged_copy("ewc"))
+        if options.replay > 0:
+            buffer = buffer or ReplayBuffer(staged_copy("replay"), options.block_size,
+                                            options.replay_quota, seed=options.seed)
+            buffer.add_split(options.domain, new_dataset)
+        seconds = time.perf_counter() - started
+        record["stages"].append({
+            "stage": stage_index, "domain": options.domain, **stage_entry,
+            "method": method, "update_steps": options.update_steps,
+            "trainable_parameters": trainable_count,
+            "total_parameters": model.num_parameters(),
+            "options": {k: v for k, v in asdict(options).items()
+                        if k not in ("checkpoint", "run", "progress", "device")},
+            "replayed_rows": getattr(batches, "replayed_rows", 0),
+            "seconds": seconds, "val": val,
+        })
+        _write_json(staging / RUN_FILE, record)
     if adapters is not None:
-        output = adapter_directory(checkpoint, name)
-        adapters.save(name, output)
-        trainable_count = adapters.num_parameters(name)
-        stage_entry = {"adapter": str(output), "adapter_name": name}
-    else:
-        output = run / "stages" / f"{stage_index:02d}-{options.domain}"
-        save_checkpoint(output, model, tokenizer,
-                        {"continual_run": str(run), "domain": options.domain,
-                         "stage": stage_index, "trained_from": str(checkpoint)})
-        trainable_count = sum(p.numel() for p in parameters)
-        stage_entry = {"checkpoint": str(output)}
-    if ewc is not None:
-        fisher = _domain_fisher(model, trainable, new_dataset, options, device, estimate_fisher)
-        ewc.consolidate(options.domain, fisher, trainable)
-        ewc.save(run / "ewc")
-    if options.replay > 0:
-        buffer = buffer or ReplayBuffer(run / "replay", options.block_size, options.replay_quota,
-                                        seed=options.seed)
-        buffer.add_split(options.domain, new_dataset)
-    seconds = time.perf_counter() - started
-    record["stages"].append({
-        "stage": stage_index, "domain": options.domain, **stage_entry,
-        "method": method, "update_steps": options.update_steps,
-        "trainable_parameters": trainable_count,
-        "total_parameters": model.num_parameters(),
-        "options": {k: v for k, v in asdict(options).items()
-                    if k not in ("checkpoint", "run", "progress", "device")},
-        "replayed_rows": getattr(batches, "replayed_rows", 0),
-        "seconds": seconds, "val": val,
-    })
-    _write_json(run / RUN_FILE, record)
+        publish_adapter(run / stage_dir, output)
     return StageResult(stage_index, options.domain, output, val, trainable_count, seconds)
 
 
