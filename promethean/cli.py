@@ -906,6 +906,18 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     sys.stderr.write(f"warning: {message}\n")
 
 
+def _one_line(message: str) -> str:
+    """The message with control characters (a newline or an escape in a file name, say) written
+    as escapes, so that an error is always exactly one line a script can match."""
+    import unicodedata
+
+    return "".join(
+        char if char == " " or not unicodedata.category(char).startswith(("C", "Z"))
+        else char.encode("unicode_escape").decode("ascii")
+        for char in message
+    )
+
+
 def main() -> None:
     import warnings
 
@@ -925,20 +937,20 @@ def main() -> None:
             sys.stdout.write(error.format_message() + "\n")
             sys.exit(0)
         command = context.command_path if context is not None else "promethean"
-        message = " ".join(error.format_message().split()).rstrip(".")
-        sys.stderr.write(f"error: {message} ({command} --help lists the arguments and "
-                         "options).\n")
+        message = _one_line(" ".join(error.format_message().split()).rstrip("."))
+        sys.stderr.write(f"error: {message} ({_one_line(command)} --help lists the arguments "
+                         "and options).\n")
         sys.exit(1)
     except typer.Abort:  # Ctrl-C or end of input at a prompt
         err_console.print("interrupted")
         sys.exit(130)
     except PrometheanError as error:
         # Plain write: one unwrapped line that scripts can match whatever the terminal width.
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"error: {_one_line(str(error))}\n")
         sys.exit(1)
     except OSError as error:  # a path the OS refuses (unwritable, not a directory, in use, ...)
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        sys.stderr.write(f"error: {error.strerror or error}{where}.\n")
+        sys.stderr.write(_one_line(f"error: {error.strerror or error}{where}.") + "\n")
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -173,7 +173,7 @@ def test_generation_stops_when_the_context_is_full():
 def test_bad_sampling_parameters_are_refused():
     with pytest.raises(PrometheanError, match=r"top_p must be in \(0, 1\], got 1.5."):
         SamplingParams(top_p=1.5)
-    with pytest.raises(PrometheanError, match="temperature must be 0 or more, got -1"):
+    with pytest.raises(PrometheanError, match="temperature must be a finite number, 0 or more, got -1"):
         SamplingParams(temperature=-1)
     with pytest.raises(PrometheanError, match="stop strings need a tokenizer"):
         generate(build("tiny-gpt2"), [[1]], greedy(3, stop_strings=("x",)))

@@ -341,7 +341,8 @@ def _cli(*args, **kwargs):
     )
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
+@pytest.mark.parametrize(("signal_number", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_a_checkpoint_that_resumes(data_dir, tmp_path, signal_number, status):
     out = tmp_path / "sig"
     config = tmp_path / "run.toml"
     config.write_text(
@@ -362,9 +363,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(data_dir, tmp_path):
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 0, stderr
+    assert process.returncode == status, stderr  # saved, and still says it was stopped
     assert "interrupted" in stdout
     saved = sorted(out.glob("step-*"))
     assert len(saved) == 1
@@ -426,3 +427,63 @@ def test_compiled_training_matches_eager_and_saves_plain_names(data_dir, tmp_pat
         assert compiled_loss == pytest.approx(loss, abs=1e-5)
     # The checkpoint holds the model's own tensor names, not torch.compile's wrapper prefix.
     assert load_checkpoint(compiled.final_checkpoint).model.num_parameters() > 0
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_run_directory_is_never_mixed_with_another_run_or_cut_back(data_dir, tmp_path):
+    out = tmp_path / "run"
+    settings = {"max_steps": 8, "checkpoint_interval": 2, "keep_last": 10}
+    first = train(make_config(data_dir, out, **settings))
+    (out / "best" / "adapters" / "verse").mkdir(parents=True)
+    (out / "best" / "adapters" / "verse" / "adapter_config.json").write_text("{}")
+    before = _snapshot(out)
+
+    # The same run again: refused, nothing touched.
+    with pytest.raises(PrometheanError) as error:
+        train(make_config(data_dir, out, **settings))
+    assert str(error.value) == (
+        f"{out} already holds a training run (step-000008, best, metrics.jsonl); continue it "
+        f"with --resume {out / 'step-000008'}, start over in it with --overwrite (its step "
+        "checkpoints and metrics are replaced; adapters and other files are kept), or choose "
+        "another out."
+    )
+    # A resume from an older step: refused, the newer checkpoints survive.
+    with pytest.raises(PrometheanError) as error:
+        train(make_config(data_dir, out, **settings), resume=out / "step-000004")
+    assert str(error.value).startswith(
+        f"{out} has checkpoints newer than {out / 'step-000004'} (step 4): step-000006, "
+        "step-000008; resuming there would replace them."
+    )
+    assert _snapshot(out) == before
+
+    # A branch into a new directory continues exactly and leaves the run alone.
+    branch = train(make_config(data_dir, tmp_path / "branch", **settings),
+                   resume=out / "step-000004")
+    assert branch.losses == [(s, loss) for s, loss in first.losses if s > 4]
+    assert _snapshot(out) == before
+
+    # --overwrite from the older step: the newer checkpoints go, metrics read as one run.
+    again = train(make_config(data_dir, out, **settings), resume=out / "step-000004",
+                  overwrite=True)
+    assert again.losses == branch.losses
+    steps = [line["step"] for line in read_metrics(out) if "train_loss" in line]
+    assert steps == list(range(1, 9))
+    assert (out / "best" / "adapters" / "verse" / "adapter_config.json").read_text() == "{}"
+
+    # A fresh start with --overwrite replaces the old run's checkpoints and metrics only.
+    (out / "notes.txt").write_text("mine")
+    fresh = train(make_config(data_dir, out, **{**settings, "max_steps": 4, "seed": 2}),
+                  overwrite=True)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002", "step-000004"]
+    assert [line["step"] for line in read_metrics(out) if "train_loss" in line] == [1, 2, 3, 4]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "best" / "adapters" / "verse" / "adapter_config.json").read_text() == "{}"
+    assert fresh.losses != first.losses[:4]
+    # `--resume RUN_DIR` picks its newest step checkpoint.
+    resumed = train(make_config(data_dir, out, **{**settings, "max_steps": 6, "seed": 2}),
+                    resume=out)
+    assert [s for s, _ in resumed.losses] == [5, 6]

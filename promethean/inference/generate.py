@@ -7,6 +7,7 @@ padding so positions and masks stay exact, and rows leave the batch as soon as t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,15 +47,18 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise PrometheanError(f"max_new_tokens must be 0 or more, got {self.max_new_tokens}.")
-        if self.temperature < 0:
-            raise PrometheanError(f"temperature must be 0 or more, got {self.temperature}.")
+        if not 0 <= self.temperature < math.inf:  # NaN fails this too
+            raise PrometheanError(
+                f"temperature must be a finite number, 0 or more, got {self.temperature}."
+            )
         if self.top_k is not None and self.top_k < 1:
             raise PrometheanError(f"top_k must be at least 1, got {self.top_k}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise PrometheanError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise PrometheanError(
-                f"repetition_penalty must be positive, got {self.repetition_penalty}."
+                f"repetition_penalty must be a finite positive number, got "
+                f"{self.repetition_penalty}."
             )
         if any(not stop for stop in self.stop_strings):
             raise PrometheanError("stop strings must not be empty.")
