@@ -466,14 +466,11 @@ def _run_training(config, resume: Path | None, memory_budget: str | None = None,
             f"estimated peak {estimate.describe()}", err=True,
         )
     result = train(config, resume=resume, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) != 0:
-        if result.signal is not None:
-            sys.exit(130 if result.signal == "SIGINT" else 143)
-        return  # under torchrun, rank 0 alone reports
-    best = "" if result.best_val_loss is None else f"; best val loss {result.best_val_loss:.4f} in {result.best_checkpoint}"
-    skipped = f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""
-    typer.echo(f"{result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens): "
-               f"checkpoint {result.final_checkpoint}{best}{skipped}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
+        best = "" if result.best_val_loss is None else f"; best val loss {result.best_val_loss:.4f} in {result.best_checkpoint}"
+        skipped = f"; {result.skipped_steps} steps skipped (non-finite)" if result.skipped_steps else ""
+        typer.echo(f"{result.stopped.replace('_', ' ')} at step {result.steps} ({result.tokens:,} tokens): "
+                   f"checkpoint {result.final_checkpoint}{best}{skipped}")
     if result.signal is not None:
         # Saved, and resumable; the exit status still says it was stopped (128 + the signal).
         sys.exit(130 if result.signal == "SIGINT" else 143)
