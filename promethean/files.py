@@ -14,7 +14,11 @@ and never loses what was there before.
   checkpoint re-save keeps its `adapters/` and a user's own files: a writer replaces only the
   names it writes (and those in `never_carry`).
 - Leftovers of interrupted writes (`.NAME.partial-PID-*`, `.NAME.previous-PID-*`) are removed at
-  the next write to the same place, unless the process that made them is still running.
+  the next write to the same place (`clean_leftovers`), or by `clean_directory` for a whole
+  directory, unless the process that made them is still running.
+- `remove_tree(path)` renames a directory to `.NAME.discarded-PID-*` before deleting it, so a
+  crash mid-delete leaves a leftover, never a half-deleted directory under a name that reads as
+  complete (a checkpoint missing its weights).
 - `write_checksums` / `verify_checksums`: the sha256 of every file a writer wrote, recorded in
   `checksums.json` and checked on load, so a flipped byte is one sentence naming the file.
 """
@@ -47,7 +51,7 @@ CHECKSUMS_VERSION = 1
 # the process inside a save.
 PAUSE_ENV = "PROMETHEAN_TEST_PAUSE_SAVE"
 PAUSE_MARKER_ENV = "PROMETHEAN_TEST_PAUSE_MARKER"
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:partial|previous)-(?:(?P<pid>\d+)-)?[0-9a-f]{32}$")
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:partial|previous|discarded)-(?:(?P<pid>\d+)-)?[0-9a-f]{32}$")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -129,6 +133,28 @@ def clean_leftovers(final: str | Path) -> None:
         set_aside.remove(newest)
     for path in set_aside:
         _remove(path)
+
+
+def clean_directory(directory: str | Path) -> None:
+    """`clean_leftovers` for every name in `directory` that has leftovers."""
+    try:
+        names = {m["name"] for e in os.scandir(directory) if (m := _LEFTOVER.fullmatch(e.name))}
+    except FileNotFoundError:
+        return
+    for name in sorted(names):
+        clean_leftovers(Path(directory) / name)
+
+
+def remove_tree(path: str | Path) -> None:
+    """Delete a directory (or file) so that no crash can leave part of it under its name: one
+    rename to a leftover name, then the delete (finished by the next clean if interrupted)."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    doomed = _scratch_name(path, "discarded")
+    os.replace(path, doomed)
+    _fsync_directory(path.parent)
+    _remove(doomed)
 
 
 def _pause_for_tests(final: Path, moment: str) -> None:

@@ -91,6 +91,25 @@ def test_leftovers_of_live_writers_are_kept_and_dead_ones_removed(tmp_path):
         live.wait()
 
 
+def test_a_removal_never_leaves_part_of_a_directory_under_its_name(tmp_path, monkeypatch):
+    victim = tmp_path / "step-000002"
+    write(victim, "weights")
+    # A crash in the middle of the delete: the name is already gone, the rest is a leftover.
+    monkeypatch.setattr(files, "_remove", lambda path: None)
+    files.remove_tree(victim)
+    assert not victim.exists()
+    (leftover,) = [p for p in tmp_path.iterdir() if files.is_leftover(p.name)]
+    assert ".discarded-" in leftover.name
+    monkeypatch.undo()
+    # The next sweep of the directory (a run claiming it) finishes the delete, and never puts a
+    # discarded copy back the way it restores a set-aside one.
+    os.rename(leftover, tmp_path / f".step-000002.discarded-{dead_pid()}-{'a' * 32}")
+    aside = tmp_path / f".best.previous-{dead_pid()}-{'b' * 32}"
+    aside.mkdir()
+    files.clean_directory(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
 def test_a_resave_keeps_adapters_and_user_files_and_drops_stale_training_state(tmp_path):
     directory = save_checkpoint(tmp_path / "ck", build("tiny-gpt2"), ByteTokenizer())
     (directory / "adapters" / "verse").mkdir(parents=True)

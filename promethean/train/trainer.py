@@ -31,7 +31,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 
 from promethean.errors import CheckpointError, PrometheanError
+from promethean.files import clean_directory, remove_tree
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
 from promethean.train.memory import get_memory_stats, release_free_memory
@@ -168,11 +168,13 @@ def claim_run_directory(out: Path, resume: Path | None, resumed_step: int | None
 
 
 def _apply_claim(out: Path, claim: RunClaim) -> None:
-    """Remove what the claim replaces and cut metrics.jsonl back to the resumed step."""
+    """Remove what the claim replaces, and what interrupted writes left in `out`, and cut
+    metrics.jsonl back to the resumed step."""
     from promethean.files import atomic_file
 
+    clean_directory(out)
     for path in claim.remove:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     metrics = out / METRICS_FILE
     if not metrics.is_file():
         return
@@ -544,7 +546,7 @@ def _train(
         # Only this run's lineage is pruned: another run's checkpoints are never ours to delete.
         mine = [p for p in step_directories(out).values() if _lineage(p) == progress.run_id]
         for old in mine[: -config.keep_last] if is_main else ():
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         return path
 
     losses: list[tuple[int, float]] = []
