@@ -915,6 +915,23 @@ def _one_line(message: str) -> str:
     )
 
 
+def _os_error_sentence(error: OSError) -> str:
+    """The OS's refusal in the user's terms: the path they gave, not a staging name beside it."""
+    import errno
+
+    from promethean.files import leftover_of
+
+    filename = getattr(error, "filename", None)
+    if not filename:
+        return f"{error.strerror or error}."
+    path = Path(str(filename))
+    if (final := leftover_of(path.name)) is not None:
+        path = path.with_name(final)
+    if error.errno == errno.EEXIST and path.exists() and not path.is_dir():
+        return f"{path} is a file, and a directory is needed there."
+    return f"{error.strerror or error} ({path})."
+
+
 def main() -> None:
     import warnings
 
@@ -946,8 +963,7 @@ def main() -> None:
         sys.stderr.write(f"error: {_one_line(str(error))}\n")
         sys.exit(1)
     except OSError as error:  # a path the OS refuses (unwritable, not a directory, in use, ...)
-        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        sys.stderr.write(_one_line(f"error: {error.strerror or error}{where}.") + "\n")
+        sys.stderr.write(_one_line(f"error: {_os_error_sentence(error)}") + "\n")
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -87,6 +87,12 @@ def is_leftover(name: str) -> bool:
     return _LEFTOVER.fullmatch(name) is not None
 
 
+def leftover_of(name: str) -> str | None:
+    """The final name a staging or set-aside name stands for (None for other names)."""
+    match = _LEFTOVER.fullmatch(name)
+    return match["name"] if match else None
+
+
 def _running(pid: int) -> bool:
     if pid == os.getpid():
         return True
