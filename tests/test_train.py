@@ -487,3 +487,220 @@ def test_a_run_directory_is_never_mixed_with_another_run_or_cut_back(data_dir, t
     resumed = train(make_config(data_dir, out, **{**settings, "max_steps": 6, "seed": 2}),
                     resume=out)
     assert [s for s, _ in resumed.losses] == [5, 6]
+
+
+# ------------------------------------------------------- schedules, epochs, dropout, budget
+
+
+def test_schedules_after_warmup_match_hand_computed_values():
+    # lr 1.0 -> min_lr 0.1, 4 warmup steps, max_steps 14: the decay spans steps 4..14.
+    for schedule in ("cosine", "linear", "constant"):
+        warmup = [lr_at(step, 1.0, 0.1, 4, 14, schedule) for step in range(4)]
+        assert warmup == pytest.approx([0.2, 0.4, 0.6, 0.8])  # (step + 1) / 5
+    linear = {step: lr_at(step, 1.0, 0.1, 4, 14, "linear") for step in (4, 9, 11, 14, 20)}
+    assert linear == pytest.approx({4: 1.0, 9: 0.55, 11: 0.37, 14: 0.1, 20: 0.1})
+    cosine = {step: lr_at(step, 1.0, 0.1, 4, 14, "cosine") for step in (4, 6, 9, 14, 20)}
+    # step 6: 0.1 + 0.5 * (1 + cos(0.2 pi)) * 0.9, cos(0.2 pi) = 0.80901699...
+    assert cosine == pytest.approx({4: 1.0, 6: 0.91405765, 9: 0.55, 14: 0.1, 20: 0.1})
+    assert [lr_at(step, 1.0, 0.1, 4, 14, "constant") for step in (4, 9, 14, 30)] == [1.0] * 4
+    # The default is today's cosine, bit for bit (the formula as it stood, written out here).
+    for step in range(30):
+        if step < 5:
+            old = 6e-4 * (step + 1) / 6
+        elif step >= 20:
+            old = 6e-5
+        else:
+            old = 6e-5 + 0.5 * (1.0 + math.cos(math.pi * (step - 5) / 15)) * (6e-4 - 6e-5)
+        assert lr_at(step, 6e-4, 6e-5, 5, 20) == old
+    with pytest.raises(ValueError, match="one of cosine, linear, constant"):
+        lr_at(0, 1.0, 0.1, 4, 14, "cosin")
+
+
+def test_new_settings_are_refused_in_one_sentence(data_dir, tmp_path):
+    base = ["model='a'", "data='b'", "out='c'"]
+    with pytest.raises(ConfigError, match=r"'schedule' input should be 'cosine', 'linear' or "
+                                          r"'constant' \(got 'cosin'\)"):
+        load_train_config(None, [*base, "schedule='cosin'"])
+    with pytest.raises(ConfigError, match=r"max_steps \(12\) and max_epochs \(2.0\) both set the "
+                                          "run's length; set only one of them"):
+        load_train_config(None, [*base, "max_steps=12", "max_epochs=2"])
+    with pytest.raises(ConfigError, match="'max_epochs' input should be greater than 0"):
+        load_train_config(None, [*base, "max_epochs=0"])
+    with pytest.raises(ConfigError, match="'max_minutes' input should be a finite number"):
+        load_train_config(None, [*base, "max_minutes=inf"])
+    with pytest.raises(ConfigError, match="'dropout' input should be less than 1"):
+        load_train_config(None, [*base, "dropout=1.0"])
+    # Copying a config with max_epochs (as the memory planner does) keeps it valid.
+    epochs = load_train_config(None, [*base, "max_epochs=2"])
+    assert epochs.with_overrides(batch_size=4).max_epochs == 2.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "constant"])
+def test_a_run_follows_its_schedule(data_dir, tmp_path, schedule):
+    result = train(make_config(data_dir, tmp_path / "run", max_steps=6, eval_interval=6,
+                               schedule=schedule))
+    rates = [line["lr"] for line in read_metrics(tmp_path / "run")]
+    assert rates == [lr_at(step, 3e-3, 3e-4, 3, 6, schedule) for step in range(6)]
+    assert result.steps == 6
+
+
+def assert_same_run(losses_a, losses_b, checkpoint_a, checkpoint_b):
+    assert [step for step, _ in losses_a] == [step for step, _ in losses_b]
+    for (step, loss_a), (_, loss_b) in zip(losses_a, losses_b, strict=True):
+        assert abs(loss_a - loss_b) < 1e-6, (step, loss_a, loss_b)
+    weights_a = load_checkpoint(checkpoint_a).model.state_dict()
+    weights_b = load_checkpoint(checkpoint_b).model.state_dict()
+    for name, tensor in weights_a.items():
+        torch.testing.assert_close(weights_b[name], tensor, rtol=0, atol=1e-6)
+
+
+def epoch_config(data_dir, out, max_epochs, **overrides) -> TrainConfig:
+    settings = make_config(data_dir, out, **overrides).model_dump(exclude_unset=True)
+    del settings["max_steps"]
+    return TrainConfig(**settings, max_epochs=max_epochs)
+
+
+def test_steps_for_epochs_counts_tokens_and_reads_the_decimal():
+    from promethean.train.trainer import steps_for_epochs
+
+    assert steps_for_epochs(1, 1000, 128) == 8  # 7.8 steps: the last one completes the epoch
+    assert steps_for_epochs(2, 1000, 128) == 16  # 15.6
+    assert steps_for_epochs(0.1, 1280, 128) == 1  # exactly one; the float 0.1 is a hair more
+    assert steps_for_epochs(3, 1280, 128) == 30
+    assert steps_for_epochs(0.001, 1000, 128) == 1  # never zero steps
+
+
+def test_max_epochs_derives_the_steps_and_resumes_exactly(data_dir, tmp_path):
+    from promethean.data.prepare import read_meta
+
+    train_tokens = read_meta(data_dir)["splits"]["train"]["tokens"]
+    tokens_per_step = 2 * 2 * 32
+    expected = math.ceil(0.5 * train_tokens / tokens_per_step)
+    assert 6 <= expected <= 20  # the fixture's size: a short run
+    straight = train(epoch_config(data_dir, tmp_path / "a", 0.5))
+    assert straight.stopped == "max_steps" and straight.steps == expected
+    assert straight.tokens >= 0.5 * train_tokens > straight.tokens - tokens_per_step
+    evals = [line["step"] for line in read_metrics(tmp_path / "a") if "val_loss" in line]
+    assert evals[-1] == expected  # the end of the derived run is evaluated
+    half = expected // 2
+    first = train(epoch_config(data_dir, tmp_path / "b", 0.5), until_step=half)
+    assert first.stopped == "until_step" and first.steps == half
+    resumed = train(epoch_config(data_dir, tmp_path / "b", 0.5), resume=first.final_checkpoint)
+    assert resumed.steps == expected
+    # Same batches, same schedule (derived again from the same data and batch shape).
+    assert_same_run(straight.losses, first.losses + resumed.losses, straight.final_checkpoint,
+                    resumed.final_checkpoint)
+
+
+def test_dropout_acts_in_training_only():
+    from promethean.data.batches import exact_loss
+
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny-gpt2").model)
+    plain = Transformer(load_preset("tiny-gpt2").model)
+    plain.load_state_dict(model.state_dict())
+    model.set_dropout(0.1)
+    assert model.config.dropout == 0.1
+    assert all(m.p == 0.1 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    model.train(), plain.train()
+    torch.manual_seed(2)
+    dropped = model(idx).logits
+    torch.manual_seed(3)
+    assert not torch.equal(dropped, model(idx).logits)  # a different mask each forward
+    assert not torch.equal(dropped, plain(idx).logits)
+    model.eval(), plain.eval()
+    assert torch.equal(model(idx).logits, plain(idx).logits)  # eval: dropout is the identity
+    batches = [(idx, idx.roll(-1, 1))]
+    assert exact_loss(model, batches) == exact_loss(plain, batches)
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        model.set_dropout(1.0)
+
+
+def test_dropout_changes_the_train_loss_resumes_exactly_and_is_saved(data_dir, tmp_path):
+    from promethean.data.batches import TokenDataset, evaluate
+
+    settings = dict(max_steps=8, eval_interval=4, dropout=0.1)
+    without = train(make_config(data_dir, tmp_path / "plain", max_steps=8, eval_interval=4))
+    straight = train(make_config(data_dir, tmp_path / "a", **settings))
+    # Same weights and batches at step 1: only dropout makes its loss differ.
+    assert straight.losses[0][1] != without.losses[0][1]
+    first = train(make_config(data_dir, tmp_path / "b", **settings), until_step=3)
+    resumed = train(make_config(data_dir, tmp_path / "b", **settings),
+                    resume=first.final_checkpoint)
+    # The dropout masks resume too (the RNG state is in the checkpoint).
+    assert_same_run(straight.losses, first.losses + resumed.losses, straight.final_checkpoint,
+                    resumed.final_checkpoint)
+    # The checkpoint records its dropout; evaluating it is deterministic and dropout-free.
+    loaded = load_checkpoint(straight.final_checkpoint)
+    assert loaded.config.dropout == 0.1
+    dataset = TokenDataset(data_dir)
+    model = loaded.model.eval()
+    scores = [evaluate(model, dataset, "val", 2, 32).loss for _ in range(2)]
+    model.set_dropout(0.0)
+    assert scores == [evaluate(model, dataset, "val", 2, 32).loss] * 2
+
+
+def test_fine_tuning_sets_dropout_on_a_checkpoint(data_dir, tmp_path):
+    base = train(make_config(data_dir, tmp_path / "base", max_steps=2, eval_interval=2))
+    tuned = train(make_config(data_dir, tmp_path / "tuned", model=str(base.final_checkpoint),
+                              max_steps=2, eval_interval=2, dropout=0.2))
+    assert load_checkpoint(tuned.final_checkpoint).config.dropout == 0.2
+    kept = train(make_config(data_dir, tmp_path / "kept", model=str(tuned.final_checkpoint),
+                             max_steps=2, eval_interval=2))
+    assert load_checkpoint(kept.final_checkpoint).config.dropout == 0.2  # None keeps the model's
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_counts_earlier_legs(data_dir, tmp_path,
+                                                                      monkeypatch):
+    import promethean.train.trainer as trainer
+
+    def ten_seconds_a_step():  # the loop reads the clock once at its start and once a step
+        ticks = itertools.count(0, 10)
+        monkeypatch.setattr(trainer, "_wall_clock", lambda: float(next(ticks)))
+
+    ten_seconds_a_step()
+    straight = train(make_config(data_dir, tmp_path / "a"))
+    ten_seconds_a_step()
+    out = tmp_path / "b"
+    first = train(make_config(data_dir, out, max_minutes=0.5))  # 30 s: three steps
+    assert first.stopped == "max_minutes" and first.steps == 3
+    assert first.final_checkpoint == out / step_dir_name(3)
+    assert load_training_state(first.final_checkpoint).progress.elapsed == 30.0
+    assert [line["step"] for line in read_metrics(out) if "val_loss" in line] == [3]
+    with pytest.raises(PrometheanError, match=(
+        r"has already trained for 0.5 minutes, which spends the max_minutes budget of 0.5 \(it "
+        r"counts every leg of a run\); raise max_minutes \(--max-minutes\) to continue it.")):
+        train(make_config(data_dir, out, max_minutes=0.5), resume=first.final_checkpoint)
+    ten_seconds_a_step()
+    second = train(make_config(data_dir, out, max_minutes=1.0), resume=first.final_checkpoint)
+    assert second.stopped == "max_minutes" and second.steps == 6  # 30 s + three more
+    joined = first.losses + second.losses
+    assert [step for step, _ in joined] == list(range(1, 7))
+    assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(joined, straight.losses, strict=False))
+
+
+def test_evaluation_line_format():
+    from promethean.train.trainer import evaluation_line
+
+    assert evaluation_line(200, 2000, 2.3141, 2.4009, 1.1203, 2.9e-4, 41200.4) == (
+        "step 200/2000  train 2.314  val 2.401  bpb 1.120  lr 2.9e-4  41,200 tok/s"
+    )
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_each_evaluation_prints_one_line_on_stderr(data_dir, tmp_path, capsys, bar):
+    import re
+
+    train(make_config(data_dir, tmp_path / "run", max_steps=8, eval_interval=4, progress=bar))
+    captured = capsys.readouterr()
+    evals = [line for line in read_metrics(tmp_path / "run") if "val_loss" in line]
+    pattern = re.compile(r"step (\d+)/8  train (\S+)  val (\S+)  bpb (\S+)  lr (\S+)  [\d,]+ tok/s")
+    found = [m.groups() for m in map(pattern.search, captured.err.splitlines()) if m]
+    assert [int(step) for step, *_ in found] == [4, 8]
+    for (_, train_loss, val_loss, bits, lr), record in zip(found, evals, strict=True):
+        assert val_loss == f"{record['val_loss']:.3f}"
+        assert train_loss == f"{record['train_loss']:.3f}"
+        assert bits == f"{record['val_bits_per_byte']:.3f}"
+        assert float(lr) == pytest.approx(record["lr"], rel=0.05)
+    assert captured.out == ""

@@ -31,7 +31,9 @@ class TransformerOutput(NamedTuple):
 
 class Block(nn.Module):
     """Pre-norm residual block: a token mixer (attention, or a selective SSM), then the MLP.
-    Gemma-3's sandwich norm also normalises each sublayer's output."""
+    Gemma-3's sandwich norm also normalises each sublayer's output. With `config.dropout`, the
+    mixer's output is dropped out before it joins the residual stream (GPT-2's resid_pdrop; the
+    MLP drops out its own output), in training only."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -45,6 +47,7 @@ class Block(nn.Module):
             self.attn_norm = make_norm(config)
             self.attn = Attention(config, layer)
             self.attn_post_norm = make_norm(config) if config.sandwich_norm else None
+        self.mixer_dropout = nn.Dropout(config.dropout)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.mlp_post_norm = make_norm(config) if config.sandwich_norm else None
@@ -59,6 +62,8 @@ class Block(nn.Module):
             post_norm = self.attn_post_norm
         if post_norm is not None:
             h = post_norm(h)
+        if self.training:  # in eval, dropout is the identity: not even a call
+            h = self.mixer_dropout(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
         if self.mlp_post_norm is not None:
@@ -98,6 +103,19 @@ class Transformer(nn.Module):
         # and `rebuilt(model)` (the same step over the model's tensors after a conversion).
         self.fused_decode = None
         self.reset_parameters()
+
+    def set_dropout(self, probability: float) -> None:
+        """Make every dropout of the model (embeddings, attention weights, each sublayer's output)
+        `probability`, and record it in `config` so a saved checkpoint says what it trained with.
+        Dropout acts in training mode only; `eval()` makes the model deterministic again."""
+        if not 0 <= probability < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {probability}")
+        self.config = self.config.model_copy(update={"dropout": float(probability)})
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = float(probability)
+            elif isinstance(module, Attention):
+                module.dropout = float(probability)
 
     # ----------------------------------------------------------------------------- parameters
     def reset_parameters(self) -> None:

@@ -42,9 +42,24 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(default=1, gt=0)  # micro-batches per optimizer step
     block_size: int | None = Field(default=None, gt=0)  # None: the model's context length
     max_steps: int = Field(default=1000, gt=0)
+    # The run's length in epochs instead of steps: max_steps becomes ceil(max_epochs x the train
+    # split's tokens / tokens per optimizer step) (see promethean.train.trainer.steps_for_epochs;
+    # windows are drawn at random, so an epoch is as many tokens as the split, not a pass that
+    # visits each window once). Setting both max_steps and max_epochs is refused.
+    max_epochs: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # A wall-time budget, earlier legs of a resumed run included: when it is spent, the loop
+    # evaluates, saves a checkpoint and stops (TrainResult.stopped == "max_minutes").
+    max_minutes: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     lr: float = Field(default=6e-4, gt=0)
     min_lr: float = Field(default=6e-5, ge=0)
     warmup_steps: int = Field(default=100, ge=0)
+    # After warmup: "cosine" decay to min_lr at max_steps, a "linear" one, or "constant" lr
+    # (promethean.train.schedule).
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Dropout on embeddings, attention weights and each sublayer's output (train mode only; zero at
+    # evaluation). None keeps the model's own (ModelConfig.dropout: 0 in every preset, or what a
+    # checkpoint was trained with); a value replaces it, and the checkpoints record it.
+    dropout: float | None = Field(default=None, ge=0, lt=1)
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -73,10 +88,18 @@ class TrainConfig(BaseModel):
     def _check_combinations(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) cannot be larger than lr ({self.lr})")
+        if self.max_epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError(
+                f"max_steps ({self.max_steps}) and max_epochs ({self.max_epochs}) both set the "
+                "run's length; set only one of them"
+            )
         return self
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
-        return parse_train_config({**self.model_dump(), **overrides}, source="training config")
+        # Only the settings given: a default is not a choice (max_steps beside max_epochs).
+        return parse_train_config(
+            {**self.model_dump(exclude_unset=True), **overrides}, source="training config"
+        )
 
 
 def parse_train_config(data: Any, source: str = "training config") -> TrainConfig:

@@ -2,9 +2,13 @@
 
 One optimizer step is `grad_accum` micro-batches from a `WindowSampler` (each loss divided by
 `grad_accum`), under autocast for bf16/fp16 (a GradScaler for fp16), gradients clipped, the
-learning rate set from `schedule.lr_at(step)`. Around it:
+learning rate set from `schedule.lr_at(step)` (warmup, then `config.schedule`). The run lasts
+`max_steps` optimizer steps, or `max_epochs` epochs (`steps_for_epochs`), and `dropout`, when set,
+replaces the model's own. Around it:
 
-- evaluation every `eval_interval` steps and at the end (exact loss, perplexity, bits per byte);
+- evaluation every `eval_interval` steps and at the end (exact loss, perplexity, bits per byte),
+  each one also a console line on stderr (`evaluation_line`), printed through the progress bar's
+  console when it is on so the bar stays whole;
   `out/best` is rewritten whenever the validation loss improves by more than `min_delta`, and
   `early_stopping_patience` evaluations without such an improvement end the run;
 - checkpoints `out/step-XXXXXX` every `checkpoint_interval` steps and at the end, the last
@@ -20,6 +24,8 @@ learning rate set from `schedule.lr_at(step)`. Around it:
   `max_nonfinite_in_a_row` of them in a row stop the run with a sentence;
 - SIGINT/SIGTERM set a flag: the loop saves a checkpoint at the next step boundary and returns
   (`TrainResult.signal` says which; the CLI then exits 130 or 143);
+- `max_minutes`, a wall-time budget counting every leg of a resumed run (`Progress.elapsed`):
+  once spent, the step that spent it is evaluated and saved and the run stops ("max_minutes");
 - metrics as JSON lines in `out/metrics.jsonl`, and a rich progress bar on stderr.
 """
 
@@ -32,9 +38,11 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +60,16 @@ from promethean.train.state import Progress, load_training_state, save_training_
 METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 STEP_PREFIX = "step-"
+# The clock of the wall-time budget (max_minutes) and of Progress.elapsed; tests replace it.
+_wall_clock = time.perf_counter
 
 
 @dataclass
 class TrainResult:
     steps: int  # optimizer steps taken in all (resumed legs included)
     tokens: int
-    stopped: str  # "max_steps", "early_stopping", "interrupted" or "until_step"
+    # "max_steps", "early_stopping", "interrupted", "until_step" or "max_minutes"
+    stopped: str
     final_checkpoint: Path
     best_checkpoint: Path | None
     best_val_loss: float | None
@@ -66,6 +77,28 @@ class TrainResult:
     # (step, train loss) of every step this call ran; nan for skipped steps.
     losses: list[tuple[int, float]] = field(default_factory=list)
     signal: str | None = None  # "SIGINT" or "SIGTERM" when stopped == "interrupted"
+
+
+def steps_for_epochs(max_epochs: float, train_tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps in `max_epochs` epochs: ceil(max_epochs x train_tokens / tokens_per_step).
+
+    An epoch is as many training tokens as the train split holds. The sampler draws windows at
+    random (with replacement, `WindowSampler`), so an epoch sees each token once on average, not
+    each window exactly once; counting tokens keeps an epoch the same length whatever the batch
+    shape. `max_epochs` is read as the decimal it was written as (0.1 is 1/10, not the float).
+    """
+    exact = Fraction(repr(float(max_epochs))) * train_tokens / tokens_per_step
+    return max(1, math.ceil(exact))
+
+
+def evaluation_line(step: int, max_steps: int, train_loss: float, val_loss: float,
+                    bits_per_byte: float, lr: float, tokens_per_second: float) -> str:
+    """One evaluation as a console line, e.g.
+    `step 200/2000  train 2.314  val 2.401  bpb 1.120  lr 2.9e-4  41,200 tok/s`."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return (f"step {step}/{max_steps}  train {train_loss:.3f}  val {val_loss:.3f}  "
+            f"bpb {bits_per_byte:.3f}  lr {mantissa}e{int(exponent)}  "
+            f"{tokens_per_second:,.0f} tok/s")
 
 
 def step_dir_name(step: int) -> str:
@@ -320,7 +353,9 @@ def preflight(config: TrainConfig, resume: str | Path | None = None,
     if resume is None:
         return claim_run_directory(out, None, None, None, overwrite)
     saved_model, metadata = read_checkpoint_record(resume)
-    here, there = model_config.model_dump(exclude={"name"}), saved_model.model_dump(exclude={"name"})
+    # Dropout is a training setting (TrainConfig.dropout), not a different model.
+    ignored = {"name", "dropout"}
+    here, there = model_config.model_dump(exclude=ignored), saved_model.model_dump(exclude=ignored)
     differing = [key for key in here if here[key] != there.get(key)]
     if differing:
         key = differing[0]
@@ -378,7 +413,7 @@ def train(
     (or the newest step checkpoint of a run directory).
 
     `until_step` stops after that step as an interruption would (checkpoint saved), without
-    changing the schedule, which still runs to `max_steps`. `overwrite` lets the run replace
+    changing the schedule, which still runs to `max_steps` (or the steps of `max_epochs`). `overwrite` lets the run replace
     another run's checkpoints and metrics in `config.out` (see `claim_run_directory`).
 
     Under `torchrun` (WORLD_SIZE > 1) every rank runs this same function on its share of the
@@ -420,10 +455,19 @@ def _train(
     state = None
     if resume is not None:
         state = load_training_state(resume)  # checked before the model is loaded
+        spent = state.progress.elapsed / 60
+        if config.max_minutes is not None and spent >= config.max_minutes:
+            raise PrometheanError(
+                f"{resume} has already trained for {spent:.1f} minutes, which spends the "
+                f"max_minutes budget of {config.max_minutes:g} (it counts every leg of a run); "
+                "raise max_minutes (--max-minutes) to continue it."
+            )
         model, tokenizer, origin = _load_model(str(resume), device, config.seed)
         origin = {"resumed_from": str(resume)}
     else:
         model, tokenizer, origin = _load_model(config.model, device, config.seed)
+    if config.dropout is not None:
+        model.set_dropout(config.dropout)
     model.train()
     if config.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing"):
@@ -501,9 +545,13 @@ def _train(
         else contextlib.nullcontext
     )
     tokens_per_step = config.batch_size * config.grad_accum * block_size * dist_context.world_size
+    max_steps = config.max_steps
+    if config.max_epochs is not None:
+        max_steps = steps_for_epochs(config.max_epochs, dataset.num_tokens("train"), tokens_per_step)
     metadata = {
         **origin,
-        "train_config": config.model_dump(mode="json"),
+        # max_steps as this run has it (derived from max_epochs when that is set).
+        "train_config": {**config.model_dump(mode="json"), "max_steps": max_steps},
         "world_size": dist_context.world_size,
     }
     if is_main:
@@ -511,7 +559,8 @@ def _train(
         _apply_claim(out, claim)
     distributed.barrier()
     metrics_path = out / METRICS_FILE
-    last_step = min(config.max_steps, until_step) if until_step is not None else config.max_steps
+    last_step = min(max_steps, until_step) if until_step is not None else max_steps
+    budget_seconds = config.max_minutes * 60 if config.max_minutes is not None else None
 
     def evaluate_val() -> dict[str, float]:
         batches = dataset.iter_eval_batches("val", config.batch_size, block_size, device)
@@ -552,7 +601,7 @@ def _train(
     losses: list[tuple[int, float]] = []
     stopped = "max_steps"
     final_checkpoint: Path | None = None
-    started = time.perf_counter()
+    started = _wall_clock()
     elapsed_before = progress.elapsed
     window_started, window_tokens = time.perf_counter(), 0
     stop_flag = _StopFlag()
@@ -565,7 +614,7 @@ def _train(
     ):
         task = bar.add_task(
             "train",
-            total=config.max_steps,
+            total=max_steps,
             completed=progress.step,
             tokens_per_second=0.0,
             loss=float("nan"),
@@ -573,7 +622,8 @@ def _train(
         )
         while progress.step < last_step:
             step = progress.step
-            lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, config.max_steps)
+            lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, max_steps,
+                       config.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -621,7 +671,7 @@ def _train(
             progress.step += 1
             progress.tokens += tokens_per_step
             window_tokens += tokens_per_step
-            progress.elapsed = elapsed_before + (time.perf_counter() - started)
+            progress.elapsed = elapsed_before + (_wall_clock() - started)
             losses.append((progress.step, step_loss if math.isfinite(step_loss) else math.nan))
 
             if progress.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
@@ -640,9 +690,26 @@ def _train(
                 # SSM layers: the fraction of state updates that fired (the last micro-batch).
                 for layer, rate in model.spike_rates().items():
                     record[f"spike_rate/layer{layer}"] = rate
-            do_eval = progress.step % config.eval_interval == 0 or progress.step == config.max_steps
+            # Every rank stops at the same step, so rank 0's clock decides for all.
+            out_of_time = budget_seconds is not None and distributed.any_rank(
+                progress.elapsed >= budget_seconds and is_main
+            )
+            do_eval = (
+                progress.step % config.eval_interval == 0
+                or progress.step == max_steps
+                or (out_of_time and not is_last)
+            )
             if do_eval:
                 record.update(evaluate_val())
+                if is_main:
+                    line = evaluation_line(
+                        progress.step, max_steps, step_loss, record["val_loss"],
+                        record["val_bits_per_byte"], lr, tokens_per_second,
+                    )
+                    if config.progress:
+                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    else:
+                        print(line, file=sys.stderr, flush=True)
                 val_loss = record["val_loss"]
                 best = progress.best_val_loss
                 if best is None or best - val_loss > config.early_stopping_min_delta:
@@ -679,10 +746,12 @@ def _train(
                 stopped = "early_stopping"
             elif distributed.any_rank(bool(stop_flag)):  # every rank stops at the same step
                 stopped = "interrupted"
+            elif out_of_time and not is_last:
+                stopped = "max_minutes"
             elif (
                 until_step is not None
                 and progress.step >= until_step
-                and progress.step < config.max_steps
+                and progress.step < max_steps
             ):
                 stopped = "until_step"
             elif (
