@@ -364,26 +364,45 @@ def data_prepare(
         "--out", help="Directory to write train.bin, val.bin and meta.json to.")],
     workers: Annotated[Optional[int], typer.Option(
         help="Tokenizing processes (default: every core this process may use).")] = None,
-    val_fraction: Annotated[float, typer.Option(
-        help="Share of documents for validation, chosen by a hash of their text.")] = 0.005,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        help="Share of documents for validation, chosen by a hash of their text "
+        "(default 0.005).")] = None,
     text_field: Annotated[str, typer.Option(
         help="The text field of .jsonl and .parquet records.")] = "text",
     overwrite: Annotated[bool, typer.Option(
         help="Replace data prepared differently (other tokenizer, source or settings).")] = False,
+    val: Annotated[Optional[str], typer.Option(
+        "--val", help="A separate validation file (folder or glob) to tokenize as the val split "
+        "instead of carving --val-fraction out of the corpus; corpus documents identical to one "
+        "of its documents are left out of train.")] = None,
 ) -> None:
     """Tokenize a corpus into flat token files for training, in parallel."""
     from promethean.data.corpora import open_corpus
-    from promethean.data.prepare import default_workers, prepare, start_worker_server
+    from promethean.data.prepare import (
+        DEFAULT_VAL_FRACTION,
+        default_workers,
+        prepare,
+        start_worker_server,
+    )
     from promethean.tokenizer import resolve_tokenizer
 
+    if val is not None and val_fraction is not None:
+        raise PrometheanError("--val names the validation data and --val-fraction carves it out "
+                              "of the corpus; give one of them, not both.")
     if (default_workers() if workers is None else workers) > 1:
         start_worker_server()  # its start-up overlaps the corpus hashing below
     source = open_corpus(corpus, text_field=text_field)
+    val_source = open_corpus(val, text_field=text_field) if val is not None else None
     chosen = resolve_tokenizer(tokenizer)
+    separate = {} if val_source is None else {
+        "val_documents": val_source.documents(), "val_source_name": val_source.name,
+        "val_source_sha256": val_source.fingerprint(),
+    }
     result = prepare(
         source.documents(), chosen, out, source_name=source.name,
-        source_sha256=source.fingerprint(), workers=workers, val_fraction=val_fraction,
-        overwrite=overwrite, source_replaced_bytes=lambda: source.stats.replaced_bytes,
+        source_sha256=source.fingerprint(), workers=workers,
+        val_fraction=DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction,
+        overwrite=overwrite, source_replaced_bytes=lambda: source.stats.replaced_bytes, **separate,
     )
     splits = result.meta["splits"]
     if result.already_prepared:
@@ -404,6 +423,9 @@ def data_prepare(
         f"({chosen.kind}, {result.meta['dtype']}) in {result.seconds:.1f} s, "
         f"{result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s; {train}, {val}"
     )
+    if result.meta.get("val_duplicates_dropped"):
+        typer.echo(f"note: {count(result.meta['val_duplicates_dropped'], 'corpus document')} "
+                   f"identical to a document of {val} left out of train.", err=True)
     if splits["val"]["documents"] == 0:
         typer.echo("note: val.bin is empty; documents are split whole and this corpus has too few "
                    "(or --val-fraction is 0), so evaluate on another prepared corpus.", err=True)
@@ -444,6 +466,25 @@ BudgetOption = Annotated[Optional[str], typer.Option(
     "--memory-budget", help="Memory to fit in (8GB, 512MB): micro-batch and accumulation are "
     "chosen to fit, keeping batch_size x grad_accum sequences per step; refused before training "
     "if nothing fits.")]
+
+
+MinDeltaOption = Annotated[Optional[float], typer.Option(
+    "--min-delta", help="Early stopping: the validation loss must improve by more than this to "
+    "count as better (early_stopping_min_delta; default 0.001).")]
+PatienceOption = Annotated[Optional[int], typer.Option(
+    "--patience", help="Early stopping: evaluations without improvement before the run stops "
+    "(early_stopping_patience; default 5).")]
+MaxMinutesOption = Annotated[Optional[float], typer.Option(
+    "--max-minutes", help="Wall-time budget (max_minutes), earlier legs of a resumed run "
+    "included: when spent, the run evaluates, saves a checkpoint and stops.")]
+
+
+def _knob_overrides(min_delta: float | None, patience: int | None,
+                    max_minutes: float | None) -> list[str]:
+    """The training options given as flags, as `--set` overrides (applied after --set)."""
+    given = {"early_stopping_min_delta": min_delta, "early_stopping_patience": patience,
+             "max_minutes": max_minutes}
+    return [f"{key}={value!r}" for key, value in given.items() if value is not None]
 
 
 def _run_training(config, resume: Path | None, memory_budget: str | None = None,
@@ -488,11 +529,15 @@ def pretrain(
     memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
     branch: BranchOption = None,
+    min_delta: MinDeltaOption = None,
+    patience: PatienceOption = None,
+    max_minutes: MaxMinutesOption = None,
 ) -> None:
     """Train a model (a preset, or a checkpoint to continue from) on prepared token data."""
     from promethean.train.config import load_train_config
 
-    overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or [])]
+    overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or []),
+                 *_knob_overrides(min_delta, patience, max_minutes)]
     _run_training(load_train_config(config, overrides), resume, memory_budget, overwrite, branch)
 
 
@@ -505,14 +550,18 @@ def finetune(
     memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
     branch: BranchOption = None,
+    min_delta: MinDeltaOption = None,
+    patience: PatienceOption = None,
+    max_minutes: MaxMinutesOption = None,
 ) -> None:
     """Fine-tune every weight of a checkpoint on prepared token data."""
     from promethean.checkpoint import read_checkpoint_record
     from promethean.train.config import load_train_config
 
     read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
-    _run_training(load_train_config(config, [*(set_ or []), f"model={str(checkpoint)!r}"]), resume,
-                  memory_budget, overwrite, branch)
+    overrides = [*(set_ or []), *_knob_overrides(min_delta, patience, max_minutes),
+                 f"model={str(checkpoint)!r}"]
+    _run_training(load_train_config(config, overrides), resume, memory_budget, overwrite, branch)
 
 
 @app.command()

@@ -14,7 +14,8 @@ The steps, each reusing what an earlier run left under `out` when it is still va
    and Shakespeare's 1.45M tokens are seen about twice in 5 minutes, where fewer parameters
    overfit less;
 5. training for a wall-time budget: a short timed warm-up measures seconds per step and the
-   step count is set from it (the trainer itself knows only steps), evaluation included;
+   step count (the length of the learning-rate schedule) is set from it, evaluation included;
+   the trainer's own `max_minutes` then holds the run to the budget should the estimate be short;
 6. the loss plot (`out/metrics.png`), a plain checkpoint (`out/checkpoint`), the validation
    bits per byte, samples for a few prompts (temperature 0.8, top-k 200), and the next commands.
 """
@@ -190,7 +191,8 @@ def run_quickstart(
     # 5. training for the time budget
     torch_device = resolve_device(device)
     val_batches = math.ceil(splits["val"]["tokens"] / (BATCH_SIZE * BLOCK_SIZE))
-    if steps is None:
+    plan_from_time = steps is None
+    if plan_from_time:
         step_seconds = seconds_per_step(model_config, torch_device, BATCH_SIZE, BLOCK_SIZE)
         eval_seconds = EVALUATIONS * val_batches * step_seconds / 3  # forward only: ~1/3 a step
         steps = max(1, int((minutes * 60 - eval_seconds) / step_seconds))
@@ -204,7 +206,7 @@ def run_quickstart(
         warmup_steps=min(100, steps // 10),
         eval_interval=steps if steps < 40 else math.ceil(steps / EVALUATIONS),
         log_interval=max(1, min(10, steps // 20)), early_stopping_patience=None,
-        device=device or "auto",
+        device=device or "auto", max_minutes=minutes if plan_from_time else None,
     )
     console.print(f"[bold]5.[/] training on {torch_device} ({plan}; batch {BATCH_SIZE} x "
                   f"{BLOCK_SIZE} tokens):")

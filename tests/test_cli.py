@@ -155,3 +155,69 @@ def test_bad_paths_and_ports_are_one_error_line(checkpoint, tmp_path):
     fails_with(result, f"seed must be an integer from -2**63 to 2**64 - 1, got {2**64}.")
     assert run("generate", str(checkpoint), "--prompt", "hi", "--temperature", "1e-300",
                "--max-new-tokens", "2").returncode == 0
+
+
+# ------------------------------------------------------------------------- training knobs
+
+
+def _train_config(tmp_path, data_dir, **settings):
+    lines = {"model": '"tiny-gpt2"', "data": f'"{data_dir}"', "out": f'"{tmp_path / "run"}"',
+             "batch_size": "2", "block_size": "32", "max_steps": "40", "eval_interval": "2",
+             "eval_batches": "2", "device": '"cpu"', "warmup_steps": "0", "lr": "1e-9",
+             "min_lr": "0.0", **settings}
+    path = tmp_path / "run.toml"
+    path.write_text("".join(f"{key} = {value}\n" for key, value in lines.items()))
+    return path
+
+
+@pytest.mark.parametrize("bar", ["true", "false"])
+def test_pretrain_maps_patience_min_delta_and_max_minutes_and_prints_each_evaluation(
+        tmp_path, data_dir, bar):
+    """lr ~0 cannot improve the validation loss by 0.5: with --patience 1 the second evaluation
+    stops the run. Each evaluation is one line on stderr, with the progress bar on or off."""
+    config = _train_config(tmp_path, data_dir, progress=bar)
+    result = run("pretrain", str(config), "--patience", "1", "--min-delta", "0.5",
+                 "--max-minutes", "60")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("early stopping at step 4 ")
+    lines = [line for line in result.stderr.splitlines() if "tok/s" in line and "bpb" in line]
+    assert [line.split()[1] for line in lines] == ["2/40", "4/40"], result.stderr
+    assert all(" train " in line and " val " in line and " lr " in line for line in lines)
+    from promethean.checkpoint import read_checkpoint_record
+
+    train_config = read_checkpoint_record(tmp_path / "run" / "step-000004")[1]["train_config"]
+    assert train_config["early_stopping_patience"] == 1
+    assert train_config["early_stopping_min_delta"] == 0.5
+    assert train_config["max_minutes"] == 60.0
+
+
+def test_finetune_takes_the_same_flags_and_a_dropout(tmp_path, data_dir):
+    from promethean.checkpoint import load_checkpoint, read_checkpoint_record
+
+    config = _train_config(tmp_path, data_dir, model='"ignored"', progress="false", max_steps="2")
+    base = tmp_path / "base"
+    made = run("model", "init", "tiny-gpt2", "--out", str(base))
+    assert made.returncode == 0, made.stderr
+    result = run("finetune", str(config), "--checkpoint", str(base), "--patience", "3",
+                 "--min-delta", "0.01", "--max-minutes", "30", "--set", "dropout=0.1")
+    assert result.returncode == 0, result.stderr
+    saved = read_checkpoint_record(tmp_path / "run" / "step-000002")[1]["train_config"]
+    assert (saved["early_stopping_patience"], saved["early_stopping_min_delta"],
+            saved["max_minutes"], saved["dropout"]) == (3, 0.01, 30.0, 0.1)
+    assert load_checkpoint(tmp_path / "run" / "step-000002").config.dropout == 0.1
+
+
+def test_bad_training_knobs_are_one_error_line(tmp_path, data_dir):
+    config = _train_config(tmp_path, data_dir, progress="false")
+    fails_with(run("pretrain", str(config), "--max-minutes", "0"),
+               f"training config {config} is invalid: 'max_minutes' input should be greater "
+               "than 0 (got 0.0).")
+    fails_with(run("pretrain", str(config), "--patience", "0"),
+               f"training config {config} is invalid: 'early_stopping_patience' input should be "
+               "greater than 0 (got 0).")
+    fails_with(run("pretrain", str(config), "--set", "schedule='cosin'"),
+               f"training config {config} is invalid: 'schedule' input should be 'cosine', "
+               "'linear' or 'constant' (got 'cosin').")
+    fails_with(run("pretrain", str(config), "--set", "max_epochs=2"),
+               f"training config {config} is invalid: max_steps (40) and max_epochs (2.0) both "
+               "set the run's length; set only one of them.")

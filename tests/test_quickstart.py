@@ -52,3 +52,29 @@ def test_quickstart_refuses_a_bad_time_budget(tmp_path):
     result = run_quickstart(tmp_path / "qs", "--minutes", "0")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --minutes must be a positive number, got 0.0."
+
+
+def test_a_time_budget_plans_the_schedule_and_holds_the_trainer_to_it(tmp_path, monkeypatch):
+    """The measured step time sets the schedule's length; the trainer's own max_minutes then
+    enforces the budget (the shared knob, not a quickstart-only clock)."""
+    import promethean.quickstart as quickstart
+    import promethean.train.trainer as trainer
+
+    class Planned(Exception):
+        pass
+
+    seen = {}
+
+    def capture(config, **options):
+        seen["config"] = config
+        raise Planned
+
+    monkeypatch.setattr(quickstart, "seconds_per_step", lambda *args, **kwargs: 0.05)
+    monkeypatch.setattr(trainer, "train", capture)
+    try:
+        quickstart.run_quickstart(tmp_path / "qs", minutes=0.5)
+    except Planned:
+        pass
+    config = seen["config"]
+    assert config.max_minutes == 0.5
+    assert 0 < config.max_steps <= 0.5 * 60 / 0.05  # evaluation time is planned in too

@@ -28,6 +28,11 @@ The rules, each chosen so that the same input always gives byte-identical files:
   `val_fraction > 0` and `train` holds at least two documents, the train document with the
   smallest digest moves to `val`; if `train` would be empty, the val document with the largest
   digest moves to `train`.
+- A separate validation source (`val_documents`, `data prepare --val FILE`; TinyStories ships
+  one) replaces that rule: `val` is that source's documents, in its order, and `train` every
+  document of the corpus except those identical to a validation document (dropped, and counted
+  in meta.json's "val_duplicates_dropped", so no validation text is ever trained on). The
+  settings then record the validation source's name and sha256 instead of a fraction.
 - Encoding: a document is ordinary text. A literal "<|endoftext|>" inside it is encoded as the
   characters it is (tiktoken's `encode_ordinary`; the bytes tokenizer's plain UTF-8), so the
   end-of-text tokens in a file are exactly the document boundaries. Tokenizers we do not know are
@@ -85,6 +90,8 @@ MAX_VAL_FRACTION = 0.5
 # The split and encoding rules of the module docstring, by name: a change to either must change
 # its name, so that a directory made under the old rule is prepared again, not taken as current.
 SPLIT_RULE = "blake2b-64-content-v1"
+# With a separate validation source: its documents are val, train drops any identical to one.
+SEPARATE_VAL_RULE = "separate-val-source-blake2b-64-dedup-v1"
 ENCODING_RULE = "ordinary-text-eot-after-each-document-v1"
 DEFAULT_CHUNK_CHARS = 1 << 20
 COPY_BLOCK = 1 << 24
@@ -155,8 +162,16 @@ def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def settings_record(val_fraction: float) -> dict[str, Any]:
+def settings_record(val_fraction: float, val_source: dict[str, str] | None = None) -> dict[str, Any]:
+    if val_source is not None:
+        return {"val_source": dict(val_source), "split": SEPARATE_VAL_RULE,
+                "encoding": ENCODING_RULE}
     return {"val_fraction": float(val_fraction), "split": SPLIT_RULE, "encoding": ENCODING_RULE}
+
+
+def document_digest(text: str) -> int:
+    """The 64-bit digest a document is split and matched by (lone surrogates replaced first)."""
+    return _document_digest(_SURROGATES.sub("\ufffd", text).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -176,6 +191,7 @@ class _ChunkResult(NamedTuple):
     replaced: int
     smallest_train: _Candidate | None
     largest_val: _Candidate | None
+    dropped: int  # documents left out because their digest is in `exclude`
 
 
 def _ordinary_encoder(tokenizer: Tokenizer, dtype: type):
@@ -194,18 +210,21 @@ def _ordinary_encoder(tokenizer: Tokenizer, dtype: type):
 class _ChunkEncoder:
     """Turns a list of documents into a `_ChunkResult`; lives in each worker (or in-process)."""
 
-    def __init__(self, tokenizer: Tokenizer, val_fraction: float) -> None:
+    def __init__(self, tokenizer: Tokenizer, val_fraction: float,
+                 exclude: frozenset[int] = frozenset()) -> None:
         self.dtype = DTYPES[dtype_for(tokenizer.vocab_size)]
         self.end_of_text = np.array([tokenizer.eot_id], dtype=self.dtype)
+        # 0 sends every document to train; 1 (2**64, above every digest) every one to val.
         self.threshold = _split_threshold(val_fraction)
         self.encode = _ordinary_encoder(tokenizer, self.dtype)
+        self.exclude = exclude  # digests of documents to leave out (a separate val source's)
 
     def __call__(self, documents: list[str]) -> _ChunkResult:
         pieces: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         counts = {"train": 0, "val": 0}
         sizes = {"train": 0, "val": 0}
         offsets = {"train": 0, "val": 0}
-        replaced = 0
+        replaced = dropped = 0
         smallest_train = largest_val = None
         for text in documents:
             try:
@@ -215,6 +234,9 @@ class _ChunkEncoder:
                 replaced += count
                 utf8 = text.encode("utf-8")
             digest = _document_digest(utf8)
+            if digest in self.exclude:
+                dropped += 1
+                continue
             split = "val" if digest < self.threshold else "train"
             ids = self.encode(text, utf8)
             length = len(ids) + 1
@@ -232,16 +254,16 @@ class _ChunkEncoder:
             split: np.concatenate(parts).astype(self.dtype, copy=False).tobytes() if parts else b""
             for split, parts in pieces.items()
         }
-        return _ChunkResult(tokens, counts, sizes, replaced, smallest_train, largest_val)
+        return _ChunkResult(tokens, counts, sizes, replaced, smallest_train, largest_val, dropped)
 
 
 _WORKER_ENCODER: _ChunkEncoder | None = None
 
 
-def _start_worker(tokenizer: Tokenizer, val_fraction: float) -> None:
+def _start_worker(tokenizer: Tokenizer, val_fraction: float, exclude: frozenset[int]) -> None:
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see _worker_birth; this covers a fork server
-    _WORKER_ENCODER = _ChunkEncoder(tokenizer, val_fraction)
+    _WORKER_ENCODER = _ChunkEncoder(tokenizer, val_fraction, exclude)
 
 
 def _encode_in_worker(documents: list[str]) -> _ChunkResult:
@@ -318,20 +340,20 @@ def _worker_birth() -> Iterator[None]:
 
 def _encoded_chunks(
     documents: Iterable[str], tokenizer: Tokenizer, val_fraction: float, workers: int,
-    chunk_chars: int,
+    chunk_chars: int, exclude: frozenset[int] = frozenset(),
 ) -> Iterator[_ChunkResult]:
     """Results in corpus order; at most 2 * workers chunks are read ahead of the one written."""
     chunks = _chunks(documents, chunk_chars)
     # A corpus of one chunk is encoded here: starting a pool would cost more than it saves.
     first = list(itertools.islice(chunks, 2))
     if workers == 1 or len(first) < 2:
-        encoder = _ChunkEncoder(tokenizer, val_fraction)
+        encoder = _ChunkEncoder(tokenizer, val_fraction, exclude)
         yield from map(encoder, itertools.chain(first, chunks))
         return
     # A process pool from concurrent.futures rather than multiprocessing.Pool: when a worker dies
     # (killed for memory, say) its futures fail at once, where Pool would wait forever.
     pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_start_worker,
-                               initargs=(tokenizer, val_fraction))
+                               initargs=(tokenizer, val_fraction, exclude))
     in_flight: collections.deque[Future] = collections.deque()
     finished = False
     try:
@@ -551,6 +573,9 @@ def prepare(
     progress: bool = True,
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     source_replaced_bytes: Callable[[], int] | None = None,
+    val_documents: Iterable[str] | None = None,
+    val_source_name: str | None = None,
+    val_source_sha256: str | None = None,
 ) -> PrepareResult:
     """Tokenize `documents` into `out_dir` (train.bin, val.bin, meta.json); see the module doc.
 
@@ -562,6 +587,11 @@ def prepare(
     script: call this from under `if __name__ == "__main__":` there. `source_replaced_bytes`, if
     given, is called once every document is read, for the undecodable bytes the source itself
     replaced (`Corpus.stats.replaced_bytes`); they add to `replaced_bytes` in meta.json.
+
+    `val_documents`, with `val_source_name` and `val_source_sha256` identifying it as the main
+    source's name and sha256 do, is a separate validation source: the val split is its documents,
+    `val_fraction` is not used, and train documents identical to one of them are dropped (see the
+    module docstring). Its undecodable bytes are not in `source_replaced_bytes`' count.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -575,13 +605,21 @@ def prepare(
         )
     if chunk_chars < 1:
         raise PrometheanError(f"chunk_chars must be at least 1 (got {chunk_chars}).")
+    val_source = None
+    if val_documents is not None:
+        if not val_source_name or not val_source_sha256:
+            raise PrometheanError(
+                "a separate validation source needs its name and sha256 (val_source_name, "
+                "val_source_sha256), so that prepared data can tell when it changed."
+            )
+        val_source = {"name": val_source_name, "sha256": val_source_sha256}
     record = tokenizer_record(tokenizer)
     dtype = dtype_for(record["vocab_size"])
     wanted = {
         "tokenizer": record,
         "dtype": dtype,
         "source": {"name": source_name, "sha256": source_sha256},
-        "settings": settings_record(val_fraction),
+        "settings": settings_record(val_fraction, val_source),
     }
     existing = _existing_output(out_dir)
     if existing:
@@ -601,24 +639,53 @@ def prepare(
     itemsize = np.dtype(DTYPES[dtype]).itemsize
     with atomic_directory(out_dir) as staging, _Progress(progress) as shown:
         writers = {split: _SplitWriter(staging / SPLIT_FILES[split], itemsize) for split in SPLITS}
-        replaced = 0
+        replaced = dropped = 0
+        streams = [(documents, val_fraction, frozenset())]
+        if val_documents is not None:
+            # The validation source first, every document to val (fraction 1), its digests kept
+            # as they pass; then the corpus, every document to train (fraction 0) but those.
+            val_digests: set[int] = set()
+
+            def recorded(texts: Iterable[str]) -> Iterator[str]:
+                for text in texts:
+                    if isinstance(text, str) and text:
+                        val_digests.add(document_digest(text))
+                    yield text
+
+            streams = [(recorded(val_documents), 1.0, frozenset()),
+                       (documents, 0.0, val_digests)]
         try:
-            for result in _encoded_chunks(documents, tokenizer, val_fraction, workers, chunk_chars):
-                writers["train"].append(result.tokens["train"], result.documents["train"],
-                                        result.text_bytes["train"], result.smallest_train,
-                                        keep=lambda new, old: new < old)
-                writers["val"].append(result.tokens["val"], result.documents["val"],
-                                      result.text_bytes["val"], result.largest_val,
-                                      keep=lambda new, old: new > old)
-                replaced += result.replaced
-                shown.update(writers)
+            for stream, fraction, exclude in streams:
+                for result in _encoded_chunks(stream, tokenizer, fraction, workers, chunk_chars,
+                                              frozenset(exclude)):
+                    writers["train"].append(
+                        result.tokens["train"], result.documents["train"],
+                        result.text_bytes["train"], result.smallest_train,
+                        keep=lambda new, old: new < old)
+                    writers["val"].append(
+                        result.tokens["val"], result.documents["val"], result.text_bytes["val"],
+                        result.largest_val, keep=lambda new, old: new > old)
+                    replaced += result.replaced
+                    dropped += result.dropped
+                    shown.update(writers)
+                if val_source is not None and fraction == 1.0 and writers["val"].documents == 0:
+                    raise PrometheanError(
+                        f"the validation source '{val_source_name}' has no documents with any "
+                        "text; give it one that has some."
+                    )
             train, val = writers["train"], writers["val"]
+            if val_source is not None and train.documents == 0:
+                raise PrometheanError(
+                    f"the corpus '{source_name}' has no documents with any text that are not also "
+                    f"in the validation source '{val_source_name}'; nothing is left to train on."
+                )
             if train.documents + val.documents == 0:
                 raise PrometheanError(
                     f"the corpus '{source_name}' has no documents with any text; nothing to "
                     "prepare."
                 )
-            if val.documents == 0 and val_fraction > 0 and train.documents >= 2:
+            small = val.documents == 0 and val_fraction > 0 and train.documents >= 2
+            if val_source is None and small:
                 _move_document(train, val)
             if train.documents == 0:
                 _move_document(val, train)
@@ -634,6 +701,8 @@ def prepare(
             "splits": {split: writer.record() for split, writer in writers.items()},
             "replaced_bytes": replaced,
         }
+        if val_source is not None:
+            meta["val_duplicates_dropped"] = dropped
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return PrepareResult(out_dir, meta, False, time.perf_counter() - started)
 
