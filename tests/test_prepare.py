@@ -563,3 +563,76 @@ def test_cli_bad_input_exits_1_with_one_sentence(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"error: {out} already holds data prepared with tokenizer 'bytes'"
     )
+
+
+# -------------------------------------------------------------- a separate validation source
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_separate_validation_source_is_the_val_split_and_never_trained_on(gpt2, workers,
+                                                                            tmp_path):
+    corpus = documents(200)
+    held_out = ["a story kept for validation", "another one, ünïcode ✓", corpus[30], "",
+                "bad \udcff byte"]
+    result = run_prepare(corpus, gpt2, tmp_path / "out", workers=workers, chunk_chars=200,
+                         val_documents=iter(held_out), val_source_name="valid.txt",
+                         val_source_sha256="1" * 64)
+    eot = gpt2.eot_id
+    # val: each validation document (empty skipped, surrogate replaced) encoded, then eot.
+    val_texts = [text.replace("\udcff", "\ufffd") for text in held_out if text]
+    expected_val = [i for text in val_texts for i in (*gpt2.encode_ordinary(text), eot)]
+    assert tokens(tmp_path / "out", "val").tolist() == expected_val
+    # train: the corpus in order, without the documents that are also validation documents
+    # (corpus[30], and SPECIAL's "bad \udcff byte", the same text once replaced).
+    train_texts = [text.replace("\udcff", "\ufffd") for text in corpus if text]
+    train_texts = [text for text in train_texts if text not in val_texts]
+    assert len(train_texts) == len([t for t in corpus if t]) - 2
+    expected_train = [i for text in train_texts for i in (*gpt2.encode_ordinary(text), eot)]
+    assert tokens(tmp_path / "out", "train").tolist() == expected_train
+    meta = result.meta
+    assert meta["val_duplicates_dropped"] == 2
+    assert meta["splits"]["val"]["documents"] == len(val_texts)
+    assert meta["splits"]["val"]["bytes"] == sum(len(t.encode()) for t in val_texts)
+    assert meta["settings"]["val_source"] == {"name": "valid.txt", "sha256": "1" * 64}
+    assert "val_fraction" not in meta["settings"]
+    # The same sources again: nothing to do; another validation source: replaced only when asked.
+    again = run_prepare(corpus, gpt2, tmp_path / "out", val_documents=iter(held_out),
+                        val_source_name="valid.txt", val_source_sha256="1" * 64)
+    assert again.already_prepared
+    with pytest.raises(PrometheanError, match="already holds data prepared with settings"):
+        run_prepare(corpus, gpt2, tmp_path / "out", val_documents=iter(["x"]),
+                    val_source_name="other.txt", val_source_sha256="2" * 64)
+
+
+def test_a_separate_validation_source_is_refused_when_empty_or_unnamed_or_all_of_train(tmp_path):
+    byte = ByteTokenizer()
+    with pytest.raises(PrometheanError, match=(
+            "the validation source 'v.txt' has no documents with any text; give it one that "
+            "has some.")):
+        run_prepare(["a", "b"], byte, tmp_path / "a", val_documents=iter(["", ""]),
+                    val_source_name="v.txt", val_source_sha256="1" * 64)
+    with pytest.raises(PrometheanError, match="the corpus 'test' has no documents with any text "
+                                              "that are not also in the validation source"):
+        run_prepare(["a", "b", "a"], byte, tmp_path / "b", val_documents=iter(["b", "a"]),
+                    val_source_name="v.txt", val_source_sha256="1" * 64)
+    with pytest.raises(PrometheanError, match="needs its name and sha256"):
+        run_prepare(["a"], byte, tmp_path / "c", val_documents=iter(["b"]))
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_cli_val_file_is_the_validation_split(tmp_path):
+    (tmp_path / "train.txt").write_text(f"one story{END_OF_TEXT}two story{END_OF_TEXT}held out")
+    (tmp_path / "valid.txt").write_text(f"held out{END_OF_TEXT}a new one")
+    out = tmp_path / "out"
+    result = cli(tmp_path / "train.txt", "--tokenizer", "bytes", "--out", out,
+                 "--val", tmp_path / "valid.txt")
+    assert result.returncode == 0, result.stderr
+    byte = ByteTokenizer()
+    assert byte.decode(tokens(out, "val").tolist()) == f"held out{END_OF_TEXT}a new one{END_OF_TEXT}"
+    assert byte.decode(tokens(out, "train").tolist()) == (
+        f"one story{END_OF_TEXT}two story{END_OF_TEXT}")
+    assert "1 corpus document identical to a document of" in result.stderr
+    both = cli(tmp_path / "train.txt", "--tokenizer", "bytes", "--out", tmp_path / "o2",
+               "--val", tmp_path / "valid.txt", "--val-fraction", "0.1")
+    assert both.returncode == 1
+    assert both.stderr.strip() == ("error: --val names the validation data and --val-fraction "
+                                   "carves it out of the corpus; give one of them, not both.")
+    assert not (tmp_path / "o2").exists()
