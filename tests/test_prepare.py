@@ -626,7 +626,8 @@ def test_cli_val_file_is_the_validation_split(tmp_path):
                  "--val", tmp_path / "valid.txt")
     assert result.returncode == 0, result.stderr
     byte = ByteTokenizer()
-    assert byte.decode(tokens(out, "val").tolist()) == f"held out{END_OF_TEXT}a new one{END_OF_TEXT}"
+    assert byte.decode(tokens(out, "val").tolist()) == (
+        f"held out{END_OF_TEXT}a new one{END_OF_TEXT}")
     assert byte.decode(tokens(out, "train").tolist()) == (
         f"one story{END_OF_TEXT}two story{END_OF_TEXT}")
     assert "1 corpus document identical to a document of" in result.stderr

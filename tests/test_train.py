@@ -516,7 +516,7 @@ def test_schedules_after_warmup_match_hand_computed_values():
         lr_at(0, 1.0, 0.1, 4, 14, "cosin")
 
 
-def test_new_settings_are_refused_in_one_sentence(data_dir, tmp_path):
+def test_new_settings_are_refused_in_one_sentence():
     base = ["model='a'", "data='b'", "out='c'"]
     with pytest.raises(ConfigError, match=r"'schedule' input should be 'cosine', 'linear' or "
                                           r"'constant' \(got 'cosin'\)"):

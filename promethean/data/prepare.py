@@ -162,7 +162,8 @@ def tokenizer_record(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def settings_record(val_fraction: float, val_source: dict[str, str] | None = None) -> dict[str, Any]:
+def settings_record(val_fraction: float,
+                    val_source: dict[str, str] | None = None) -> dict[str, Any]:
     if val_source is not None:
         return {"val_source": dict(val_source), "split": SEPARATE_VAL_RULE,
                 "encoding": ENCODING_RULE}

@@ -413,8 +413,9 @@ def train(
     (or the newest step checkpoint of a run directory).
 
     `until_step` stops after that step as an interruption would (checkpoint saved), without
-    changing the schedule, which still runs to `max_steps` (or the steps of `max_epochs`). `overwrite` lets the run replace
-    another run's checkpoints and metrics in `config.out` (see `claim_run_directory`).
+    changing the schedule, which still runs to `max_steps` (or the steps of `max_epochs`).
+    `overwrite` lets the run replace another run's checkpoints and metrics in `config.out` (see
+    `claim_run_directory`).
 
     Under `torchrun` (WORLD_SIZE > 1) every rank runs this same function on its share of the
     batches, with the model in DDP (or FSDP, `config.distributed`); rank 0 alone writes. See
@@ -547,7 +548,9 @@ def _train(
     tokens_per_step = config.batch_size * config.grad_accum * block_size * dist_context.world_size
     max_steps = config.max_steps
     if config.max_epochs is not None:
-        max_steps = steps_for_epochs(config.max_epochs, dataset.num_tokens("train"), tokens_per_step)
+        max_steps = steps_for_epochs(
+            config.max_epochs, dataset.num_tokens("train"), tokens_per_step
+        )
     metadata = {
         **origin,
         # max_steps as this run has it (derived from max_epochs when that is set).
