@@ -332,9 +332,8 @@ def convert_from_torch(
     save_checkpoint(out, model, chosen, {"imported_from": str(source), "format": result.format,
                                          "notes": result.notes})
     for line in describe(result):
-        console.print(line, highlight=False, markup=False)
-    console.print(f"wrote {out} ({model.num_parameters():,} parameters, {chosen.kind} tokenizer)",
-                  highlight=False, markup=False)
+        typer.echo(line)
+    typer.echo(f"wrote {out} ({model.num_parameters():,} parameters, {chosen.kind} tokenizer)")
 
 
 @convert_app.command("to-hf")

@@ -781,3 +781,41 @@ def test_cli_asks_for_a_tokenizer_when_the_vocabulary_is_small(tmp_path):
              "--tokenizer", "bytes")
     assert ok.returncode == 0, ok.stderr
     assert "format: minimac" in ok.stdout
+
+
+def test_an_exact_gelu_model_prepared_for_inference_keeps_its_logits():
+    """The CPU kernels compute GELU's tanh form only: an exact-GELU model prepared for them
+    applies the exact one between the products, and decodes without the fused step."""
+    from promethean.config import load_preset
+    from promethean.inference import fused_decode, kernels
+    from promethean.inference.quantize import prepare_for_inference
+
+    config = load_preset("tiny-gpt2").model.with_overrides(mlp="gelu_exact")
+    torch.manual_seed(0)
+    reference = Transformer(config).eval()
+    prepared = Transformer(config).eval()
+    prepared.load_state_dict(reference.state_dict())
+    prepare_for_inference(prepared, "fp32")
+    ids = tokens(config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(ids).logits, reference(ids).logits, atol=1e-4, rtol=0)
+        cache = prepared.new_cache(2)
+        prepared(ids[:, :8], cache=cache)
+        step = prepared(ids[:, 8:9], cache=cache).logits
+        torch.testing.assert_close(step, reference(ids[:, :9]).logits[:, 8:9], atol=1e-4, rtol=0)
+    if kernels.available():
+        assert prepared.fused_decode is None
+        assert fused_decode.install(prepared) == (
+            "layer 0 has an exact-GELU MLP, which the fused step does not compute")
+
+
+@pytest.mark.parametrize("wrong, sentence", [
+    ("minimac", "has no tensor 'token_embedding.weight', so it is not a MiniMacLLM checkpoint."),
+    ("gemma3-scratch", "has no tensor 'tok_emb.weight', so it is not a Gemma-3 from-scratch "
+                       "state dict."),
+])
+def test_a_wrong_format_is_one_sentence(tmp_path, wrong, sentence):
+    save_nanogpt_ckpt(nanogpt(), tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError) as error:
+        import_torch(tmp_path / "ckpt.pt", wrong)
+    assert str(error.value) == f"{tmp_path / 'ckpt.pt'} {sentence}"

@@ -254,7 +254,6 @@ class TorchImport:
     format: str
     notes: list[str] = field(default_factory=list)
     tokenizer: Any = None  # from nanoGPT's meta.pkl, when given
-    source_parameters: int = 0
 
 
 def _expand(pattern: str, layer: int) -> str:
@@ -471,7 +470,10 @@ def import_torch(
                 "--mapping TOML."
             )
     fields = {**(file_config or {}), **overrides}
-    source_parameters = _count_parameters(state)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        notes.append(f"converted its {', '.join(dtypes)} tensors to fp32")
     if format == "nanogpt":
         result = _import_nanogpt(state, fields, path, mapping_, n_head, notes)
     elif format == "gemma3-scratch":
@@ -480,7 +482,6 @@ def import_torch(
         result = _import_minimac(state, fields, path, mapping_, file_config is not None, notes)
     else:
         result = _import_state_dict(state, path, mapping_, overrides, notes)
-    result.source_parameters = source_parameters
     if meta is not None:
         _use_char_vocabulary(result, Path(meta))
     return result
@@ -561,10 +562,19 @@ def _shape(state: Mapping[str, torch.Tensor], name: str, path: Path) -> tuple[in
     return tuple(state[name].shape)
 
 
+def _require_tensor(state, name: str, path: Path, what: str, mapping: Mapping_ | None) -> None:
+    """A layout's anchor tensor, before its config is read (unless a mapping renames it)."""
+    if name not in state and not (mapping and mapping.links):
+        raise CheckpointError(f"{path} has no tensor '{name}', so it is not {what}.")
+
+
 def _tie_or_untie(
-    state: dict[str, torch.Tensor], head: str, embedding: str, notes: list[str]
+    state: dict[str, torch.Tensor], head: str, embedding: str, notes: list[str], path: Path,
+    what: str,
 ) -> bool:
     """Whether the head is the embedding (then its copy is dropped)."""
+    if embedding not in state:
+        raise CheckpointError(f"{path} has no tensor '{embedding}', so it is not {what}.")
     if head not in state:
         notes.append("the file has no separate output head: it is tied to the token embeddings")
         return True
@@ -639,7 +649,9 @@ def _import_nanogpt(state, fields, path, mapping, n_head, notes) -> TorchImport:
         "norm_eps": NANOGPT_LAYER_NORM_EPS,
         "bias": bool(fields.get("bias", True)),
         "position": "learned",
-        "tie_embeddings": _tie_or_untie(state, "lm_head.weight", "transformer.wte.weight", notes),
+        "tie_embeddings": _tie_or_untie(
+            state, "lm_head.weight", "transformer.wte.weight", notes, path, "a nanoGPT checkpoint"
+        ),
         **(mapping.model if mapping else {}),
     }, path)
     kinds = ("weight", "bias") if config.bias else ("weight",)
@@ -666,6 +678,7 @@ def _import_nanogpt(state, fields, path, mapping, n_head, notes) -> TorchImport:
 
 # ---- Gemma-3 from scratch
 def _import_gemma3_scratch(state, fields, path, mapping, notes) -> TorchImport:
+    _require_tensor(state, "tok_emb.weight", path, "a Gemma-3 from-scratch state dict", mapping)
     unknown = set(fields) - set(GEMMA3_SCRATCH_DEFAULTS) - {"dtype"}
     if unknown:
         raise ConfigError(
@@ -736,7 +749,10 @@ def _import_gemma3_scratch(state, fields, path, mapping, notes) -> TorchImport:
         "qk_norm": True,
         "query_pre_attn_scalar": float(c["query_pre_attn_scalar"]),
         "embedding_scale": True,
-        "tie_embeddings": _tie_or_untie(state, "out_head.weight", "tok_emb.weight", notes),
+        "tie_embeddings": _tie_or_untie(
+            state, "out_head.weight", "tok_emb.weight", notes, path, "a Gemma-3 from-scratch "
+            "state dict"
+        ),
         **(mapping.model if mapping else {}),
     }
     config = _model_config(model_fields, path)
@@ -765,6 +781,7 @@ def _import_gemma3_scratch(state, fields, path, mapping, notes) -> TorchImport:
 
 # ---- MiniMacLLM
 def _import_minimac(state, fields, path, mapping, had_config, notes) -> TorchImport:
+    _require_tensor(state, "token_embedding.weight", path, "a MiniMacLLM checkpoint", mapping)
     if not had_config and not fields:
         notes.append("the file stores no config: MiniMacLLM's defaults were checked against the "
                      "tensor shapes")
@@ -805,7 +822,10 @@ def _import_minimac(state, fields, path, mapping, had_config, notes) -> TorchImp
         "bias": bool(c["bias"]),
         "position": "rope",
         "rope_theta": float(c["rope_base"]),
-        "tie_embeddings": _tie_or_untie(state, "lm_head.weight", "token_embedding.weight", notes),
+        "tie_embeddings": _tie_or_untie(
+            state, "lm_head.weight", "token_embedding.weight", notes, path, "a MiniMacLLM "
+            "checkpoint"
+        ),
         **(mapping.model if mapping else {}),
     }, path)
     kinds = ("weight", "bias") if config.bias else ("weight",)
@@ -883,8 +903,8 @@ def _use_char_vocabulary(result: TorchImport, meta_path: Path) -> None:
     result.notes.append(
         f"nanoGPT's {len(new_ids)} characters moved to a char tokenizer's ids 257-"
         f"{256 + len(new_ids)}; its ids 0-256 (byte fallback and <|endoftext|>) were never "
-        "trained, so their embedding rows are zero (logit 0): sample with top-k at most "
-        f"{len(new_ids)}, or fine-tune briefly, to keep them out"
+        "trained: their rows are zero, so each gets logit 0 and can still be sampled; a short "
+        "fine-tune on the model's own data pushes them down"
     )
 
 
@@ -903,7 +923,7 @@ def describe(result: TorchImport) -> list[str]:
         f"format: {result.format}; architecture: {architecture}",
         f"model: {c.n_layer} layers, width {c.n_embd}, {heads}, vocabulary {c.vocab_size}, "
         f"context {c.context_length}, {'tied' if c.tie_embeddings else 'separate'} output head",
-        f"parameters: {result.source_parameters:,} read",
+        f"parameters: {_count_parameters(result.state):,}",
     ]
     lines += [f"note: {note}" for note in result.notes]
     return lines
