@@ -819,3 +819,13 @@ def test_a_wrong_format_is_one_sentence(tmp_path, wrong, sentence):
     with pytest.raises(CheckpointError) as error:
         import_torch(tmp_path / "ckpt.pt", wrong)
     assert str(error.value) == f"{tmp_path / 'ckpt.pt'} {sentence}"
+
+
+def test_gguf_refuses_exact_gelu_in_a_sentence():
+    from promethean.config import load_preset
+    from promethean.interop.export import gguf_problem
+
+    config = load_preset("tiny-gpt2").model.with_overrides(mlp="gelu_exact")
+    assert gguf_problem(config) == (
+        "cannot export to GGUF as llama.cpp's gpt2 architecture, which cannot express: "
+        "mlp = 'gelu_exact' (llama.cpp computes GELU in its tanh approximation).")
