@@ -294,8 +294,9 @@ def convert_from_torch(
         "--mapping", help="TOML naming where tensors go ([tensors] ours = theirs, {layer} "
         "placeholders; [model] config).")] = None,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", help="JSON or TOML of the system's own config keys, overriding the file's "
-        "(or the defaults, for files without one).")] = None,
+        "--config", help="JSON or TOML of the system's own config keys (the Gemma-3 notebook's, "
+        "MiniMacLLM's, nanoGPT's model_args; ModelConfig fields for state-dict), overriding the "
+        "file's or the defaults.")] = None,
     n_head: Annotated[Optional[int], typer.Option(
         "--n-head", min=1, help="Head count of a bare nanoGPT state dict (default: width / 64).")] = None,
     overwrite: OverwriteCheckpointOption = False,

@@ -829,3 +829,19 @@ def test_gguf_refuses_exact_gelu_in_a_sentence():
     assert gguf_problem(config) == (
         "cannot export to GGUF as llama.cpp's gpt2 architecture, which cannot express: "
         "mlp = 'gelu_exact' (llama.cpp computes GELU in its tanh approximation).")
+
+
+@pytest.mark.parametrize("entry, sentence", [
+    ('"final_norm.weight" = { from = "norm.weight", transform = "negate" }',
+     "tensors.\"final_norm.weight\" has transform 'negate'; known transforms are copy, add_one, "
+     "transpose."),
+    ('"blocks.{layer}.attn_norm.weight" = "norm.weight"',
+     "tensors.\"blocks.{layer}.attn_norm.weight\" = \"norm.weight\" must use {layer} on both "
+     "sides or on neither."),
+])
+def test_a_bad_mapping_entry_is_one_sentence(tmp_path, entry, sentence):
+    (tmp_path / "map.toml").write_text(f"[tensors]\n{entry}\n")
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ConfigError) as error:
+        import_torch(tmp_path / "weights.pt", "state-dict", mapping=tmp_path / "map.toml")
+    assert str(error.value) == f"{tmp_path / 'map.toml'}: {sentence}"

@@ -57,9 +57,12 @@ from promethean.interop.hf import _check_shapes
 
 __all__ = [
     "FORMATS",
+    "TensorMapping",
     "TorchImport",
     "char_tokenizer_from_meta",
+    "describe",
     "import_torch",
+    "read_mapping",
     "read_meta_pkl",
     "read_torch_file",
 ]
@@ -173,7 +176,7 @@ def read_torch_file(path: str | Path) -> Any:
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except Exception as error:  # noqa: BLE001 - whatever the unpickler raised, the file is refused
         # A config object built some other way than fields (a __reduce__ with arguments).
         raise CheckpointError(
             f"{path} pickles its config in a way that cannot be read as plain fields "
@@ -328,13 +331,16 @@ def _convert(tensor: torch.Tensor, ours: tuple[str, ...], transform: str) -> dic
 
 # ------------------------------------------------------------------------------ mapping TOML
 @dataclass
-class Mapping_:
+class TensorMapping:
+    """A --mapping TOML: ModelConfig fields, links by our tensor's name pattern, and patterns of
+    their tensors to ignore."""
+
     model: dict[str, Any]
     links: dict[str, Link]  # by our name pattern
     ignore: list[str]
 
 
-def read_mapping(path: str | Path) -> Mapping_:
+def read_mapping(path: str | Path) -> TensorMapping:
     path = Path(path)
     data = read_toml(path)
     unknown = set(data) - {"model", "tensors"}
@@ -373,10 +379,10 @@ def read_mapping(path: str | Path) -> Mapping_:
                 "on neither."
             )
         links[ours] = Link(theirs, (ours,), transform)
-    return Mapping_(model=model, links=links, ignore=ignore)
+    return TensorMapping(model=model, links=links, ignore=ignore)
 
 
-def _with_mapping(links: list[Link], mapping: Mapping_ | None) -> list[Link]:
+def _with_mapping(links: list[Link], mapping: TensorMapping | None) -> list[Link]:
     """The built-in links with the mapping's entries in place of those of the same tensors."""
     if mapping is None:
         return links
@@ -562,7 +568,7 @@ def _shape(state: Mapping[str, torch.Tensor], name: str, path: Path) -> tuple[in
     return tuple(state[name].shape)
 
 
-def _require_tensor(state, name: str, path: Path, what: str, mapping: Mapping_ | None) -> None:
+def _require_tensor(state, name: str, path: Path, what: str, mapping: TensorMapping | None) -> None:
     """A layout's anchor tensor, before its config is read (unless a mapping renames it)."""
     if name not in state and not (mapping and mapping.links):
         raise CheckpointError(f"{path} has no tensor '{name}', so it is not {what}.")
