@@ -280,6 +280,63 @@ def convert_from_hf(
     console.print(f"wrote {out} ({model.num_parameters():,} parameters)")
 
 
+@convert_app.command("from-torch")
+def convert_from_torch(
+    source: Annotated[Path, typer.Argument(help="A PyTorch .pt file (read without running pickled code).")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    source_format: Annotated[Optional[str], typer.Option(
+        "--format", help="nanogpt, gemma3-scratch, minimac or state-dict (default: detected "
+        "from the tensor names).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        help="gpt2, bytes, a tokenizer directory, or nanoGPT's meta.pkl (its characters become "
+        "a char tokenizer). Default: gpt2 when the vocabulary holds it.")] = None,
+    mapping: Annotated[Optional[Path], typer.Option(
+        "--mapping", help="TOML naming where tensors go ([tensors] ours = theirs, {layer} "
+        "placeholders; [model] config).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="JSON or TOML of the system's own config keys (the Gemma-3 notebook's, "
+        "MiniMacLLM's, nanoGPT's model_args; ModelConfig fields for state-dict), overriding the "
+        "file's or the defaults.")] = None,
+    n_head: Annotated[Optional[int], typer.Option(
+        "--n-head", min=1, help="Head count of a bare nanoGPT state dict (default: width / 64).")] = None,
+    overwrite: OverwriteCheckpointOption = False,
+) -> None:
+    """Import a nanoGPT, Gemma-3-from-scratch or MiniMacLLM .pt checkpoint (or any state dict)."""
+    import torch
+
+    from promethean.checkpoint import refuse_to_replace, save_checkpoint
+
+    refuse_to_replace(out, overwrite)
+    from promethean.interop.torch_import import describe, import_torch
+    from promethean.model import Transformer
+    from promethean.tokenizer import GPT2Tokenizer, get_tokenizer
+
+    meta = tokenizer if tokenizer is not None and tokenizer.endswith(".pkl") else None
+    result = import_torch(source, source_format, mapping=mapping, config=config, n_head=n_head,
+                          meta=meta)
+    if result.tokenizer is not None:
+        chosen = result.tokenizer
+    elif tokenizer is not None:
+        chosen = get_tokenizer(tokenizer)
+    elif result.config.vocab_size >= GPT2Tokenizer.vocab_size:
+        chosen = get_tokenizer("gpt2")
+    else:
+        raise PrometheanError(
+            f"the model's vocabulary has {result.config.vocab_size} ids, fewer than GPT-2's "
+            f"{GPT2Tokenizer.vocab_size}; name its tokenizer with --tokenizer (bytes, a tokenizer "
+            "directory, or nanoGPT's meta.pkl)."
+        )
+    with torch.device("meta"):
+        model = Transformer(result.config)
+    model.load_state_dict(result.state, strict=True, assign=True)
+    model.tie_weights()
+    save_checkpoint(out, model, chosen, {"imported_from": str(source), "format": result.format,
+                                         "notes": result.notes})
+    for line in describe(result):
+        typer.echo(line)
+    typer.echo(f"wrote {out} ({model.num_parameters():,} parameters, {chosen.kind} tokenizer)")
+
+
 @convert_app.command("to-hf")
 def convert_to_hf(
     checkpoint: Annotated[Path, typer.Argument(help="A Promethean checkpoint directory.")],

@@ -42,7 +42,9 @@ class ModelConfig(BaseModel):
     # Width of one head; None means n_embd // n_head. Gemma-3 sets it wider than that.
     head_dim: int | None = Field(default=None, gt=0)
     d_ff: int = Field(gt=0)
-    mlp: Literal["gelu", "swiglu", "geglu_tanh"] = "gelu"
+    # gelu: GPT-2's MLP with the tanh approximation of GELU; gelu_exact: the same MLP with the
+    # exact (erf) GELU, as nanoGPT's nn.GELU() computes; swiglu / geglu_tanh: gated variants.
+    mlp: Literal["gelu", "swiglu", "geglu_tanh", "gelu_exact"] = "gelu"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = Field(default=1e-5, gt=0)
     # Gemma's RMSNorm multiplies by (1 + weight) with the weight initialised to 0. Storing the
@@ -131,6 +133,10 @@ class ModelConfig(BaseModel):
         return self
 
     # Derived values, so that no caller repeats the defaulting rules above.
+    @property
+    def gated_mlp(self) -> bool:
+        return self.mlp in ("swiglu", "geglu_tanh")
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_head if self.n_kv_head is not None else self.n_head

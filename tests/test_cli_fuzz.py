@@ -82,7 +82,7 @@ BAD_PROBABILITY = st.one_of(st.floats(min_value=1.0001, allow_infinity=False).ma
                             st.just("nan"), NOT_A_NUMBER)
 BAD_TEMPERATURE = st.one_of(st.floats(max_value=-1e-9).map(str), st.just("nan"), NOT_A_NUMBER)
 COMMANDS = [["generate"], ["model", "init"], ["model", "info"], ["convert", "from-hf"],
-            ["convert", "to-hf"], ["export"], ["pretrain"], ["finetune"], ["data", "prepare"],
+            ["convert", "to-hf"], ["convert", "from-torch"], ["export"], ["pretrain"], ["finetune"], ["data", "prepare"],
             ["tokenizer", "train"], ["memory", "stats"], ["memory", "prune"], ["memory", "add"],
             ["serve"], ["learn"], ["forgetting"], ["plot"], ["chat"], ["finetune-chat"]]
 
@@ -108,7 +108,7 @@ def bad_command(draw, root: Path) -> list[str]:
         return ["model", "init", draw(st.sampled_from(["tiny-gpt2", "tiny-llama"])), "--out",
                 good_place]
     if kind == 5:
-        return ["convert", draw(st.sampled_from(["from-hf", "to-hf"])),
+        return ["convert", draw(st.sampled_from(["from-hf", "to-hf", "from-torch"])),
                 draw(st.sampled_from([missing, ck, afile])), "--out", good_place]
     if kind == 6:
         out = draw(st.sampled_from(["/proc/x.onnx", f"{afile}/x.gguf", missing + "/\x01.gguf"]))

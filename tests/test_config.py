@@ -73,7 +73,7 @@ BASE = dict(vocab_size=100, context_length=64, n_layer=2, n_embd=32, n_head=4, d
         ({"n_layers": 3}, "'n_layers' is not a known setting"),
         ({"n_layer": "2"}, "'n_layer' input should be a valid integer"),
         ({"n_layer": 0}, "'n_layer' input should be greater than 0"),
-        ({"mlp": "relu"}, "'mlp' input should be 'gelu', 'swiglu' or 'geglu_tanh'"),
+        ({"mlp": "relu"}, "'mlp' input should be 'gelu', 'swiglu', 'geglu_tanh' or 'gelu_exact'"),
     ],
 )
 def test_impossible_configs_are_rejected_with_a_sentence(overrides, sentence):

@@ -377,6 +377,8 @@ def test_published_configs_map_to_our_presets(published, preset, differences):
     [
         ("tiny-gpt2", {}),
         ("tiny-gpt2", {"tie_embeddings": False}),
+        # nanoGPT's exact GELU is transformers' activation_function "gelu".
+        ("tiny-gpt2", {"mlp": "gelu_exact"}),
         ("tiny-llama", {}),
         ("tiny-llama", {"tie_embeddings": True, "bias": True, "mlp": "geglu_tanh"}),
         ("tiny-gemma3", {}),

@@ -60,6 +60,8 @@ def _unsupported(model: Transformer) -> str | None:
             return "the layers' attention scales differ"
         if block.attn_norm.rms != model.blocks[0].attn_norm.rms:
             return "the layers' norms differ"
+        if block.mlp.exact_gelu:
+            return f"layer {layer} has an exact-GELU MLP, which the fused step does not compute"
         if block.mlp.up_proj.activation != model.blocks[0].mlp.up_proj.activation:
             return "the layers' MLPs differ"
     return None

@@ -142,9 +142,13 @@ class KernelMLP(KernelModule):
 
     def __init__(self, mlp: MLP, weight_format: str) -> None:
         super().__init__()
-        if mlp.kind == "gelu":
+        # The kernels' epilogues compute GELU's tanh form only: the exact one runs in PyTorch
+        # between the two products (and a model with it keeps its layers for decoding).
+        self.exact_gelu = mlp.kind == "gelu_exact"
+        if mlp.kind in ("gelu", "gelu_exact"):
+            activation = "none" if self.exact_gelu else "gelu_tanh"
             self.up_proj = KernelLinear(mlp.up_proj.weight, mlp.up_proj.bias, weight_format,
-                                        activation="gelu_tanh")
+                                        activation=activation)
         else:
             weight = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
             bias = None
@@ -155,6 +159,8 @@ class KernelMLP(KernelModule):
         self.down_proj = KernelLinear(mlp.down_proj.weight, mlp.down_proj.bias, weight_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact_gelu:
+            return self.down_proj(F.gelu(self.up_proj(x)))
         return self.down_proj(self.up_proj(x))
 
 

@@ -415,6 +415,8 @@ def gguf_problem(config: ModelConfig) -> str | None:
     problems = _problems_for(config, family)
     if family == "llama" and config.mlp != "swiglu":
         problems.append(f"mlp = '{config.mlp}' (llama.cpp's LLaMA has a SwiGLU MLP)")
+    if config.mlp == "gelu_exact":
+        problems.append("mlp = 'gelu_exact' (llama.cpp computes GELU in its tanh approximation)")
     if problems:
         return (
             f"cannot export to GGUF as llama.cpp's {family} architecture, which cannot express: "

@@ -46,6 +46,8 @@ PICKLED_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # HF activation names that compute exactly what our MLP computes.
 TANH_GELU_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new")
 SILU_ACTIVATIONS = ("silu", "swish")
+# transformers' "gelu" is the exact (erf) GELU, our mlp = "gelu_exact" (nanoGPT's nn.GELU()).
+EXACT_GELU_ACTIVATION = "gelu"
 # What export writes: gelu_pytorch_tanh is literally F.gelu(approximate="tanh"), as in our MLP.
 EXPORTED_TANH_GELU = "gelu_pytorch_tanh"
 
@@ -164,9 +166,10 @@ def _refuse_unless(condition: bool, sentence: str) -> None:
 def _gpt2_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     c = _with_defaults(hf_config, GPT2_DEFAULTS)
     _refuse_unless(
-        c["activation_function"] in TANH_GELU_ACTIVATIONS,
-        f"GPT-2 activation_function {c['activation_function']!r} is not supported; only the tanh "
-        f"approximation of GELU ({', '.join(TANH_GELU_ACTIVATIONS)}) is.",
+        c["activation_function"] in (*TANH_GELU_ACTIVATIONS, EXACT_GELU_ACTIVATION),
+        f"GPT-2 activation_function {c['activation_function']!r} is not supported; only GELU, "
+        f"exact ({EXACT_GELU_ACTIVATION}) or in its tanh approximation "
+        f"({', '.join(TANH_GELU_ACTIVATIONS)}), is.",
     )
     _refuse_unless(
         c["scale_attn_weights"] and not c["scale_attn_by_inverse_layer_idx"],
@@ -182,7 +185,7 @@ def _gpt2_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
         "n_embd": n_embd,
         "n_head": int(c["n_head"]),
         "d_ff": int(c["n_inner"]) if c["n_inner"] is not None else 4 * n_embd,
-        "mlp": "gelu",
+        "mlp": "gelu_exact" if c["activation_function"] == EXACT_GELU_ACTIVATION else "gelu",
         "norm": "layernorm",
         "norm_eps": float(c["layer_norm_epsilon"]),
         "bias": True,
@@ -386,7 +389,9 @@ def _problems_for(config: ModelConfig, family: str) -> list[str]:
 
     default_scale = config.query_pre_attn_scalar in (None, float(config.head_size))
     if family == "gpt2":
-        require(config.mlp == "gelu", f"mlp = '{config.mlp}' (GPT-2 has a plain GELU MLP)")
+        require(
+            config.mlp in ("gelu", "gelu_exact"), f"mlp = '{config.mlp}' (GPT-2 has a plain GELU MLP)"
+        )
         require(config.norm == "layernorm", "norm = 'rmsnorm' (GPT-2 uses LayerNorm)")
         require(config.bias, "bias = false (GPT-2 has biases everywhere)")
         require(config.kv_heads == config.n_head, "grouped-query attention")
@@ -397,7 +402,7 @@ def _problems_for(config: ModelConfig, family: str) -> list[str]:
         require(not config.embedding_scale, "embedding scaling")
         require(default_scale, "query_pre_attn_scalar != head size")
     elif family == "llama":
-        require(config.mlp != "gelu", "an ungated GELU MLP with RoPE (LLaMA's MLP is gated)")
+        require(config.gated_mlp, "an ungated GELU MLP with RoPE (LLaMA's MLP is gated)")
         require(config.norm == "rmsnorm", "norm = 'layernorm' (LLaMA uses RMSNorm)")
         require(not config.norm_unit_offset, "(1 + weight) norms (LLaMA's gain is the weight)")
         require(config.sliding_window is None, "a sliding window without Gemma-3's other features")
@@ -408,7 +413,7 @@ def _problems_for(config: ModelConfig, family: str) -> list[str]:
             "only some of Gemma-3's sandwich norms, QK-norm and embedding scaling "
             "(it has all three)",
         )
-        require(config.mlp != "gelu", "an ungated GELU MLP (Gemma-3's MLP is gated)")
+        require(config.gated_mlp, "an ungated GELU MLP (Gemma-3's MLP is gated)")
         require(config.norm == "rmsnorm", "norm = 'layernorm' (Gemma-3 uses RMSNorm)")
         require(not config.bias, "bias = true (Gemma-3's MLP has no biases)")
         scalar = config.query_pre_attn_scalar or config.head_size
@@ -466,7 +471,9 @@ def model_config_to_hf(
             "n_layer": config.n_layer,
             "n_head": config.n_head,
             "n_inner": config.d_ff,
-            "activation_function": EXPORTED_TANH_GELU,
+            "activation_function": (
+                EXACT_GELU_ACTIVATION if config.mlp == "gelu_exact" else EXPORTED_TANH_GELU
+            ),
             "layer_norm_epsilon": config.norm_eps,
             "resid_pdrop": config.dropout,
             "embd_pdrop": config.dropout,

@@ -134,12 +134,13 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """The feed-forward sublayer: plain GELU (GPT-2) or a gated variant (SwiGLU, GeGLU-tanh)."""
+    """The feed-forward sublayer: plain GELU (GPT-2's tanh form, or exact as in nanoGPT) or a
+    gated variant (SwiGLU, GeGLU-tanh)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.kind = config.mlp
-        self.gated = config.mlp != "gelu"
+        self.gated = config.gated_mlp
         if self.gated:
             self.gate_proj = Linear(config.n_embd, config.d_ff, bias=config.bias)
         self.up_proj = Linear(config.n_embd, config.d_ff, bias=config.bias)
@@ -151,6 +152,8 @@ class MLP(nn.Module):
         if self.kind == "gelu":
             # GPT-2 was trained with the tanh approximation of GELU.
             hidden = F.gelu(self.up_proj(x), approximate="tanh")
+        elif self.kind == "gelu_exact":
+            hidden = F.gelu(self.up_proj(x))
         elif self.kind == "swiglu":
             hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
         else:

@@ -237,7 +237,7 @@ def layer_activation_elements(config: ModelConfig, layer: int = 0) -> int:
         elements += 2 * query + 2 * key_value
     if config.sandwich_norm:
         elements += 4 * width
-    elements += 2 * config.d_ff if config.mlp == "gelu" else 4 * config.d_ff
+    elements += 4 * config.d_ff if config.gated_mlp else 2 * config.d_ff
     return elements
 
 
