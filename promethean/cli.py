@@ -777,7 +777,7 @@ def finetune_chat(
     ))
     (train_chats, val_chats), (train_examples, val_examples) = result.conversations, result.examples
     typer.echo(f"conversations: {train_chats} to train on ({train_examples} examples), {val_chats} "
-               f"held out for validation ({val_examples} examples)")
+               f"held out for validation ({val_examples} examples); log format: {result.log_format}")
     typer.echo(f"{result.steps} steps ({result.stopped.replace('_', ' ')}): best validation loss "
                f"{result.best_val_loss:.4f} at step {result.best_step}, base model "
                f"{result.base_val_loss:.4f}")
@@ -835,7 +835,7 @@ def memory_add(
                 raw = [json.loads(line) for line in content.splitlines() if line.strip()]
             except json.JSONDecodeError as error:
                 raise PrometheanError(f"{file} is not JSON lines ({error.msg}, line {error.lineno}).") from None
-            records += parse_records(raw)
+            records += _intake_records(raw, file)
         else:
             records += [DocumentRecord(text=p.strip(), source=str(file))
                         for p in content.split("\n\n") if p.strip()]
@@ -1019,6 +1019,31 @@ def _one_line(message: str) -> str:
         else char.encode("unicode_escape").decode("ascii")
         for char in message
     )
+
+
+def _intake_records(raw: list, file: Path) -> list:
+    """Intake records from JSON lines: the intake's own records, or chat log lines (ours, the
+    GPT-2 chat card's user/assistant pairs, OpenAI messages), each conversation one chat record."""
+    from promethean.context.intake import ChatRecord, ChatTurn, parse_records
+    from promethean.data.chat import foreign_chat_exchanges
+
+    chats, formats, others = [], set(), []
+    for record in raw:
+        foreign = foreign_chat_exchanges(record)
+        if foreign is None and isinstance(record, dict) and "kind" not in record and all(
+                isinstance(record.get(k), str) for k in ("chat_id", "human", "assistant")):
+            foreign = ("Promethean chat log", [(record["human"], record["assistant"])])
+        if foreign is None:
+            others.append(record)
+            continue
+        formats.add(foreign[0])
+        turns = [ChatTurn(role=role, text=said) for human, assistant in foreign[1]
+                 for role, said in (("human", human), ("assistant", assistant)) if said.strip()]
+        if turns:
+            chats.append(ChatRecord(turns=turns, source=str(file)))
+    if formats:
+        typer.echo(f"{file}: {len(chats)} conversations (log format: {', '.join(sorted(formats))})")
+    return parse_records(others) + chats
 
 
 def _os_error_sentence(error: OSError) -> str:

@@ -9,6 +9,8 @@ import sys
 import warnings
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from promethean.checkpoint import load_checkpoint, save_checkpoint
@@ -111,12 +113,81 @@ def test_malformed_lines_are_skipped_and_counted_in_one_warning(tmp_path):
         conversations = read_chat_log(log)
     assert [str(w.message) for w in caught] == [(
         f"skipped 7 malformed lines of chat log {log} (the first is line 2); a usable line is a "
-        "JSON object with string fields chat_id, human and assistant and a numeric time.")]
+        "JSON object with string fields chat_id, human and assistant and a numeric time, string "
+        "fields user and assistant, or a messages list of role/content objects.")]
     # Ordered by time within a conversation (the file had chat-1's second exchange first).
     assert conversations == [
         Conversation("chat-0", (("hello, I am Ann", GREETING),)),
         Conversation("chat-1", (("hello, I am Bob", GREETING), ("how are you?", WELLBEING))),
     ]
+
+
+def card_log(names=NAMES) -> list[dict]:
+    """The GPT-2 chat card's chat_history.jsonl: one {"user", "assistant"} exchange a line."""
+    return [{"user": f"hello, I am {name}", "assistant": GREETING, "timestamp": "2024-05-01"}
+            for name in names]
+
+
+def openai_log(names=NAMES) -> list[dict]:
+    return [{"messages": [{"role": "system", "content": "Be kind."},
+                          {"role": "user", "content": f"hello, I am {name}"},
+                          {"role": "assistant", "content": GREETING},
+                          {"role": "user", "content": "how are you?"},
+                          {"role": "user", "content": "tell me"},
+                          {"role": "assistant", "content": WELLBEING},
+                          {"role": "user", "content": "bye"}]} for name in names]
+
+
+def test_other_systems_chat_logs_are_read_one_conversation_a_line(tmp_path):
+    pairs = read_chat_log(write_log(tmp_path / "chat_history.jsonl", card_log(NAMES[:2])))
+    assert pairs == [
+        Conversation("line-1", (("hello, I am Ann", GREETING),), "user/assistant pairs"),
+        Conversation("line-2", (("hello, I am Bob", GREETING),), "user/assistant pairs"),
+    ]
+    (chat,) = read_chat_log(write_log(tmp_path / "openai.jsonl", openai_log(NAMES[:1])))
+    # The system message sets no turn; two user messages in a row are one human turn; the last
+    # question has no reply yet.
+    assert chat == Conversation("line-1", (("hello, I am Ann", GREETING),
+                                           ("how are you?\ntell me", WELLBEING), ("bye", "")),
+                                "OpenAI messages")
+    mixed = read_chat_log(write_log(tmp_path / "mixed.jsonl",
+                                    card_log(NAMES[:1]) + logged_turns(NAMES[:1])))
+    assert chat_tuning.chat_log_formats(mixed) == "Promethean chat log, user/assistant pairs"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(
+        st.sampled_from(["user", "assistant", "messages", "role", "content", "chat_id", "time",
+                         "human", "x"]), children, max_size=4),
+    max_leaves=10), max_size=5))
+def test_any_json_lines_give_conversations_or_the_one_sentence(tmp_path, lines):
+    log = tmp_path / "fuzz.jsonl"
+    log.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChatLogWarning)
+        try:
+            conversations = read_chat_log(log)
+        except PrometheanError as error:
+            assert str(error).startswith(f"chat log {log} holds no usable conversation")
+            return
+    for conversation in conversations:
+        assert all(isinstance(h, str) and isinstance(a, str) for h, a in conversation.exchanges)
+
+
+def test_the_chat_cards_log_trains_an_adapter_and_memory_add_takes_both_forms(tmp_path):
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = write_log(tmp_path / "chat_history.jsonl", card_log())
+    result = finetune_chat(options(checkpoint, log, max_steps=40))
+    assert result.log_format == "user/assistant pairs"
+    assert result.conversations == (11, 1)
+    assert result.best_val_loss < result.base_val_loss - 0.5
+    for lines, name in ((card_log(), "user/assistant pairs"), (openai_log(), "OpenAI messages")):
+        path = write_log(tmp_path / f"{len(name)}.jsonl", lines)
+        added = cli("memory", "add", str(tmp_path / "memory"), "--file", path)
+        assert added.returncode == 0, added.stderr
+        assert f"{path}: 12 conversations (log format: {name})" in added.stdout
 
 
 @pytest.mark.parametrize("content, sentence", [
@@ -314,7 +385,7 @@ def test_cli_finetune_chat_then_generate_and_chat_with_the_adapter(trained, tmp_
     assert f"warning: chat log {log} holds only 5 conversations" in result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "conversations: 4 to train on (4 examples), 1 held out for validation " \
-                       "(1 examples)"
+                       "(1 examples); log format: Promethean chat log"
     assert lines[1].startswith("4 steps (max steps): best validation loss ")
     assert "base model" in lines[1]
     assert lines[2].startswith(f"wrote {checkpoint / 'adapters' / 'cli'} (")

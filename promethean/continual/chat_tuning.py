@@ -8,7 +8,9 @@ stopping — done so that the adapter learns what the server will later ask of i
    missing field, a wrong type) is skipped, and all of them are counted in one warning. A
    conversation is every line of one `chat_id`, in time order. (`/v1/chat/completions` logs
    only a request's last user message under a fresh id, so each such request is a conversation
-   of one exchange.)
+   of one exchange.) Other systems' logs are read too, one conversation a line: the GPT-2 chat
+   card's `{"user", "assistant"}` pairs and OpenAI's `{"messages": [{"role", "content"}]}`
+   (`promethean.data.chat.foreign_chat_exchanges`); the result names the formats it found.
 2. Each conversation is rendered in the chat format (`promethean.data.chat`) and tokenised as
    the server prompts: `Human: ...\\nAssistant:` then the reply. The loss covers the assistant
    replies only — each reply's tokens and the newline that ends it, since the server stops a
@@ -57,7 +59,7 @@ from promethean.continual.adapters import (
     check_name,
     checkpoint_sha256,
 )
-from promethean.data.chat import Turn, encode_conversation
+from promethean.data.chat import Turn, encode_conversation, foreign_chat_exchanges
 from promethean.errors import PrometheanError
 
 DEFAULT_ADAPTER_NAME = "chat"
@@ -65,6 +67,7 @@ MIN_CONVERSATIONS = 10  # fewer is warned about: too little to learn from withou
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_LR = 2e-3  # as `learn`'s LoRA stages
 IGNORE_INDEX = -100  # what the model's loss skips
+PROMETHEAN_LOG_FORMAT = "Promethean chat log"  # serve --chat-log: one turn per line
 
 
 class ChatLogWarning(UserWarning):
@@ -78,6 +81,7 @@ class ChatLogWarning(UserWarning):
 class Conversation:
     chat_id: str
     exchanges: tuple[tuple[str, str], ...]  # (human, assistant) in time order
+    log_format: str = PROMETHEAN_LOG_FORMAT  # which kind of log line it came from
 
     @property
     def turns(self) -> list[Turn]:
@@ -110,6 +114,18 @@ def _logged_turn(line: bytes) -> tuple[str, float, str, str] | None:
     return chat_id, float(when), human, assistant
 
 
+def _foreign_line(line: bytes) -> tuple[str, list[tuple[str, str]]] | None:
+    try:
+        return foreign_chat_exchanges(json.loads(line.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def chat_log_formats(conversations: list[Conversation]) -> str:
+    """The kinds of log line the conversations came from, for a command's output."""
+    return ", ".join(sorted({c.log_format for c in conversations}))
+
+
 def read_chat_log(path: str | Path) -> list[Conversation]:
     """The conversations of a chat log, ordered by their first turn (see the module docstring).
     Malformed lines are skipped with one warning; a log with no usable turn is an error."""
@@ -119,6 +135,7 @@ def read_chat_log(path: str | Path) -> list[Conversation]:
     if not path.is_file():
         raise PrometheanError(f"chat log {path} is not a file.")
     lines: dict[str, list[tuple[float, int, str, str]]] = {}
+    whole: list[tuple[int, Conversation]] = []
     malformed, first_malformed, nonblank = 0, None, 0
     with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
@@ -126,20 +143,27 @@ def read_chat_log(path: str | Path) -> list[Conversation]:
                 continue  # a blank line (a trailing newline, an editor's) is not a turn
             nonblank += 1
             turn = _logged_turn(line)
-            if turn is None:
+            if turn is not None:
+                chat_id, when, human, assistant = turn
+                lines.setdefault(chat_id, []).append((when, number, human, assistant))
+                continue
+            foreign = _foreign_line(line)
+            if foreign is None:
                 malformed += 1
                 first_malformed = first_malformed or number
                 continue
-            chat_id, when, human, assistant = turn
-            lines.setdefault(chat_id, []).append((when, number, human, assistant))
+            # Another system's line is a whole conversation, in the file's order.
+            log_format, exchanges = foreign
+            whole.append((number, Conversation(f"line-{number}", tuple(exchanges), log_format)))
     if malformed:
         warnings.warn(
             f"skipped {malformed} malformed line{'s' if malformed != 1 else ''} of chat log "
             f"{path} (the first is line {first_malformed}); a usable line is a JSON object with "
-            "string fields chat_id, human and assistant and a numeric time.",
+            "string fields chat_id, human and assistant and a numeric time, string fields user "
+            "and assistant, or a messages list of role/content objects.",
             ChatLogWarning, stacklevel=2,
         )
-    if not lines:
+    if not lines and not whole:
         what = "it is empty" if nonblank == 0 else f"none of its {nonblank} lines is a chat turn"
         raise PrometheanError(f"chat log {path} holds no usable conversation ({what}).")
     conversations = []
@@ -147,6 +171,7 @@ def read_chat_log(path: str | Path) -> list[Conversation]:
         turns.sort()  # by time; equal times keep the order of the file
         conversations.append((turns[0][:2], Conversation(
             chat_id, tuple((human, assistant) for _, _, human, assistant in turns))))
+    conversations += [((float("inf"), number), conversation) for number, conversation in whole]
     conversations.sort(key=lambda item: item[0])
     return [conversation for _, conversation in conversations]
 
@@ -298,6 +323,7 @@ class ChatTuningResult:
     base_val_loss: float
     trainable_parameters: int
     seconds: float
+    log_format: str = PROMETHEAN_LOG_FORMAT  # the kinds of line the chat log held
     evaluations: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -447,4 +473,5 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         best_step=best_step, best_val_loss=best_val_loss, base_val_loss=base_val_loss,
         trainable_parameters=adapters.num_parameters(options.name),
         seconds=time.perf_counter() - started, evaluations=evaluations,
+        log_format=chat_log_formats(conversations),
     )

@@ -93,3 +93,40 @@ def encode_conversation(
         ids.extend(piece)
         mask.extend([is_reply or train_on == "all"] * len(piece))
     return ids, mask
+
+
+# Chat logs written by other systems, accepted wherever a chat log is read (`finetune-chat`,
+# `memory add`): one conversation per line.
+PAIRS_FORMAT = "user/assistant pairs"  # the GPT-2 chat card's chat_history.jsonl
+OPENAI_FORMAT = "OpenAI messages"  # {"messages": [{"role", "content"}, ...]}
+
+
+def foreign_chat_exchanges(record: object) -> tuple[str, list[tuple[str, str]]] | None:
+    """(format, [(human, assistant), ...]) of one line of another system's chat log, or None when
+    the line is in neither form. OpenAI `system` messages set no turn (our chat format has none);
+    consecutive user messages join into one human turn; a last user message without a reply is an
+    exchange with an empty reply."""
+    if not isinstance(record, dict):
+        return None
+    user, assistant = record.get("user"), record.get("assistant")
+    if isinstance(user, str) and isinstance(assistant, str):
+        return PAIRS_FORMAT, [(user, assistant)]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    exchanges: list[tuple[str, str]] = []
+    pending: list[str] = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            return None
+        role, content = message.get("role"), message["content"]
+        if role == "user":
+            pending.append(content)
+        elif role == "assistant":
+            exchanges.append(("\n".join(pending), content))
+            pending = []
+        elif role not in ("system", "developer"):
+            return None
+    if pending:
+        exchanges.append(("\n".join(pending), ""))
+    return (OPENAI_FORMAT, exchanges) if exchanges else None
