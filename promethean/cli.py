@@ -1025,6 +1025,7 @@ def _intake_records(raw: list, file: Path) -> list:
     """Intake records from JSON lines: the intake's own records, or chat log lines (ours, the
     GPT-2 chat card's user/assistant pairs, OpenAI messages), each conversation one chat record."""
     from promethean.context.intake import ChatRecord, ChatTurn, parse_records
+    from promethean.continual.chat_tuning import PROMETHEAN_LOG_FORMAT
     from promethean.data.chat import foreign_chat_exchanges
 
     chats, formats, others = [], set(), []
@@ -1032,7 +1033,7 @@ def _intake_records(raw: list, file: Path) -> list:
         foreign = foreign_chat_exchanges(record)
         if foreign is None and isinstance(record, dict) and "kind" not in record and all(
                 isinstance(record.get(k), str) for k in ("chat_id", "human", "assistant")):
-            foreign = ("Promethean chat log", [(record["human"], record["assistant"])])
+            foreign = (PROMETHEAN_LOG_FORMAT, [(record["human"], record["assistant"])])
         if foreign is None:
             others.append(record)
             continue
