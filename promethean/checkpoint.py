@@ -1,4 +1,4 @@
-"""Checkpoints are directories: `model.safetensors`, `config.json` and `tokenizer.json`.
+"""Checkpoints are directories: `model.safetensors`, `config.json` and `promethean-tokenizer.json`.
 
 Nothing is ever unpickled, and a checkpoint is written to a staging directory that is switched
 into place atomically (`promethean.files.atomic_directory`), so a crash mid-save leaves the
@@ -33,7 +33,14 @@ from promethean.files import (
     write_checksums,
 )
 from promethean.model import Transformer
-from promethean.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from promethean.tokenizer import (
+    LEGACY_TOKENIZER_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    Tokenizer,
+    load_tokenizer,
+    tokenizer_record_path,
+)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -41,9 +48,10 @@ CHECKPOINT_FORMAT = "promethean-checkpoint"
 CHECKPOINT_VERSION = 1
 # Written beside the model by the trainer (promethean.train.state) for an exact resume.
 TRAINING_STATE_FILES = ("train_state.json", "train_state.safetensors")
-# The names a checkpoint save owns: replaced (or dropped) by every save, never carried over.
+# The names a checkpoint save owns: replaced (or dropped) by every save, never carried over
+# (so a checkpoint re-saved with another kind of tokenizer keeps no file of the old one).
 CHECKPOINT_FILES = frozenset(
-    {MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, CHECKSUMS_FILE, *TRAINING_STATE_FILES}
+    {MODEL_FILE, CONFIG_FILE, CHECKSUMS_FILE, *TOKENIZER_FILES, *TRAINING_STATE_FILES}
 )
 
 
@@ -199,8 +207,10 @@ def load_checkpoint(
     directory = Path(directory)
     config, metadata = read_checkpoint_record(directory)
     if verify:
-        verify_checksums(directory, (CONFIG_FILE, TOKENIZER_FILE, MODEL_FILE), CheckpointError)
-    if not (directory / TOKENIZER_FILE).is_file():
+        # Checkpoints written before the rename recorded the tokenizer as tokenizer.json.
+        verify_checksums(directory, (CONFIG_FILE, TOKENIZER_FILE, LEGACY_TOKENIZER_FILE,
+                                     MODEL_FILE), CheckpointError)
+    if tokenizer_record_path(directory) is None:
         raise CheckpointError(f"{directory} is missing {TOKENIZER_FILE}.")
     tokenizer = load_tokenizer(directory)
     if tokenizer.vocab_size > config.vocab_size:

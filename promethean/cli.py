@@ -258,7 +258,10 @@ def chat(
 def convert_from_hf(
     source: Annotated[Path, typer.Argument(help="A transformers model directory (safetensors).")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
-    tokenizer: Annotated[str, typer.Option(help="Tokenizer to store with it (gpt2 or bytes).")] = "gpt2",
+    tokenizer: Annotated[Optional[str], typer.Option(help=(
+        "gpt2, bytes, or a tokenizer directory (Promethean's, a Hugging Face tokenizer.json, or "
+        "vocab.json + merges.txt/merges.json). Default: the source directory's own tokenizer, "
+        "else gpt2 when the vocabulary holds it."))] = None,
     overwrite: OverwriteCheckpointOption = False,
 ) -> None:
     """Import a GPT2LMHeadModel, LlamaForCausalLM or Gemma3ForCausalLM directory."""
@@ -269,15 +272,39 @@ def convert_from_hf(
     refuse_to_replace(out, overwrite)
     from promethean.interop.hf import import_hf
     from promethean.model import Transformer
-    from promethean.tokenizer import get_tokenizer
 
     config, state = import_hf(source)
+    chosen = _imported_model_tokenizer(tokenizer, source, config.vocab_size)
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    save_checkpoint(out, model, get_tokenizer(tokenizer), {"imported_from": str(source)})
-    console.print(f"wrote {out} ({model.num_parameters():,} parameters)")
+    save_checkpoint(out, model, chosen, {"imported_from": str(source)})
+    typer.echo(f"wrote {out} ({model.num_parameters():,} parameters, {chosen.kind} tokenizer)")
+
+
+def _imported_model_tokenizer(spec: str | None, source: Path, vocab_size: int):
+    """The tokenizer named by --tokenizer; else the one in the source's directory (an HF export
+    or hub download carries its own); else GPT-2's when the model's vocabulary holds it."""
+    from promethean.tokenizer import (
+        GPT2Tokenizer,
+        get_tokenizer,
+        has_tokenizer_files,
+        load_tokenizer,
+    )
+
+    if spec is not None:
+        return get_tokenizer(spec)
+    directory = source if source.is_dir() else source.parent
+    if has_tokenizer_files(directory):
+        return load_tokenizer(directory)
+    if vocab_size >= GPT2Tokenizer.vocab_size:
+        return get_tokenizer("gpt2")
+    raise PrometheanError(
+        f"the model's vocabulary has {vocab_size} ids, fewer than GPT-2's "
+        f"{GPT2Tokenizer.vocab_size}, and {directory} holds no tokenizer; name its tokenizer with "
+        "--tokenizer (bytes or a tokenizer directory)."
+    )
 
 
 @convert_app.command("from-torch")
@@ -416,7 +443,8 @@ def data_prepare(
     corpus: Annotated[str, typer.Argument(
         help="A named corpus (see `data list`), or a local file, folder or glob.")],
     tokenizer: Annotated[str, typer.Option(
-        "--tokenizer", help="bytes, gpt2, or the directory of a trained tokenizer.")],
+        "--tokenizer", help="bytes, gpt2, or a tokenizer directory (trained here, a Hugging Face "
+        "tokenizer.json, or vocab.json + merges.txt/merges.json).")],
     out: Annotated[Path, typer.Option(
         "--out", help="Directory to write train.bin, val.bin and meta.json to.")],
     workers: Annotated[Optional[int], typer.Option(

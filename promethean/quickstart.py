@@ -81,7 +81,7 @@ def _cached_tokenizer(directory: Path):
     """The tokenizer in `directory` if it is an 8K BPE one, else None."""
     from promethean.tokenizer import load_tokenizer
 
-    if not (directory / "tokenizer.json").is_file():
+    if not directory.is_dir():
         return None
     try:
         tokenizer = load_tokenizer(directory)

@@ -13,11 +13,17 @@ in the text as its single `eot_id` (`encode_ordinary` keeps it as plain characte
 has a `fingerprint`, the sha256 of what defines its id mapping, so that token files prepared with
 one tokenizer are never read with another.
 
-A tokenizer saves itself into a directory (a checkpoint's, or one of its own) as `tokenizer.json`,
-our small record {"kind", "vocab_size", "fingerprint"}; trained kinds add the file that defines
-them (`bpe.json`, the Hugging Face tokenizer; `char.json`, the learned characters), named in the
-record. `load_tokenizer(directory)` reads it back; `resolve_tokenizer(spec)` takes a kind that needs
-no training or such a directory.
+- `hf`: a tokenizer made elsewhere: a Hugging Face `tokenizer.json` directory, or a byte-level
+  BPE given as `vocab.json` + `merges.txt` (GPT-2's layout) or `merges.json` (MiniMacLLM's).
+
+A tokenizer saves itself into a directory (a checkpoint's, or one of its own) as
+`promethean-tokenizer.json`, our small record {"format", "kind", "vocab_size", "fingerprint"};
+trained and imported kinds add the file that defines them (`bpe.json`, the Hugging Face tokenizer
+we trained; `char.json`, the learned characters; `tokenizer.json`, an imported Hugging Face
+tokenizer), named in the record. Until December 2026 the record itself was called
+`tokenizer.json`, the name of Hugging Face's format, which it is not; such directories are read as
+before. `load_tokenizer(directory)` reads a record, or else a Hugging Face or vocab + merges
+directory; `resolve_tokenizer(spec)` takes a kind that needs no training or such a directory.
 """
 
 from __future__ import annotations
@@ -39,9 +45,15 @@ if TYPE_CHECKING:  # imported where used: only the bpe kind needs the library
     import tokenizers
 
 END_OF_TEXT = "<|endoftext|>"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = "promethean-tokenizer.json"
+TOKENIZER_RECORD_FORMAT = "promethean-tokenizer"
+# Hugging Face's file, and the name our record had before it was renamed (told apart by content).
+HF_TOKENIZER_FILE = "tokenizer.json"
+LEGACY_TOKENIZER_FILE = "tokenizer.json"
 BPE_FILE = "bpe.json"
 CHAR_FILE = "char.json"
+# Every name a tokenizer's save may write: a checkpoint save owns them all.
+TOKENIZER_FILES = frozenset({TOKENIZER_FILE, HF_TOKENIZER_FILE, BPE_FILE, CHAR_FILE})
 
 # Both trained kinds start from the 256 byte values and add <|endoftext|>.
 BYTE_IDS = 256
@@ -92,15 +104,17 @@ def _sha256_text(text: str) -> str:
 
 
 def _write_record(
-    directory: Path, tokenizer: Tokenizer, definition_file: str | None = None
+    directory: Path, tokenizer: Tokenizer, definition_file: str | None = None, **extra: str
 ) -> None:
     record = {
+        "format": TOKENIZER_RECORD_FORMAT,
         "kind": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "fingerprint": tokenizer.fingerprint,
     }
     if definition_file is not None:
         record["file"] = definition_file
+    record.update(extra)
     text = json.dumps(record, indent=2) + "\n"
     (Path(directory) / TOKENIZER_FILE).write_text(text, encoding="utf-8")
 
@@ -312,12 +326,280 @@ class CharTokenizer:
         return cls(characters)
 
 
+class HFTokenizer:
+    """A tokenizer made elsewhere, through Hugging Face `tokenizers`: read from a `tokenizer.json`
+    directory or built from a byte-level BPE's `vocab.json` and merges (`read_foreign_tokenizer`).
+
+    Its end-of-text token is the directory's `eos_token` (or a usual name for one); `<|endoftext|>`
+    in a text is also that token, as for every kind, since corpora use it as the document
+    boundary. No BOS or other template is added: Promethean marks documents with end-of-text
+    alone. It round-trips text when the tokenizer does (byte-level ones do); `tokenizer.json` is
+    the library's own file, loadable by `tokenizers` and transformers as it is.
+    """
+
+    kind = "hf"
+    definition_file = HF_TOKENIZER_FILE
+
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, end_of_text: str) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        self.end_of_text = end_of_text
+        self.eot_id = hf_tokenizer.token_to_id(end_of_text)
+        if self.eot_id is None:
+            raise PrometheanError(f"the tokenizer has no token {end_of_text!r} to end texts with.")
+        ids = hf_tokenizer.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(ids) + 1  # ids need not be contiguous; the model needs them all
+        self.fingerprint = _sha256_text(hf_tokenizer.to_str())
+
+    def encode(self, text: str) -> list[int]:
+        def encode_with_specials(piece: str) -> list[int]:
+            return self.hf_tokenizer.encode(piece, add_special_tokens=False).ids
+
+        return _encode_around_end_of_text(text, encode_with_specials, self.eot_id)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._ordinary_tokenizer.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def _ordinary_tokenizer(self) -> tokenizers.Tokenizer:
+        """Without its special added tokens, so that no text is cut into one of them; ordinary
+        added tokens (a user's own words) stay."""
+        from tokenizers import Tokenizer as HFTokenizerLibrary
+
+        definition = json.loads(self.hf_tokenizer.to_str())
+        definition["added_tokens"] = [
+            added for added in definition.get("added_tokens") or [] if not added.get("special")
+        ]
+        return HFTokenizerLibrary.from_str(json.dumps(definition))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: Path) -> None:
+        definition = self.hf_tokenizer.to_str()
+        (Path(directory) / self.definition_file).write_text(definition, encoding="utf-8")
+        _write_record(directory, self, self.definition_file, end_of_text=self.end_of_text)
+
+    @classmethod
+    def load(cls, path: Path, end_of_text: str) -> HFTokenizer:
+        return cls(_hf_tokenizer_from_text(_read_definition(path), path), end_of_text)
+
+
+def _hf_tokenizer_from_text(text: str, path: Path) -> tokenizers.Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizerLibrary
+
+    try:
+        return HFTokenizerLibrary.from_str(text)
+    except Exception as error:  # the library raises a bare Exception for any malformed file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PrometheanError(f"{path} is not a Hugging Face tokenizers file ({reason}).") from None
+
+
+# Where a tokenizer directory names its special tokens: transformers' files, and the model or
+# tokenizer config.json beside them (MiniMacLLM keeps its tokenizer settings there).
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json", "config.json")
+# Usual end-of-text names, tried in order when no file names one.
+END_OF_TEXT_NAMES = (END_OF_TEXT, "</s>", "<eos>", "<|end_of_text|>", "<|eos|>", "<|im_end|>",
+                     "[SEP]")
+MERGES_FILES = ("merges.txt", "merges.json")
+
+
+def _read_json_file(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PrometheanError(f"{path} is not valid JSON ({error}).") from None
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as the files write it: a string, or transformers' {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _named_special_tokens(directory: Path, vocab: Mapping[str, int]) -> tuple[list[str], str | None]:
+    """(special tokens named in the directory's settings files, its end-of-text token or None)."""
+    id_to_token = {token_id: token for token, token_id in vocab.items()}
+    specials: list[str] = []
+    end_of_text: str | None = None
+    for name in SPECIAL_TOKEN_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        settings = _read_json_file(path)
+        if not isinstance(settings, dict):
+            continue
+        for key, value in settings.items():
+            if key.endswith("_token_id") and isinstance(value, int) and value in id_to_token:
+                value = id_to_token[value]
+            elif not key.endswith("_token"):
+                continue
+            token = _token_text(value)
+            if token is None:
+                continue
+            specials.append(token)
+            if key.startswith("eos_token") and end_of_text is None:
+                end_of_text = token
+        listed = settings.get("special_tokens") or settings.get("additional_special_tokens")
+        if isinstance(listed, dict):  # {"<|endoftext|>": 0, ...} or {"eos": "</s>", ...}
+            names = [key if isinstance(value, int) else _token_text(value)
+                     for key, value in listed.items()]
+            for role in ("eos_token", "eos"):
+                if end_of_text is None and _token_text(listed.get(role)) is not None:
+                    end_of_text = _token_text(listed[role])
+        elif isinstance(listed, list):
+            names = [_token_text(value) for value in listed]
+        else:
+            names = []
+        specials.extend(token for token in names if token)
+    return [token for token in dict.fromkeys(specials) if token in vocab], end_of_text
+
+
+def _choose_end_of_text(directory: Path, named: str | None, present: Callable[[str], bool]) -> str:
+    if named is not None and present(named):
+        return named
+    for candidate in END_OF_TEXT_NAMES:
+        if present(candidate):
+            return candidate
+    raise PrometheanError(
+        f"the tokenizer in {directory} has no end-of-text token: no eos_token is named in its "
+        f"{', '.join(SPECIAL_TOKEN_FILES)} and none of {', '.join(END_OF_TEXT_NAMES)} is in its "
+        "vocabulary."
+    )
+
+
+def _read_hf_tokenizer_directory(directory: Path) -> HFTokenizer:
+    path = directory / HF_TOKENIZER_FILE
+    hf_tokenizer = _hf_tokenizer_from_text(_read_definition(path), path)
+    vocab = hf_tokenizer.get_vocab(with_added_tokens=True)
+    if not vocab:
+        raise PrometheanError(f"{path} holds an empty vocabulary.")
+    _specials, named = _named_special_tokens(directory, vocab)
+    return HFTokenizer(hf_tokenizer, _choose_end_of_text(directory, named, vocab.__contains__))
+
+
+def _read_vocab(path: Path) -> dict[str, int]:
+    vocab = _read_json_file(path)
+    valid = (
+        isinstance(vocab, dict) and vocab
+        and all(isinstance(token_id, int) and not isinstance(token_id, bool) and token_id >= 0
+                for token_id in vocab.values())
+    )
+    if not valid:
+        raise PrometheanError(f"{path} is not a BPE vocabulary (a JSON object of token: id).")
+    if len(set(vocab.values())) != len(vocab):
+        raise PrometheanError(f"{path} gives two tokens the same id.")
+    return vocab
+
+
+def _merge_pair(entry: object) -> tuple[str, str] | None:
+    if isinstance(entry, str):
+        parts = entry.split(" ")
+    elif isinstance(entry, list):
+        parts = entry
+    else:
+        return None
+    if len(parts) != 2 or not all(isinstance(part, str) and part for part in parts):
+        return None
+    return parts[0], parts[1]
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """GPT-2's merges.txt (a `#version` line, then "a b" per line) or a merges.json: a list of
+    "a b" strings or [a, b] pairs, or an object of "a b": rank."""
+    if path.suffix == ".txt":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PrometheanError(f"{path} is not UTF-8 text.") from None
+        entries = [(number, line) for number, line in enumerate(lines, 1)
+                   if line and not (number == 1 and line.startswith("#version"))]
+    else:
+        data = _read_json_file(path)
+        if isinstance(data, dict) and all(isinstance(rank, int) for rank in data.values()):
+            data = sorted(data, key=data.__getitem__)
+        if not isinstance(data, list):
+            raise PrometheanError(
+                f"{path} is not a merges list (\"a b\" strings or [a, b] pairs, in merge order)."
+            )
+        entries = list(enumerate(data, 1))
+    merges = []
+    for number, entry in entries:
+        pair = _merge_pair(entry)
+        if pair is None:
+            raise PrometheanError(f"merge {number} of {path} is not a pair of tokens: {entry!r}.")
+        merges.append(pair)
+    return merges
+
+
+@functools.cache
+def _byte_symbols() -> frozenset[str]:
+    from tokenizers import pre_tokenizers
+
+    return frozenset(pre_tokenizers.ByteLevel.alphabet())
+
+
+def _read_vocab_and_merges(directory: Path) -> HFTokenizer:
+    """A byte-level BPE from `vocab.json` and `merges.txt` / `merges.json`, encoding as GPT-2's
+    scheme does: GPT-2's split pattern, no prefix space, bytes as GPT-2's 256 symbols."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizerLibrary
+
+    vocab = _read_vocab(directory / "vocab.json")
+    merges_path = next((directory / name for name in MERGES_FILES if (directory / name).is_file()),
+                       None)
+    if merges_path is None:
+        raise PrometheanError(
+            f"{directory} has vocab.json but no merges.txt or merges.json beside it."
+        )
+    merges = _read_merges(merges_path)
+    specials, named = _named_special_tokens(directory, vocab)
+    # Tokens like <|endoftext|> are specials wherever they are not named as such.
+    specials += [token for token in vocab
+                 if token.startswith("<|") and token.endswith("|>") and token not in specials]
+    symbols = _byte_symbols()
+    for token in vocab:
+        if token not in specials and not set(token) <= symbols:
+            raise PrometheanError(
+                f"{directory / 'vocab.json'} is not a byte-level BPE vocabulary: its token "
+                f"{token!r} is not written in GPT-2's byte symbols. Only byte-level vocab.json + "
+                "merges directories are read; give a Hugging Face tokenizer.json instead."
+            )
+    for number, (left, right) in enumerate(merges, 1):
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise PrometheanError(
+                    f"merge {number} of {merges_path} ({left} {right}) uses {part!r}, which "
+                    "vocab.json does not hold."
+                )
+    hf_tokenizer = HFTokenizerLibrary(models.BPE(vocab=vocab, merges=merges))
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = decoders.ByteLevel()
+    hf_tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials])
+    end_of_text = _choose_end_of_text(directory, named, lambda token: token in specials)
+    return HFTokenizer(hf_tokenizer, end_of_text)
+
+
+def read_foreign_tokenizer(directory: str | Path) -> HFTokenizer:
+    """The tokenizer of a Hugging Face directory (`tokenizer.json`) or of a byte-level BPE's
+    `vocab.json` + `merges.txt` / `merges.json` (GPT-2's files; MiniMacLLM's)."""
+    directory = Path(directory)
+    if (directory / HF_TOKENIZER_FILE).is_file():
+        return _read_hf_tokenizer_directory(directory)
+    if (directory / "vocab.json").is_file():
+        return _read_vocab_and_merges(directory)
+    raise PrometheanError(
+        f"{directory} has no tokenizer: neither {TOKENIZER_FILE} (Promethean's), "
+        f"{HF_TOKENIZER_FILE} (Hugging Face's) nor vocab.json with merges.txt or merges.json."
+    )
+
+
 def _read_definition(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PrometheanError(
-            f"{path} is missing; {TOKENIZER_FILE} beside it refers to it."
+            f"{path} is missing; the tokenizer record beside it refers to it."
         ) from None
     except UnicodeDecodeError:
         raise PrometheanError(f"{path} is not UTF-8 text.") from None
@@ -470,8 +752,8 @@ def resolve_tokenizer(spec: str | Path) -> Tokenizer:
             f"CORPUS --kind {spec} --out DIR` and pass DIR instead of '{spec}'."
         )
     raise PrometheanError(
-        f"unknown tokenizer '{spec}'; use bytes, gpt2 or the directory of a trained bpe or char "
-        "tokenizer."
+        f"unknown tokenizer '{spec}'; use bytes, gpt2 or a tokenizer directory (a trained bpe or "
+        "char one, a Hugging Face tokenizer.json, or vocab.json with merges)."
     )
 
 
@@ -479,14 +761,58 @@ def resolve_tokenizer(spec: str | Path) -> Tokenizer:
 get_tokenizer = resolve_tokenizer
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """The tokenizer that `save` wrote into `directory`, checked against its fingerprint."""
+def tokenizer_record_path(directory: str | Path) -> Path | None:
+    """Where `directory` keeps a Promethean tokenizer record: `promethean-tokenizer.json`, or
+    `tokenizer.json` as written before the rename (told from Hugging Face's file by its content);
+    None when it has neither."""
     directory = Path(directory)
     path = directory / TOKENIZER_FILE
+    if path.is_file():
+        return path
+    legacy = directory / LEGACY_TOKENIZER_FILE
+    if legacy.is_file() and _is_promethean_record(legacy):
+        return legacy
+    return None
+
+
+def _is_promethean_record(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    # A record is a few short lines; Hugging Face's file is large and has a "model". Read the
+    # head only, so that a 10 MB tokenizer.json is not parsed twice.
+    if len(head) == 4096:
+        return False
+    try:
+        record = json.loads(head.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True  # a broken file of ours: load_tokenizer names it
+    return isinstance(record, dict) and "model" not in record and "kind" in record
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether `directory` holds a tokenizer `load_tokenizer` would try to read: our record, a
+    Hugging Face tokenizer.json, or a vocab.json."""
+    directory = Path(directory)
+    return any((directory / name).is_file()
+               for name in (TOKENIZER_FILE, HF_TOKENIZER_FILE, "vocab.json"))
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """The tokenizer that `save` wrote into `directory`, checked against its fingerprint; or, in
+    a directory without our record, a Hugging Face or vocab + merges tokenizer."""
+    directory = Path(directory)
+    path = tokenizer_record_path(directory)
+    if path is None:
+        if not directory.exists():
+            raise PrometheanError(f"{directory} does not exist.")
+        if not directory.is_dir():
+            raise PrometheanError(f"{directory} is a file, not a tokenizer directory.")
+        return read_foreign_tokenizer(directory)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):
-        raise PrometheanError(f"{directory} has no {TOKENIZER_FILE}.") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
@@ -497,18 +823,35 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
     elif kind in _TRAINED_TOKENIZERS:
         trained = _TRAINED_TOKENIZERS[kind]
         tokenizer = trained.load(directory / str(record.get("file", trained.definition_file)))
+    elif kind == HFTokenizer.kind and isinstance(record.get("end_of_text"), str):
+        tokenizer = HFTokenizer.load(
+            directory / str(record.get("file", HFTokenizer.definition_file)), record["end_of_text"]
+        )
     else:
         raise PrometheanError(
-            f"{path} names tokenizer kind '{kind}', which is none of bytes, gpt2, bpe or char."
+            f"{path} names tokenizer kind '{kind}', which is none of bytes, gpt2, bpe, char or hf."
         )
     # Records written before fingerprints existed have none to check.
     recorded = record.get("fingerprint")
     if recorded is not None and recorded != tokenizer.fingerprint:
         raise PrometheanError(
             f"the {kind} tokenizer in {directory} does not match the fingerprint in its "
-            f"{TOKENIZER_FILE}; its files were edited or mixed up."
+            f"{path.name}; its files were edited or mixed up."
         )
     return tokenizer
+
+
+def save_beside_hf_file(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Our record (and definition, where the Hugging Face file is not it) beside the
+    `tokenizer.json` that an HF export has written: read back, the directory gives this same
+    tokenizer, kind and fingerprint included, while transformers reads its own file."""
+    directory = Path(directory)
+    if isinstance(tokenizer, HFTokenizer):
+        _write_record(directory, tokenizer, HF_TOKENIZER_FILE, end_of_text=tokenizer.end_of_text)
+    elif isinstance(tokenizer, BPETokenizer):
+        _write_record(directory, tokenizer, HF_TOKENIZER_FILE)
+    else:  # bytes and gpt2 are their kind alone; char keeps its char.json
+        tokenizer.save(directory)
 
 
 def write_tokenizer_directory(tokenizer: Tokenizer, directory: str | Path) -> Path:
@@ -518,9 +861,8 @@ def write_tokenizer_directory(tokenizer: Tokenizer, directory: str | Path) -> Pa
     if directory.exists() and not directory.is_dir():
         raise PrometheanError(f"{directory} is a file, not a directory.")
     if directory.is_dir():
-        tokenizer_files = {TOKENIZER_FILE, BPE_FILE, CHAR_FILE}
         others = sorted(
-            path.name for path in directory.iterdir() if path.name not in tokenizer_files
+            path.name for path in directory.iterdir() if path.name not in TOKENIZER_FILES
         )
         if others:
             raise PrometheanError(

@@ -20,7 +20,7 @@ def saved(tmp_path):
 
 def test_round_trip_gives_equal_logits(tiny_model, tmp_path):
     directory = save_checkpoint(tmp_path / "ckpt", tiny_model, ByteTokenizer())
-    assert sorted(p.name for p in directory.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in directory.iterdir()) == ["checksums.json", "config.json", "model.safetensors", "promethean-tokenizer.json"]
     loaded = load_checkpoint(directory)
     idx = torch.randint(0, 257, (2, 16))
     assert torch.equal(loaded.model(idx).logits, tiny_model(idx).logits)
@@ -80,7 +80,7 @@ def test_missing_directory(tmp_path):
     [
         ("config.json", r"is not a checkpoint: config.json is missing\."),
         ("model.safetensors", r"is missing model.safetensors\."),
-        ("tokenizer.json", r"is missing tokenizer.json\."),
+        ("promethean-tokenizer.json", r"is missing promethean-tokenizer.json\."),
     ],
 )
 def test_missing_file_is_named(saved, name, sentence):

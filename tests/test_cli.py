@@ -80,14 +80,15 @@ def test_missing_checkpoint_file(checkpoint, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((checkpoint / "config.json").read_text())
-    (broken / "tokenizer.json").write_text((checkpoint / "tokenizer.json").read_text())
+    (broken / "promethean-tokenizer.json").write_text(
+        (checkpoint / "promethean-tokenizer.json").read_text())
     fails_with(run("generate", str(broken), "-p", "x"), f"{broken} is missing model.safetensors.")
 
 
 def test_mismatched_checkpoint_config(checkpoint, tmp_path):
     broken = tmp_path / "mismatch"
     broken.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
+    for name in ("model.safetensors", "promethean-tokenizer.json"):
         (broken / name).write_bytes((checkpoint / name).read_bytes())
     record = json.loads((checkpoint / "config.json").read_text())
     record["model"]["d_ff"] = 64

@@ -13,7 +13,7 @@ from promethean.checkpoint import load_checkpoint, save_checkpoint
 from promethean.continual.adapters import Adapters, adapter_directory, load_adapter_onto
 from promethean.errors import PrometheanError
 from promethean.interop.export import export_checkpoint, export_gguf
-from promethean.tokenizer import ByteTokenizer, GPT2Tokenizer, train_bpe, train_char
+from promethean.tokenizer import ByteTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe, train_char
 from tests.conftest import TINY_PRESETS, build, generated_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -169,10 +169,15 @@ def test_hf_export_tokenizer_encodes_and_decodes_as_ours(kind, tmp_path):
     assert hf_tokenizer.eos_token_id == tokenizer.eot_id
 
 
-def test_hf_export_of_a_char_tokenizer_checkpoint_has_no_tokenizer_files(tmp_path):
-    checkpoint = make_checkpoint(tmp_path / "ckpt", "tiny-llama", train_char(["abc"]))
+def test_hf_export_of_a_char_tokenizer_checkpoint_has_no_hf_tokenizer_but_ours(tmp_path):
+    char = train_char(["abc"])
+    checkpoint = make_checkpoint(tmp_path / "ckpt", "tiny-llama", char)
     out = export_checkpoint(checkpoint, "hf", tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    # A byte-level BPE cannot express it, so transformers gets no tokenizer file; our record
+    # beside the model brings it back on import.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "char.json", "config.json", "model.safetensors", "promethean-tokenizer.json"]
+    assert load_tokenizer(out).fingerprint == char.fingerprint
 
 
 # ------------------------------------------------------------------------------ GGUF
@@ -368,7 +373,7 @@ def test_gguf_refuses_a_char_tokenizer(tmp_path):
         export_gguf(build("tiny-gpt2"), train_char(["abc"]), tmp_path / "m.gguf")
     assert str(caught.value) == (
         "cannot export to GGUF: the char tokenizer maps characters to ids in a way llama.cpp's "
-        "tokenizers cannot reproduce; only bytes, gpt2 and bpe tokenizers can."
+        "tokenizers cannot reproduce; only bytes, gpt2, bpe and byte-level BPE hf tokenizers can."
     )
     assert not list(tmp_path.iterdir())
 

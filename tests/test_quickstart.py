@@ -29,9 +29,9 @@ def test_quickstart_trains_saves_plots_and_samples_then_reuses_its_cache(tmp_pat
     out = tmp_path / "qs"
     first = run_quickstart(out, "--steps", "2")
     assert first.returncode == 0, first.stderr
-    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+    for name in ("model.safetensors", "config.json", "promethean-tokenizer.json"):
         assert (out / "checkpoint" / name).is_file()
-    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "tokenizer" / "promethean-tokenizer.json").is_file()
     assert (out / "data" / "meta.json").is_file()
     assert (out / "metrics.png").stat().st_size > 0
     assert "trained an 8,000-id BPE tokenizer" in first.stdout

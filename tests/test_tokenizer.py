@@ -114,7 +114,8 @@ def test_save_and_load_keep_ids_and_fingerprint(tokenizer, tmp_path):
         tokenizer.kind, tokenizer.vocab_size, tokenizer.eot_id, tokenizer.fingerprint,
     )
     assert loaded.encode(text) == tokenizer.encode(text)
-    record = json.loads((tmp_path / "tokenizer.json").read_text())
+    record = json.loads((tmp_path / "promethean-tokenizer.json").read_text())
+    assert record["format"] == "promethean-tokenizer"
     assert record["kind"] == tokenizer.kind and record["fingerprint"] == tokenizer.fingerprint
     assert resolve_tokenizer(str(tmp_path)).fingerprint == tokenizer.fingerprint
 
@@ -194,7 +195,7 @@ def test_bpe_stops_early_on_a_corpus_with_nothing_more_to_merge():
 def test_bpe_round_trips_inside_a_checkpoint(bpe, tmp_path):
     model = Transformer(load_preset("tiny-gpt2").model)
     save_checkpoint(tmp_path / "run", model, bpe)
-    assert {"tokenizer.json", "bpe.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"promethean-tokenizer.json", "bpe.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
     loaded = load_checkpoint(tmp_path / "run").tokenizer
     assert loaded.fingerprint == bpe.fingerprint
     assert loaded.encode(CORPUS[1]) == bpe.encode(CORPUS[1])
@@ -249,8 +250,8 @@ def test_empty_corpus_is_refused(train):
 
 def test_unknown_and_untrained_specs_are_refused():
     assert refused(resolve_tokenizer, "sentencepiece") == (
-        "unknown tokenizer 'sentencepiece'; use bytes, gpt2 or the directory of a trained bpe or "
-        "char tokenizer."
+        "unknown tokenizer 'sentencepiece'; use bytes, gpt2 or a tokenizer directory (a trained "
+        "bpe or char one, a Hugging Face tokenizer.json, or vocab.json with merges)."
     )
     assert refused(resolve_tokenizer, "bpe") == (
         "a bpe tokenizer is trained on a corpus first: run `promethean tokenizer train CORPUS "
@@ -259,14 +260,19 @@ def test_unknown_and_untrained_specs_are_refused():
 
 
 def test_directory_without_a_tokenizer_is_refused(tmp_path):
-    assert refused(load_tokenizer, tmp_path) == f"{tmp_path} has no tokenizer.json."
+    assert refused(load_tokenizer, tmp_path) == (
+        f"{tmp_path} has no tokenizer: neither promethean-tokenizer.json (Promethean's), "
+        "tokenizer.json (Hugging Face's) nor vocab.json with merges.txt or merges.json."
+    )
+    assert refused(load_tokenizer, tmp_path / "absent") == f"{tmp_path / 'absent'} does not exist."
 
 
 def test_edited_tokenizer_files_are_refused(char, tmp_path):
     char.save(tmp_path)
     (tmp_path / "char.json").write_text(json.dumps({"characters": ["x", "y"]}))
     assert refused(load_tokenizer, tmp_path) == (
-        f"the char tokenizer in {tmp_path} does not match the fingerprint in its tokenizer.json; "
+        f"the char tokenizer in {tmp_path} does not match the fingerprint in its "
+        "promethean-tokenizer.json; "
         "its files were edited or mixed up."
     )
 
@@ -275,7 +281,7 @@ def test_missing_definition_file_is_refused(bpe, tmp_path):
     bpe.save(tmp_path)
     (tmp_path / "bpe.json").unlink()
     assert refused(load_tokenizer, tmp_path) == (
-        f"{tmp_path / 'bpe.json'} is missing; tokenizer.json beside it refers to it."
+        f"{tmp_path / 'bpe.json'} is missing; the tokenizer record beside it refers to it."
     )
 
 
@@ -307,7 +313,7 @@ def test_cli_trains_and_writes_a_tokenizer_directory(tmp_path):
         assert result.returncode == 0, result.stderr
         assert f"wrote {out}: a bpe tokenizer of 300 ids" in result.stdout
         assert "sample: 'First Citizen:" in result.stdout
-        assert {p.name for p in out.iterdir()} == {"tokenizer.json", "bpe.json"}
+        assert {p.name for p in out.iterdir()} == {"promethean-tokenizer.json", "bpe.json"}
         fingerprints.append(load_tokenizer(out).fingerprint)
     # Two processes (each with its own hash seeds) train the same tokenizer.
     assert fingerprints[0] == fingerprints[1]

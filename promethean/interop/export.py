@@ -49,7 +49,7 @@ from promethean.errors import PrometheanError
 from promethean.files import atomic_directory, atomic_file
 from promethean.interop.hf import _family_of, _problems_for, _tensor_links, export_hf
 from promethean.model import Transformer
-from promethean.tokenizer import END_OF_TEXT, Tokenizer
+from promethean.tokenizer import END_OF_TEXT, Tokenizer, save_beside_hf_file
 
 __all__ = ["FORMATS", "ExportError", "default_output", "export_checkpoint", "gguf_problem"]
 
@@ -164,6 +164,9 @@ def _export_hf_with_adapters(checkpoint: Path, out: Path) -> Path:
         # Into the (empty) staging directory: the model and its adapters appear together.
         export_hf(model, staging, special_token_ids=special, overwrite=True)
         write_hf_tokenizer(tokenizer, staging, model.config.context_length)
+        # So that `convert from-hf` takes back this very tokenizer, kind and fingerprint (a char
+        # one too, which has no HF file).
+        save_beside_hf_file(tokenizer, staging)
         for name in names:
             write_peft_adapter(adapters, name, staging / PEFT_ADAPTERS_DIR / name, out.resolve())
     return out
@@ -173,7 +176,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: in
     """`tokenizer.json` + `tokenizer_config.json` that transformers' AutoTokenizer loads as a
     fast tokenizer encoding as ours does; False (nothing written) for a char tokenizer, which a
     byte-level BPE cannot express."""
-    if tokenizer.kind == "bpe":
+    end_of_text = getattr(tokenizer, "end_of_text", END_OF_TEXT)
+    if tokenizer.kind in ("bpe", "hf"):  # already a Hugging Face tokenizer: written as it is
         definition = tokenizer.hf_tokenizer.to_str()
     else:
         vocabulary = byte_level_vocabulary(tokenizer)
@@ -194,8 +198,8 @@ def write_hf_tokenizer(tokenizer: Tokenizer, directory: Path, context_length: in
         definition = hf_tokenizer.to_str()
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": END_OF_TEXT,
-        "eos_token": END_OF_TEXT,
+        "bos_token": end_of_text,
+        "eos_token": end_of_text,
         "model_max_length": context_length,
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
@@ -559,8 +563,10 @@ def byte_level_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[str]] |
         for token, rank in ranks.items():
             tokens[rank] = _symbols_of(token)
         return [*tokens, END_OF_TEXT], _tiktoken_merges(ranks)
-    if tokenizer.kind == "bpe":
+    if tokenizer.kind in ("bpe", "hf"):
         definition = json.loads(tokenizer.hf_tokenizer.to_str())
+        if not _is_byte_level_bpe(definition):
+            return None
         tokens = [""] * tokenizer.vocab_size
         for text, token_id in tokenizer.hf_tokenizer.get_vocab(with_added_tokens=True).items():
             tokens[token_id] = text
@@ -572,6 +578,19 @@ def byte_level_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[str]] |
     return None
 
 
+def _is_byte_level_bpe(definition: dict) -> bool:
+    """A Hugging Face tokenizer definition whose model is BPE over GPT-2's byte symbols."""
+    def uses_byte_level(part: object) -> bool:
+        if not isinstance(part, dict):
+            return False
+        if part.get("type") == "ByteLevel":
+            return True
+        return any(uses_byte_level(inner) for inner in part.get("pretokenizers") or [])
+
+    model = definition.get("model") or {}
+    return model.get("type") == "BPE" and uses_byte_level(definition.get("pre_tokenizer"))
+
+
 def gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) of `tokenizer` as a byte-level BPE for llama.cpp, padded to
     the model's `vocab_size` with unused `[PADn]` tokens."""
@@ -581,11 +600,13 @@ def gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], l
     if vocabulary is None:
         raise ExportError(
             f"cannot export to GGUF: the {tokenizer.kind} tokenizer maps characters to ids in a "
-            "way llama.cpp's tokenizers cannot reproduce; only bytes, gpt2 and bpe tokenizers can."
+            "way llama.cpp's tokenizers cannot reproduce; only bytes, gpt2, bpe and byte-level BPE hf "
+            "tokenizers can."
         )
     tokens, merges = vocabulary
+    end_of_text = getattr(tokenizer, "end_of_text", END_OF_TEXT)
     types = [
-        int(TokenType.CONTROL) if text == END_OF_TEXT else int(TokenType.NORMAL) for text in tokens
+        int(TokenType.CONTROL) if text == end_of_text else int(TokenType.NORMAL) for text in tokens
     ]
     for token_id in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{token_id}]")
