@@ -14,7 +14,7 @@ only needs a model — inference, serving, interop — reads.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,17 +195,63 @@ def _read_tensors(path: Path, expected: dict[str, torch.Size], device: torch.dev
     return tensors
 
 
+# Settings a trained checkpoint may be given another value of (`--model-set` on `finetune`):
+# they change how its weights are used (positions, attention windows, regularisation), not what
+# the weights are. Anything else is its architecture, fixed by the weights.
+CHECKPOINT_ADJUSTABLE_SETTINGS = frozenset({
+    "dropout", "rope_theta", "rope_local_theta", "sliding_window", "global_layers",
+    "context_length", "norm_eps", "spike_threshold", "init_std",
+})
+
+
+def apply_model_overrides(config: ModelConfig, overrides: Mapping[str, Any] | None,
+                          checkpoint: str | Path | None = None) -> ModelConfig:
+    """`config` with `overrides` applied (validated as strictly as any config). For the config
+    of `checkpoint`, only CHECKPOINT_ADJUSTABLE_SETTINGS may change, and never so that a weight
+    changes shape (context_length with learned positions)."""
+    if not overrides:
+        return config
+    changed_config = config.with_overrides(**overrides)
+    if checkpoint is None:
+        return changed_config
+    before, after = config.model_dump(), changed_config.model_dump()
+    changed = [key for key in after if after[key] != before[key] and key != "name"]
+    fixed = [key for key in changed if key not in CHECKPOINT_ADJUSTABLE_SETTINGS]
+    if fixed:
+        key = fixed[0]
+        raise CheckpointError(
+            f"--model-set {key} cannot change on the checkpoint {checkpoint}: its weights were "
+            f"trained with {key} = {before[key]!r}. A checkpoint can take other values of "
+            f"{', '.join(sorted(CHECKPOINT_ADJUSTABLE_SETTINGS))}; to change its architecture, "
+            "start a model from a preset."
+        )
+    with torch.device("meta"):
+        old_shapes = {n: tuple(t.shape) for n, t in stored_state(Transformer(config)).items()}
+        new_shapes = {n: tuple(t.shape) for n, t in stored_state(Transformer(changed_config)).items()}
+    for name, shape in old_shapes.items():
+        if new_shapes.get(name) != shape:
+            raise CheckpointError(
+                f"--model-set {', '.join(f'{k}={after[k]!r}' for k in changed)} would change the "
+                f"shape of the checkpoint {checkpoint}'s weight {name} ({shape} -> "
+                f"{new_shapes.get(name)}), which its weights cannot take."
+            )
+    return changed_config
+
+
 def load_checkpoint(
     directory: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     *,
     verify: bool = True,
+    model_overrides: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """The checkpoint in `directory`; with `verify` (the default) every file is first checked
-    against the sha256 recorded when it was written."""
+    against the sha256 recorded when it was written. `model_overrides` change settings that the
+    weights allow (see `apply_model_overrides`)."""
     directory = Path(directory)
     config, metadata = read_checkpoint_record(directory)
+    config = apply_model_overrides(config, model_overrides, directory)
     if verify:
         # Checkpoints written before the rename recorded the tokenizer as tokenizer.json.
         verify_checksums(directory, (CONFIG_FILE, TOKENIZER_FILE, LEGACY_TOKENIZER_FILE,

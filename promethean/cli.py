@@ -147,6 +147,7 @@ def model_init(
     preset: Annotated[str, typer.Argument(help="Preset name or .toml file.")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    model_set: ModelSetOption = None,
     overwrite: OverwriteCheckpointOption = False,
 ) -> None:
     """Write a checkpoint with freshly initialised weights."""
@@ -159,9 +160,13 @@ def model_init(
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
 
+    from promethean.checkpoint import apply_model_overrides
+    from promethean.train.config import parse_model_override
+
     chosen = load_preset(preset)
+    config = apply_model_overrides(chosen.model, dict(map(parse_model_override, model_set or ())))
     torch.manual_seed(seed)
-    model = Transformer(chosen.model)
+    model = Transformer(config)
     save_checkpoint(out, model, get_tokenizer(chosen.tokenizer), {"preset": chosen.name, "seed": seed})
     console.print(f"wrote {out} ({model.num_parameters():,} parameters)")
 
@@ -535,6 +540,9 @@ def data_list() -> None:
 
 SetOption = Annotated[Optional[list[str]], typer.Option(
     "--set", help="Override a setting: key=value, the value a TOML literal (repeatable).")]
+ModelSetOption = Annotated[Optional[list[str]], typer.Option(
+    "--model-set", help="Override a model setting: key=value, a TOML literal (repeatable); on a "
+    "checkpoint only those its weights allow (rope_theta, sliding_window, context_length, ...).")]
 ResumeOption = Annotated[Optional[Path], typer.Option(
     "--resume", help="A training checkpoint (out/step-XXXXXX) to continue exactly.")]
 
@@ -610,6 +618,7 @@ def pretrain(
     preset: Annotated[Optional[str], typer.Option(
         "--preset", help="Model preset to train (short for --set model=NAME).")] = None,
     set_: SetOption = None,
+    model_set: ModelSetOption = None,
     resume: ResumeOption = None,
     memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
@@ -623,7 +632,8 @@ def pretrain(
 
     overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or []),
                  *_knob_overrides(min_delta, patience, max_minutes)]
-    _run_training(load_train_config(config, overrides), resume, memory_budget, overwrite, branch)
+    _run_training(load_train_config(config, overrides, model_set or ()), resume, memory_budget,
+                  overwrite, branch)
 
 
 @app.command()
@@ -631,6 +641,7 @@ def finetune(
     config: Annotated[Path, typer.Argument(help="Training config (.toml); its `model` is ignored.")],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="The checkpoint to fine-tune.")],
     set_: SetOption = None,
+    model_set: ModelSetOption = None,
     resume: ResumeOption = None,
     memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
@@ -646,7 +657,8 @@ def finetune(
     read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
     overrides = [*(set_ or []), *_knob_overrides(min_delta, patience, max_minutes),
                  f"model={str(checkpoint)!r}"]
-    _run_training(load_train_config(config, overrides), resume, memory_budget, overwrite, branch)
+    _run_training(load_train_config(config, overrides, model_set or ()), resume, memory_budget,
+                  overwrite, branch)
 
 
 @app.command()
@@ -1033,8 +1045,12 @@ def serve(
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings (replaced non-UTF-8 bytes, ...) as one plain line, not Python's file:line form."""
-    sys.stderr.write(f"warning: {message}\n")
+    """Warnings (replaced non-UTF-8 bytes, ...) as one plain line, not Python's file:line form;
+    a setting read under another name is a note."""
+    from promethean.config import SettingNote
+
+    label = "note" if issubclass(category, SettingNote) else "warning"
+    sys.stderr.write(f"{label}: {message}\n")
 
 
 def _one_line(message: str) -> str:

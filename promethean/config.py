@@ -7,9 +7,12 @@ top-level `tokenizer` key and a `[model]` table validated strictly by `ModelConf
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import sys
+import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -176,36 +179,115 @@ class ModelConfig(BaseModel):
 
     def with_overrides(self, **overrides: Any) -> ModelConfig:
         """A copy with some values changed, validated as strictly as the original."""
+        overrides = resolve_aliases(overrides, ModelConfig.model_fields, MODEL_SETTING_ALIASES,
+                                    "model config")
         return parse_model_config({**self.model_dump(), **overrides}, source="model config")
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
 
 
+class SettingNote(UserWarning):
+    """A setting was read under another name (a seed card's `learning_rate` as `lr`, say); the
+    command line shows it as one `note:` line."""
+
+
+# The names the founding systems (nanoGPT, the TinyStories Gemma-3, the GPT-2 chat, MiniMacLLM,
+# the SSSM card) and transformers give model settings, and ours for them.
+MODEL_SETTING_ALIASES = {
+    "d_model": "n_embd", "emb_dim": "n_embd", "hidden_size": "n_embd", "n_embed": "n_embd",
+    "num_layers": "n_layer", "n_layers": "n_layer", "num_hidden_layers": "n_layer",
+    "num_heads": "n_head", "n_heads": "n_head", "num_query_heads": "n_head",
+    "num_attention_heads": "n_head",
+    "num_kv_heads": "n_kv_head", "n_kv_heads": "n_kv_head", "num_key_value_heads": "n_kv_head",
+    "n_kv_groups": "n_kv_head",
+    "intermediate_size": "d_ff", "hidden_dim": "d_ff", "ffn_dim": "d_ff", "n_inner": "d_ff",
+    "max_seq_len": "context_length", "max_position_embeddings": "context_length",
+    "n_positions": "context_length", "n_ctx": "context_length", "block_size": "context_length",
+    "max_length": "context_length",
+    "ssmm_state_size": "ssm_state_size", "state_size": "ssm_state_size",
+    "d_state": "ssm_state_size", "d_conv": "ssm_conv_kernel", "expand": "ssm_expand",
+    "rms_norm_eps": "norm_eps", "layer_norm_epsilon": "norm_eps", "layer_norm_eps": "norm_eps",
+    "rope_base": "rope_theta", "rope_local_base": "rope_local_theta",
+    "sliding_window_size": "sliding_window", "window_size": "sliding_window",
+    "tie_word_embeddings": "tie_embeddings", "weight_tying": "tie_embeddings",
+    "attention_dropout": "dropout", "resid_pdrop": "dropout",
+}
+
+
+def closest_setting(name: str, known: Iterable[str], aliases: Mapping[str, str]) -> str | None:
+    """The known setting `name` most likely meant (a misspelling of it or of one of its
+    aliases), or None when nothing is close."""
+    candidates = [*known, *aliases]
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if not match:
+        lowered = name.lower()
+        match = [candidate for candidate in candidates if candidate == lowered]
+    if not match:
+        return None
+    return aliases.get(match[0], match[0])
+
+
+def shown_key(name: str) -> str:
+    """A setting's name quoted for a sentence; control characters escaped, so that a key with a
+    newline in it still gives one line."""
+    return f"'{name}'" if name.isprintable() else repr(name)
+
+
+def unknown_setting_sentence(name: str, known: Iterable[str], aliases: Mapping[str, str]) -> str:
+    known = list(known)
+    closest = closest_setting(name, known, aliases)
+    if closest is not None:
+        return f"{shown_key(name)} is not a known setting; did you mean '{closest}'?"
+    return f"{shown_key(name)} is not a known setting (known settings: {', '.join(known)})"
+
+
+def resolve_aliases(data: Mapping[str, Any], known: Iterable[str], aliases: Mapping[str, str],
+                    source: str) -> dict[str, Any]:
+    """`data` with every alias replaced by our name for it, each with a note; an alias given
+    beside the setting it names is refused (which of the two was meant?)."""
+    known = set(known)
+    resolved: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known or key not in aliases:
+            resolved[key] = value
+            continue
+        ours = aliases[key]
+        if ours in data or ours in resolved:
+            raise ConfigError(
+                f"{source} sets both '{key}' and '{ours}', which are the same setting; keep one."
+            )
+        warnings.warn(f"'{key}' is read as '{ours}', Promethean's name for it.", SettingNote,
+                      stacklevel=3)
+        resolved[ours] = value
+    return resolved
+
+
 def describe_validation_error(
-    error: ValidationError, source: str, settings: type[BaseModel]
+    error: ValidationError, source: str, settings: type[BaseModel],
+    aliases: Mapping[str, str] | None = None,
 ) -> str:
     """Turn pydantic's report on a `settings` model into one sentence a user can act on."""
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
-            known = ", ".join(settings.model_fields)
-            problems.append(f"'{location}' is not a known setting (known settings: {known})")
+            problems.append(unknown_setting_sentence(location, settings.model_fields, aliases or {}))
         elif item["type"] == "missing":
             problems.append(f"'{location}' is required but missing")
         elif item["type"] == "value_error":
             problems.append(str(item["ctx"]["error"]))
         else:
             problems.append(f"'{location}' {item['msg'].lower()} (got {item['input']!r})")
-    return f"{source} is invalid: " + "; ".join(problems) + "."
+    sentence = "; ".join(problems)
+    return f"{source} is invalid: {sentence}" + ("" if sentence.endswith("?") else ".")
 
 
 def parse_model_config(data: Any, source: str = "model config") -> ModelConfig:
     """Validate a mapping into a ModelConfig or raise ConfigError with one sentence."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must be a table of settings, got {type(data).__name__}.")
-    data = dict(data)
+    data = resolve_aliases(data, ModelConfig.model_fields, MODEL_SETTING_ALIASES, source)
     # TOML and JSON have no tuples; the frozen config stores these as tuples.
     for key in ("global_layers", "mixer_pattern"):
         if isinstance(data.get(key), list):
@@ -213,7 +295,9 @@ def parse_model_config(data: Any, source: str = "model config") -> ModelConfig:
     try:
         return ModelConfig(**data)
     except ValidationError as error:
-        raise ConfigError(describe_validation_error(error, source, ModelConfig)) from None
+        raise ConfigError(
+            describe_validation_error(error, source, ModelConfig, MODEL_SETTING_ALIASES)
+        ) from None
 
 
 @dataclass(frozen=True)

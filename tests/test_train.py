@@ -380,12 +380,12 @@ def test_a_signal_saves_a_checkpoint_that_resumes(data_dir, tmp_path, signal_num
 
 def test_cli_bad_config_is_one_sentence(tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('model = "tiny-gpt2"\ndata = "d"\nout = "o"\nlearning_rate = 1.0\n')
+    config.write_text('model = "tiny-gpt2"\ndata = "d"\nout = "o"\nlearnin_rate = 1.0\n')
     result = _cli("pretrain", str(config))
     assert result.returncode == 1
-    assert (
-        result.stderr.startswith("error: training config")
-        and "'learning_rate' is not a known setting" in result.stderr
+    assert result.stderr == (
+        f"error: training config {config} is invalid: 'learnin_rate' is not a known setting; "
+        "did you mean 'lr'?\n"
     )
     assert "Traceback" not in result.stderr
     result = _cli(

@@ -356,6 +356,18 @@ def model_config_for(source: str) -> ModelConfig:
     return load_preset(source).model
 
 
+def run_model_config(config) -> ModelConfig:
+    """The model a training run (a TrainConfig) trains: its `model`'s config with the run's
+    `model_overrides` applied (on a checkpoint, only those its weights allow)."""
+    from pathlib import Path
+
+    from promethean.checkpoint import apply_model_overrides
+
+    source = config.model
+    return apply_model_overrides(model_config_for(source), config.model_overrides,
+                                 source if Path(source).is_dir() else None)
+
+
 def fit_to_budget(config, budget: str | int):
     """`config` (a TrainConfig) with batch_size x grad_accum re-planned to fit `budget` ("8GB" or
     bytes): the largest micro-batch that fits and divides the effective batch, so the effective
@@ -364,7 +376,7 @@ def fit_to_budget(config, budget: str | int):
 
     Returns (new config, MemoryEstimate of its peak)."""
     budget_bytes = parse_memory_size(budget) if isinstance(budget, str) else int(budget)
-    model_config = model_config_for(config.model)
+    model_config = run_model_config(config)
     block_size = config.block_size or model_config.context_length
     target = config.batch_size * config.grad_accum
     optimizer = "adamw-bf16" if config.optimizer_moments == "bf16" else "adamw"

@@ -227,20 +227,21 @@ def _apply_claim(out: Path, claim: RunClaim) -> None:
 # ---------------------------------------------------------------------------------- setup
 
 
-def _load_model(source: str, device: torch.device, seed: int):
-    """(model, tokenizer, origin) from a checkpoint directory or a preset (random weights)."""
-    from promethean.checkpoint import load_checkpoint
+def _load_model(source: str, device: torch.device, seed: int, model_overrides=None):
+    """(model, tokenizer, origin) from a checkpoint directory or a preset (random weights), with
+    the run's `model_overrides` applied."""
+    from promethean.checkpoint import apply_model_overrides, load_checkpoint
     from promethean.config import load_preset
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
 
     if Path(source).is_dir():
-        checkpoint = load_checkpoint(source, device=device)
+        checkpoint = load_checkpoint(source, device=device, model_overrides=model_overrides)
         return checkpoint.model, checkpoint.tokenizer, {"checkpoint": str(source)}
     preset = load_preset(source)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Transformer(preset.model)
+        model = Transformer(apply_model_overrides(preset.model, model_overrides))
     return model, get_tokenizer(preset.tokenizer), {"preset": preset.name}
 
 
@@ -327,9 +328,9 @@ def preflight(config: TrainConfig, resume: str | Path | None = None,
     from promethean.checkpoint import read_checkpoint_record
     from promethean.data.prepare import read_meta, tokenizer_record
     from promethean.tokenizer import resolve_tokenizer
-    from promethean.train.memory import model_config_for
+    from promethean.train.memory import run_model_config
 
-    model_config = model_config_for(config.model)
+    model_config = run_model_config(config)
     prepared = read_meta(config.data)["tokenizer"]
     if prepared["vocab_size"] > model_config.vocab_size:
         raise PrometheanError(
@@ -463,10 +464,12 @@ def _train(
                 f"max_minutes budget of {config.max_minutes:g} (it counts every leg of a run); "
                 "raise max_minutes (--max-minutes) to continue it."
             )
-        model, tokenizer, origin = _load_model(str(resume), device, config.seed)
+        model, tokenizer, origin = _load_model(str(resume), device, config.seed,
+                                               config.model_overrides)
         origin = {"resumed_from": str(resume)}
     else:
-        model, tokenizer, origin = _load_model(config.model, device, config.seed)
+        model, tokenizer, origin = _load_model(config.model, device, config.seed,
+                                               config.model_overrides)
     if config.dropout is not None:
         model.set_dropout(config.dropout)
     model.train()
