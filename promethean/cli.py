@@ -715,6 +715,9 @@ def learn(
     lora_head: Annotated[bool, typer.Option("--lora-head", help="Adapt the output head (lm_head) "
                          "too, besides the --target layers.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Fine-tune every weight instead of LoRA.")] = False,
+    from_base: Annotated[bool, typer.Option("--from-base", help="The stage's adapter starts fresh "
+                         "on the base, independent of earlier stages; load it by its domain "
+                         "name.")] = False,
     adapter_name: Annotated[Optional[str], typer.Option("--adapter-name", help="Adapter name "
                             "(default: the domain).")] = None,
     base_domain: Annotated[Optional[str], typer.Option("--base-domain", help="NAME=DATA: the domain "
@@ -745,7 +748,8 @@ def learn(
         targets += ("lm_head",)
     result = learn(LearnOptions(
         checkpoint=str(checkpoint), domain=domain, data=data, update_steps=update_steps,
-        run=str(run) if run else None, full=full, adapter_name=adapter_name, lora_rank=lora_rank,
+        run=str(run) if run else None, full=full, from_base=from_base,
+        adapter_name=adapter_name, lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         target_modules=targets, use_ewc=use_ewc,
         ewc_lambda=ewc_lambda, ewc_gamma=ewc_gamma, replay=replay, replay_quota=replay_quota,

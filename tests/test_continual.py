@@ -482,3 +482,113 @@ def test_cli_learn_forgetting_and_generate_with_an_adapter(domains, tmp_path):
     result = cli("forgetting", str(tmp_path))
     assert result.stderr.strip() == (
         f"error: {tmp_path} is not a continual-learning run: continual.json is missing.")
+
+
+# ------------------------------------------------------------------- independent adapters
+
+
+def test_a_from_base_stage_starts_fresh_on_the_base_after_a_continuing_stage(domains, tmp_path,
+                                                                            monkeypatch):
+    from safetensors.torch import load_file
+
+    import promethean.train.optim as optim_module
+    from promethean.continual.learn import evaluate_domains
+
+    _, checkpoint, data = domains
+    run = tmp_path / "mixed"
+    learn(options(checkpoint, "beta", data["beta"], run, adapter_name="beta-mixed",
+                  base_domain=("alpha", str(data["alpha"]))))
+    idx = tokens(length=32)
+    base_logits = load_checkpoint(checkpoint).model(idx).logits
+    first_step = {}
+    build_optimizer = optim_module.build_optimizer
+
+    def capture(adapters, *args, **kwargs):
+        # Called just before the first step: the model is what training starts from.
+        with torch.no_grad():
+            first_step["logits"] = adapters.model(idx).logits
+        first_step["weights"] = {k: v.detach().clone()
+                                 for k, v in adapters.trainable_parameters().items()}
+        return build_optimizer(adapters, *args, **kwargs)
+
+    monkeypatch.setattr(optim_module, "build_optimizer", capture)
+    second = learn(options(checkpoint, "gamma", data["gamma"], run, from_base=True,
+                           adapter_name="gamma-mixed", replay=0.25))
+    monkeypatch.undo()
+    assert torch.equal(first_step["logits"], base_logits)  # base + fresh adapter == base
+    previous = load_file(str(run / "stages" / "01-beta" / "adapter_model.safetensors"))
+    for key, value in first_step["weights"].items():
+        assert not torch.equal(value, previous[key])  # not a copy of stage 1's adapter
+        if key.endswith("lora_B"):
+            assert not value.any() and previous[key].any()
+
+    record = read_run(run)
+    stages = record["stages"]
+    assert "from_base" not in stages[0]
+    assert stages[1]["from_base"] is False and stages[1]["options"]["from_base"] is False
+    assert stages[2]["from_base"] is True and stages[2]["options"]["from_base"] is True
+    assert "evaluated_with" not in stages[1]
+    assert stages[2]["evaluated_with"] == {"alpha": 0, "beta": 1, "gamma": 2}
+    assert stages[2]["replayed_rows"] > 0  # replay still mixes earlier domains in
+    # Each domain on its own adapter: alpha on the base, beta on stage 1's continuing adapter.
+    assert stages[2]["val"]["alpha"] == stages[0]["val"]["alpha"]
+    assert stages[2]["val"]["beta"] == stages[1]["val"]["beta"]
+    assert second.val == stages[2]["val"]
+    # Before gamma was learned, the model after stage 1 was base + beta's adapter.
+    model = load_checkpoint(checkpoint).model
+    load_adapter_onto(model, checkpoint, "beta-mixed", merge=False)
+    again = evaluate_domains(model, {"gamma": TokenDataset(data["gamma"])}, 4, 32, "cpu", None)
+    assert again == {"gamma": stages[1]["val"]["gamma"]}
+    config = json.loads((checkpoint / "adapters" / "gamma-mixed" / ADAPTER_CONFIG_FILE).read_text())
+    assert config["metadata"]["from_base"] is True
+
+
+def test_from_base_stages_leave_each_domain_its_own_adapter(domains, tmp_path):
+    from promethean.continual.learn import evaluate_domains
+
+    _, checkpoint, data = domains
+    run = tmp_path / "independent"
+    learn(options(checkpoint, "beta", data["beta"], run, from_base=True, adapter_name="beta-own",
+                  base_domain=("alpha", str(data["alpha"]))))
+    published = checkpoint / "adapters" / "beta-own"
+    after_first = _tree(published)
+    learn(options(checkpoint, "gamma", data["gamma"], run, from_base=True,
+                  adapter_name="gamma-own"))
+    assert _tree(published) == after_first  # stage 2 did not touch domain beta's adapter
+    stages = read_run(run)["stages"]
+    assert [s.get("from_base") for s in stages] == [None, True, True]
+    assert stages[1]["evaluated_with"] == {"alpha": 0, "beta": 1}
+    assert stages[2]["evaluated_with"] == {"alpha": 0, "beta": 1, "gamma": 2}
+    assert stages[2]["val"]["beta"] == stages[1]["val"]["beta"]
+    assert stages[2]["val"]["alpha"] == stages[1]["val"]["alpha"] == stages[0]["val"]["alpha"]
+    assert stages[1]["val"]["gamma"] == stages[0]["val"]["gamma"]  # no adapter had learned it
+    # Each published adapter alone on the base gives the loss its stage recorded for its domain.
+    for name, domain, stage in (("beta-own", "beta", 1), ("gamma-own", "gamma", 2)):
+        model = load_checkpoint(checkpoint).model
+        load_adapter_onto(model, checkpoint, name, merge=False)
+        again = evaluate_domains(model, {domain: TokenDataset(data[domain])}, 4, 32, "cpu", None)
+        assert again[domain] == stages[stage]["val"][domain]
+        assert stages[stage]["val"][domain]["loss"] < stages[0]["val"][domain]["loss"]
+    report = forgetting_report(run)
+    assert report.forgetting == {"alpha": 0.0, "beta": 0.0}
+    assert report.backward_transfer == 0.0 and report.forward_transfer == 0.0
+
+
+def test_cli_refuses_from_base_with_ewc_or_full(domains, tmp_path):
+    _, checkpoint, data = domains
+    common = ["learn", "--checkpoint", str(checkpoint), "--run", str(tmp_path / "refused"),
+              "--domain", "beta", "--data", str(data["beta"]), "--update-steps", "2",
+              "--from-base"]
+    refusals = {
+        "--use-ewc": "error: --from-base cannot be used with --use-ewc: an independent adapter "
+                     "has no earlier stage to stay close to, and EWC anchors to the previous "
+                     "stage's weights.\n",
+        "--full": "error: --from-base cannot be used with --full: it starts a fresh LoRA adapter "
+                  "on the base, and full fine-tuning has no adapter.\n",
+    }
+    for flag, sentence in refusals.items():
+        result = subprocess.run([sys.executable, "-m", "promethean", *common, flag], check=False,
+                                capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 1 and result.stderr == sentence
+    assert not (tmp_path / "refused").exists()

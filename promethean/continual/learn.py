@@ -9,15 +9,22 @@ base model itself. A stage:
    prepared into `RUN/data/DOMAIN` with the checkpoint's tokenizer;
 2. builds the model to learn on: the base with a LoRA adapter (started from the previous stage's
    adapter, so each stage's adapter is the whole model as it stands after that stage), or, with
-   `full`, the previous stage's full checkpoint with every weight trainable;
+   `from_base`, a fresh adapter on the base (B = 0, independent of every earlier stage: an adapter
+   per domain, loaded by its name), or, with `full`, the previous stage's full checkpoint with
+   every weight trainable. A from-base stage's row of the matrix is what a user of per-domain
+   adapters gets: each known domain evaluated on the base plus the adapter of the latest stage
+   that learned it (the new one for the new domain), and on the plain base when no stage learned
+   it (the base domain); `evaluated_with` records which stage's adapter served each domain.
+   Every stage records `from_base` (a run may mix both kinds); EWC, which anchors to the previous
+   stage's weights, and full fine-tuning, which has no adapter, are refused with it;
 3. with replay, puts windows of every earlier domain into the on-disk buffer `RUN/replay`
    (reservoir, per-domain quota) and mixes them into the new domain's batches at `replay_ratio`;
    with EWC, estimates the Fisher of every earlier domain not yet consolidated (online EWC state
    in `RUN/ewc`) and adds the penalty to the loss;
 4. trains `update_steps` AdamW steps (warmup + cosine, clipping), then evaluates every known
-   domain, writes the stage's adapter (or its full checkpoint) to `RUN/stages/NN-DOMAIN`,
-   consolidates EWC on the new domain, adds it to the replay buffer, and appends the stage to
-   `continual.json`;
+   domain (on the stage's model, or, from base, as step 2 says), writes the stage's adapter (or
+   its full checkpoint) to `RUN/stages/NN-DOMAIN`, consolidates EWC on the new domain, adds it
+   to the replay buffer, and appends the stage to `continual.json`;
 5. commits: all of the above was written into a staging copy of the run directory (what the
    stage does not rewrite is carried over by hard links), which then takes the run's place in
    one atomic switch. Only after that is a LoRA stage's adapter published to
@@ -74,6 +81,7 @@ class LearnOptions:
     update_steps: int
     run: str | None = None  # default: the run the checkpoint came from, else CHECKPOINT/continual
     full: bool = False  # full fine-tuning instead of LoRA
+    from_base: bool = False  # a fresh adapter on the base, not a continuation of the previous one
     adapter_name: str | None = None  # default: the domain
     lora_rank: int = 8
     lora_alpha: float | None = None  # default: 2 x rank
@@ -210,6 +218,14 @@ def _check(options: LearnOptions) -> None:
         raise PrometheanError("batch size and block size must be at least 1.")
     if options.fisher_samples < 1:
         raise PrometheanError(f"--fisher-samples must be at least 1, got {options.fisher_samples}.")
+    if options.from_base and options.full:
+        raise PrometheanError("--from-base cannot be used with --full: it starts a fresh LoRA "
+                              "adapter on the base, and full fine-tuning has no adapter.")
+    if options.from_base and options.use_ewc:
+        raise PrometheanError(
+            "--from-base cannot be used with --use-ewc: an independent adapter has no earlier "
+            "stage to stay close to, and EWC anchors to the previous stage's weights."
+        )
     if options.base_domain is not None:
         check_name(options.base_domain[0], "domain")
         if options.base_domain[0] == options.domain:
@@ -301,9 +317,11 @@ def learn(options: LearnOptions) -> StageResult:
         config = LoraConfig(rank=options.lora_rank,
                             alpha=options.lora_alpha or 2.0 * options.lora_rank,
                             dropout=options.lora_dropout, target_modules=options.target_modules)
-        adapters.add(name, config, metadata={"domain": options.domain, "stage": stage_index,
-                                             "run": str(run)})
-        if previous is not None and previous.get("adapter"):
+        metadata = {"domain": options.domain, "stage": stage_index, "run": str(run)}
+        if options.from_base:
+            metadata["from_base"] = True
+        adapters.add(name, config, metadata=metadata)  # B = 0: base + it is the base
+        if previous is not None and previous.get("adapter") and not options.from_base:
             # Each stage's adapter continues the previous one: base + it is the model after it.
             previous_name = f"previous-{previous['stage']}"
             adapters.load(previous["adapter"], previous_name, activate=False)
@@ -345,6 +363,16 @@ def learn(options: LearnOptions) -> StageResult:
             return evaluate_domains(model, {n: datasets[n] for n in names}, options.batch_size,
                                     options.block_size, device, options.eval_batches)
 
+        def evaluate_with_stage_adapter(stage: dict, names) -> dict[str, dict[str, float]]:
+            """`names` evaluated on the base + the adapter of an earlier, committed `stage`."""
+            earlier_name = f"earlier-{stage['stage']}"
+            adapters.load(stage["adapter"], earlier_name, activate=False)
+            try:
+                with adapters.using(earlier_name):
+                    return evaluate_now(names)
+            finally:
+                adapters.delete(earlier_name)
+
         # ---- stage 0 (the base), and the new domain's column before it is learned
         if not record["stages"]:
             if adapters is not None:
@@ -365,7 +393,14 @@ def learn(options: LearnOptions) -> StageResult:
                 del base
             # The model as it stands now, before learning the domain (forward transfer): a new
             # adapter starts as the previous stage's one, so this is the previous stage's model.
-            record["stages"][-1]["val"].update(evaluate_now([options.domain]))
+            # A fresh adapter (from_base) is the base instead: that is the previous stage's
+            # model for the new domain only when that stage was from-base too (no adapter has
+            # learned the domain); after a continuing stage it is base + that stage's adapter.
+            if options.from_base and not previous.get("from_base"):
+                record["stages"][-1]["val"].update(
+                    evaluate_with_stage_adapter(previous, [options.domain]))
+            else:
+                record["stages"][-1]["val"].update(evaluate_now([options.domain]))
         if is_new_domain:
             record["domains"][options.domain] = {"data": str(final_path(new_dataset.directory)),
                                                  "learned_at_stage": stage_index}
@@ -439,7 +474,13 @@ def learn(options: LearnOptions) -> StageResult:
         model.eval()
 
         # ---- evaluate, save, consolidate
-        val = evaluate_now(datasets)
+        evaluated_with = None
+        if options.from_base:
+            val, evaluated_with = _evaluate_own_adapters(
+                record["stages"], datasets, options.domain, stage_index, adapters,
+                evaluate_now, evaluate_with_stage_adapter)
+        else:
+            val = evaluate_now(datasets)
         stage_dir = Path(STAGES_DIR) / f"{stage_index:02d}-{options.domain}"
         if adapters is not None:
             # The stage's own copy, committed with the run; published under the checkpoint after.
@@ -466,7 +507,9 @@ def learn(options: LearnOptions) -> StageResult:
         seconds = time.perf_counter() - started
         record["stages"].append({
             "stage": stage_index, "domain": options.domain, **stage_entry,
-            "method": method, "update_steps": options.update_steps,
+            "method": method, "from_base": options.from_base,
+            **({"evaluated_with": evaluated_with} if evaluated_with is not None else {}),
+            "update_steps": options.update_steps,
             "trainable_parameters": trainable_count,
             "total_parameters": model.num_parameters(),
             "options": {k: v for k, v in asdict(options).items()
@@ -478,6 +521,31 @@ def learn(options: LearnOptions) -> StageResult:
     if adapters is not None:
         publish_adapter(run / stage_dir, output)
     return StageResult(stage_index, options.domain, output, val, trainable_count, seconds)
+
+
+def _evaluate_own_adapters(stages: list[dict], datasets: dict, domain: str, stage_index: int,
+                           adapters, evaluate_now, evaluate_with_stage_adapter):
+    """Every known domain on the base + its own adapter: the one being trained for `domain`,
+    the latest earlier stage's that learned it for any other, none (the plain base) when no
+    stage did. Returns the losses and, per domain, the stage whose adapter served it (0: base)."""
+    serving = {name: 0 for name in datasets}
+    by_stage = {}
+    for stage in stages:
+        if stage.get("domain") in serving and stage.get("adapter"):
+            serving[stage["domain"]] = stage["stage"]
+            by_stage[stage["stage"]] = stage
+    serving[domain] = stage_index
+    results = {}
+    for stage in sorted(set(serving.values())):
+        names = [name for name, served_by in serving.items() if served_by == stage]
+        if stage == stage_index:
+            results.update(evaluate_now(names))  # the new adapter is the active one
+        elif stage == 0:
+            with adapters.disabled():
+                results.update(evaluate_now(names))
+        else:
+            results.update(evaluate_with_stage_adapter(by_stage[stage], names))
+    return {name: results[name] for name in datasets}, serving
 
 
 def _domain_fisher(model, trainable, dataset, options: LearnOptions, device, estimate_fisher):
