@@ -700,15 +700,18 @@ def learn(
     run: Annotated[Optional[Path], typer.Option("--run", help="Run directory holding continual.json "
                    "(default: the checkpoint's run, else CHECKPOINT/continual).")] = None,
     use_ewc: Annotated[bool, typer.Option("--use-ewc", help="Elastic weight consolidation.")] = False,
-    ewc_lambda: Annotated[float, typer.Option("--ewc-lambda", help="EWC strength.")] = 1000.0,
-    ewc_gamma: Annotated[float, typer.Option("--ewc-gamma", help="Online EWC decay.")] = 1.0,
-    replay: Annotated[float, typer.Option("--replay", help="Share of each batch replayed from "
-                                          "earlier domains (0 = no replay).")] = 0.0,
-    replay_quota: Annotated[int, typer.Option("--replay-quota", help="Windows kept per domain.")] = 512,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank.")] = 8,
+    ewc_lambda: Annotated[Optional[float], typer.Option("--ewc-lambda", help="EWC strength, on "
+                          "the Fisher of the sequence log-likelihood (default 0.15).")] = None,
+    ewc_gamma: Annotated[Optional[float], typer.Option("--ewc-gamma", help="Online EWC decay "
+                         "(default 1).")] = None,
+    replay: Annotated[Optional[float], typer.Option("--replay", help="Share of each batch "
+                      "replayed from earlier domains (default 0: no replay).")] = None,
+    replay_quota: Annotated[Optional[int], typer.Option("--replay-quota", help="Windows kept per "
+                            "domain (default 512).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option("--lora-rank", help="LoRA rank (default 8).")] = None,
     lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha", help="LoRA alpha "
                                                         "(default 2 x rank).")] = None,
-    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.0,
+    lora_dropout: Annotated[Optional[float], typer.Option("--lora-dropout", help="(default 0)")] = None,
     target: Annotated[Optional[list[str]], typer.Option("--target", help="Layers to adapt: a last "
                       "name part (q_proj) or a regex over full names (repeatable; default: every "
                       "block linear layer).")] = None,
@@ -724,13 +727,13 @@ def learn(
                            "the checkpoint was trained on, measured from the first stage.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 2e-3 "
                                                 "LoRA, 3e-4 full).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    block_size: Annotated[int, typer.Option("--block-size")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="(default 8)")] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", help="(default 256)")] = None,
     eval_batches: Annotated[Optional[int], typer.Option("--eval-batches", help="Cap on validation "
                             "batches per domain (default: the whole split).")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation share when "
-                            "--data is a corpus to prepare.")] = 0.02,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Validation "
+                            "share when --data is a corpus to prepare (default 0.02).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="(default 0)")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Learn a new domain (a LoRA adapter, or full fine-tuning) and record every domain's loss."""
@@ -746,15 +749,19 @@ def learn(
     targets = tuple(target) if target else DEFAULT_TARGETS
     if lora_head and "lm_head" not in targets:
         targets += ("lm_head",)
+    # Only what was given: LearnOptions holds the defaults.
+    given = {key: value for key, value in {
+        "lora_rank": lora_rank, "lora_dropout": lora_dropout, "ewc_lambda": ewc_lambda,
+        "ewc_gamma": ewc_gamma, "replay": replay, "replay_quota": replay_quota,
+        "batch_size": batch_size, "block_size": block_size, "val_fraction": val_fraction,
+        "seed": seed,
+    }.items() if value is not None}
     result = learn(LearnOptions(
         checkpoint=str(checkpoint), domain=domain, data=data, update_steps=update_steps,
         run=str(run) if run else None, full=full, from_base=from_base,
-        adapter_name=adapter_name, lora_rank=lora_rank,
-        lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=targets, use_ewc=use_ewc,
-        ewc_lambda=ewc_lambda, ewc_gamma=ewc_gamma, replay=replay, replay_quota=replay_quota,
-        base_domain=base, lr=lr, batch_size=batch_size, block_size=block_size,
-        eval_batches=eval_batches, val_fraction=val_fraction, seed=seed, device=device,
+        adapter_name=adapter_name, lora_alpha=lora_alpha, target_modules=targets,
+        use_ewc=use_ewc, base_domain=base, lr=lr, eval_batches=eval_batches, device=device,
+        **given,
     ))
     typer.echo(f"stage {result.stage} ({result.domain}): wrote {result.output} "
                f"({result.trainable_parameters:,} trained parameters, {result.seconds:.0f} s)")

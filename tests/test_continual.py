@@ -1,6 +1,7 @@
 """Continual learning: LoRA adapters, replay buffer, EWC, `learn` stages and the forgetting report."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from promethean.continual.replay import ReplayBuffer, ReplayMixer
 from promethean.data.batches import TokenDataset, WindowSampler
 from promethean.errors import PrometheanError
 from promethean.tokenizer import ByteTokenizer
-from tests.conftest import build, generated_documents
+from tests.conftest import build, generated_documents, trained_like
 
 
 # Tiny models: one thread is as fast and does not thrash a busy machine (conftest.py).
@@ -246,21 +247,35 @@ def test_mixer_replaces_about_the_ratio_of_rows(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------- EWC
 
 
-def test_fisher_is_the_mean_of_squared_per_sequence_gradients():
-    model = build("tiny-llama")
+def test_fisher_is_that_of_the_sequence_log_likelihood():
+    """Against an independent computation: the log-likelihood summed from the logits' own
+    log-softmax (not the model's loss), a row with ignored targets included."""
+    model = trained_like(build("tiny-llama"))
     adapters = Adapters(model)
     adapters.add("a", rank=2)
     randomise(adapters, "a")
     params = adapters.trainable_parameters()
-    idx = tokens(batch=3, length=12)
-    fisher = estimate_fisher(model, params, [(idx, idx)], samples=3)
-    manual = {k: torch.zeros_like(v) for k, v in params.items()}
+    inputs = tokens(batch=3, length=12)
+    targets = tokens(batch=3, length=12, seed=5)
+    targets[1, :5] = -100  # a row that predicts only its last 7 tokens
+    fisher = estimate_fisher(model, params, [(inputs, targets)], samples=3)
+    independent = {k: torch.zeros_like(v) for k, v in params.items()}
     for row in range(3):
-        _, loss = model(idx[row : row + 1], idx[row : row + 1])
-        for (key, _), grad in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-            manual[key] += grad**2 / 3
+        log_probs = torch.log_softmax(model(inputs[row : row + 1]).logits.float(), dim=-1)[0]
+        kept = targets[row] != -100
+        log_likelihood = log_probs[kept].gather(1, targets[row][kept].unsqueeze(1)).sum()
+        grads = torch.autograd.grad(log_likelihood, list(params.values()))
+        for (key, _), grad in zip(params.items(), grads):
+            independent[key] += grad**2 / 3
     for key in params:
-        torch.testing.assert_close(fisher[key], manual[key])
+        torch.testing.assert_close(fisher[key], independent[key], rtol=1e-4, atol=1e-12)
+    # The sum, not the mean: 144 = 12^2 times the squared gradient of the mean loss of a full row.
+    one = estimate_fisher(model, params, [(inputs[:1], targets[:1])], samples=1)
+    _, mean_loss = model(inputs[:1], targets[:1])
+    grad = torch.autograd.grad(mean_loss, [params[next(iter(params))]])[0]
+    expected = 144 * grad**2
+    torch.testing.assert_close(one[next(iter(params))], expected, rtol=1e-3,
+                               atol=1e-5 * float(expected.max()))
 
 
 def test_ewc_penalty_online_decay_and_save_load(tmp_path):
@@ -328,6 +343,11 @@ def test_lora_ewc_replay_stages_record_every_domain(domains, tmp_path):
     assert set(record["stages"][0]["val"]) == {"alpha", "beta", "gamma"}
     assert record["stages"][2]["replayed_rows"] > 0
     assert json.loads((run / "ewc" / "ewc.json").read_text())["domains"] == ["alpha", "beta", "gamma"]
+    # The penalty is in the loss: zero at a stage's first step (the adapter is its anchor), then
+    # positive once training has moved it.
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    penalties = [line["ewc_penalty"] for line in logged if line["stage"] == 2]
+    assert penalties and all(math.isfinite(p) and p > 0 for p in penalties)
     assert ReplayBuffer(run / "replay", 32).describe().keys() == {"alpha", "beta", "gamma"}
     # The stage's recorded loss is what the saved adapter gives.
     from promethean.continual.learn import evaluate_domains

@@ -114,6 +114,32 @@ def test_weight_decay_only_on_matrices_that_are_not_embeddings():
         assert optimizer.param_groups[0]["betas"] == (0.9, 0.95)
 
 
+def test_the_ssm_decay_rates_are_never_weight_decayed(tmp_path):
+    """A_log (2-D) is exempt as Mamba exempts it, in a fresh model and in one loaded from a
+    checkpoint (whose parameters are new tensors), and an AdamW step with decay leaves it alone
+    where it gets no gradient."""
+    from promethean.checkpoint import save_checkpoint
+
+    model = Transformer(load_preset("tiny-sssm").model)
+    save_checkpoint(tmp_path / "ckpt", model, ByteTokenizer())
+    for candidate in (model, load_checkpoint(tmp_path / "ckpt").model):
+        ssm_layers = [m for m in candidate.modules() if hasattr(m, "A_log")]
+        assert ssm_layers
+        decay, no_decay = parameter_groups(candidate, 0.1)
+        decayed = {id(p) for p in decay["params"]}
+        for layer in ssm_layers:
+            assert layer.A_log.ndim == 2 and id(layer.A_log) not in decayed
+            assert id(layer.A_log) in {id(p) for p in no_decay["params"]}
+            assert id(layer.in_proj.weight) in decayed  # the mixer's matrices still decay
+    before = [m.A_log.detach().clone() for m in model.modules() if hasattr(m, "A_log")]
+    optimizer = build_optimizer(model, 1e-2, 0.5, (0.9, 0.95))
+    for parameter in model.parameters():
+        parameter.grad = torch.zeros_like(parameter)
+    optimizer.step()
+    after = [m.A_log for m in model.modules() if hasattr(m, "A_log")]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_schedule_warms_up_then_decays_to_min_lr():
     rates = [lr_at(step, 1.0, 0.1, 4, 20) for step in range(25)]
     assert rates[0] == pytest.approx(0.2) and rates[3] == pytest.approx(0.8)

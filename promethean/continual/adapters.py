@@ -112,10 +112,14 @@ def checkpoint_sha256(directory: str | Path) -> str:
 # ----------------------------------------------------------------------------------- configs
 
 
+# alpha = 2 x rank when not given: `LoraConfig.for_rank`, used by `learn` and `finetune-chat`.
+DEFAULT_ALPHA_PER_RANK = 2.0
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = 8
-    alpha: float = 16.0
+    alpha: float = 16.0  # DEFAULT_ALPHA_PER_RANK x the default rank
     dropout: float = 0.0
     # A module is targeted when one of these equals the last part of its name ("q_proj") or,
     # read as a regular expression, matches its whole name (r"blocks\.[01]\.attn\..*").
@@ -138,6 +142,13 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    @classmethod
+    def for_rank(cls, rank: int, alpha: float | None = None, **settings) -> LoraConfig:
+        """The config of a rank-`rank` adapter; alpha, when not given, is twice the rank (the
+        founding cards' choice: scaling 2 whatever the rank)."""
+        return cls(rank=rank, alpha=DEFAULT_ALPHA_PER_RANK * rank if alpha is None else alpha,
+                   **settings)
 
 
 def matching_linear_names(model: nn.Module, patterns: Sequence[str]) -> list[str]:

@@ -370,8 +370,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     if block_size > model_config.context_length:
         raise PrometheanError(f"block size {block_size} is longer than the model's context "
                               f"({model_config.context_length}).")
-    alpha = options.alpha if options.alpha is not None else 2.0 * options.rank
-    lora = LoraConfig(rank=options.rank, alpha=alpha, target_modules=options.target_modules)
+    lora = LoraConfig.for_rank(options.rank, options.alpha, target_modules=options.target_modules)
 
     conversations = [c for c in read_chat_log(options.log) if c.has_reply]
     if not conversations:

@@ -2,9 +2,11 @@
 they were.
 
 After a domain is learned, the diagonal of its Fisher information is estimated as the mean of
-squared gradients of the log-likelihood (the mean next-token loss of one sequence) over
-`samples` windows of the domain's data, one backward pass per window. Learning a new domain then
-adds to its loss
+squared gradients of the sequence log-likelihood, log p(sequence) = the sum of its next-token
+log-probabilities, over `samples` windows of the domain's data, one backward pass per window.
+(Until December 2026 the gradient was that of the *mean* next-token loss, a Fisher 1/T^2 of
+this one for windows of T tokens; a lambda tuned then is T^2 times too strong now: 1e4 then is
+about 0.15 now at T = 256.) Learning a new domain then adds to its loss
 
     penalty = lambda / 2 * sum_i F_i * (theta_i - theta*_i) ** 2
 
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from promethean.errors import PrometheanError
 from promethean.files import atomic_directory
+from promethean.model.transformer import IGNORE_INDEX
 
 EWC_TENSORS_FILE = "ewc.safetensors"
 EWC_JSON_FILE = "ewc.json"
@@ -46,8 +49,9 @@ def estimate_fisher(
     samples: int,
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher: mean over `samples` sequences of (d log p(sequence) / d theta)^2,
-    log p taken as minus the mean next-token loss of the sequence. `batches` may hold several
-    rows each; every row is its own backward pass. Runs in eval mode (no dropout)."""
+    log p(sequence) being the sum over its predicted tokens (targets other than IGNORE_INDEX) of
+    log p(token | prefix). `batches` may hold several rows each; every row is its own backward
+    pass. Runs in eval mode (no dropout)."""
     if samples < 1:
         raise PrometheanError(f"the Fisher estimate needs at least 1 sample, got {samples}.")
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in parameters.items()}
@@ -63,8 +67,15 @@ def estimate_fisher(
             for row in range(inputs.shape[0]):
                 if seen == samples:
                     break
-                _, loss = model(inputs[row : row + 1], targets[row : row + 1])
-                grads = torch.autograd.grad(loss, list(parameters.values()), allow_unused=True)
+                row_targets = targets[row : row + 1]
+                _, loss = model(inputs[row : row + 1], row_targets)
+                # The model's loss is the mean over the predicted tokens; their count turns it
+                # into the sum, minus the sequence's log-likelihood.
+                predicted = int((row_targets != IGNORE_INDEX).sum())
+                if predicted == 0:
+                    continue
+                grads = torch.autograd.grad(loss * predicted, list(parameters.values()),
+                                            allow_unused=True)
                 for (name, _), grad in zip(parameters.items(), grads):
                     if grad is not None:
                         fisher[name] += grad.detach().float() ** 2

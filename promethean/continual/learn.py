@@ -88,7 +88,7 @@ class LearnOptions:
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     use_ewc: bool = False
-    ewc_lambda: float = 1000.0
+    ewc_lambda: float = 0.15  # the experiment's 1e4 on the old mean-loss Fisher, rescaled by 1/256^2
     ewc_gamma: float = 1.0
     fisher_samples: int = 64
     replay: float = 0.0  # share of each batch's rows taken from the replay buffer
@@ -235,8 +235,8 @@ def _check(options: LearnOptions) -> None:
             )
     if not options.full:
         # Refuse a bad rank before anything is loaded.
-        LoraConfig(rank=options.lora_rank, alpha=options.lora_alpha or 2.0 * options.lora_rank,
-                   dropout=options.lora_dropout, target_modules=options.target_modules)
+        LoraConfig.for_rank(options.lora_rank, options.lora_alpha,
+                            dropout=options.lora_dropout, target_modules=options.target_modules)
 
 
 def learn(options: LearnOptions) -> StageResult:
@@ -314,9 +314,9 @@ def learn(options: LearnOptions) -> StageResult:
             )
         adapters = Adapters(model, base_sha256=base_hash)
         name = options.adapter_name or options.domain
-        config = LoraConfig(rank=options.lora_rank,
-                            alpha=options.lora_alpha or 2.0 * options.lora_rank,
-                            dropout=options.lora_dropout, target_modules=options.target_modules)
+        config = LoraConfig.for_rank(options.lora_rank, options.lora_alpha,
+                                     dropout=options.lora_dropout,
+                                     target_modules=options.target_modules)
         metadata = {"domain": options.domain, "stage": stage_index, "run": str(run)}
         if options.from_base:
             metadata["from_base"] = True

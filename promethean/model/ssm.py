@@ -232,6 +232,10 @@ def inverse_softplus(value: torch.Tensor) -> torch.Tensor:
 
 
 class SelectiveSSM(nn.Module):
+    # Exempt from weight decay (as Mamba exempts them): decaying A_log pulls every state's decay
+    # rate towards exp(0) = 1, and D is a per-channel skip gain (promethean.train.optim).
+    no_weight_decay_parameters = ("A_log", "D")
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.inner = config.ssm_inner_size

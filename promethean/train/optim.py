@@ -17,15 +17,21 @@ from torch import nn
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices and everything else."""
-    embedding_ids = {
+    """Two AdamW groups: decayed weight matrices and everything else (vectors, embeddings, and
+    what a module names in its `no_weight_decay_parameters`, such as the SSM's A_log). Marked by
+    name on the module rather than on the tensor, so that it survives a load that replaces the
+    parameters (load_state_dict(assign=True))."""
+    exempt = {
         id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
     }
+    for module in model.modules():
+        for name in getattr(module, "no_weight_decay_parameters", ()):
+            exempt.add(id(getattr(module, name)))
     decay, no_decay = [], []
     for _, parameter in model.named_parameters():  # shared (tied) parameters appear once
         if not parameter.requires_grad:
             continue
-        if parameter.ndim >= 2 and id(parameter) not in embedding_ids:
+        if parameter.ndim >= 2 and id(parameter) not in exempt:
             decay.append(parameter)
         else:
             no_decay.append(parameter)
