@@ -353,6 +353,15 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     from promethean.checkpoint import load_checkpoint, read_checkpoint_record
     from promethean.continual.learn import _progress
     from promethean.device import resolve_device
+    from promethean.train.config import TrainConfig
+    from promethean.train.loop import (
+        NonFiniteSteps,
+        evaluation_line,
+        optimizer_step,
+        print_line,
+        refuse_a_runaway,
+        set_learning_rate,
+    )
     from promethean.train.optim import build_optimizer
     from promethean.train.schedule import lr_at
 
@@ -415,20 +424,23 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     without_improvement, stopped, step = 0, "max_steps", 0
     batches = _epochs(train_examples, options.batch_size, options.seed, pad_id, device)
     train_losses: list[float] = []
+    nonfinite = NonFiniteSteps()
+    max_nonfinite = TrainConfig.model_fields["max_nonfinite_in_a_row"].default
+    tokens_since_evaluation, evaluation_started = 0, time.perf_counter()
     model.train()
     with _progress(options.progress) as bar:
         task = bar.add_task(f"chat adapter {options.name}", total=options.max_steps, loss=math.nan)
         for step in range(1, options.max_steps + 1):
             rate = lr_at(step - 1, options.lr, options.lr * 0.1, warmup, options.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = rate
+            set_learning_rate(optimizer, rate)
             inputs, targets = next(batches)
+            tokens_since_evaluation += int((targets != IGNORE_INDEX).sum())
             _, loss = model(inputs, targets)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
-            if math.isfinite(float(loss.detach())) and math.isfinite(grad_norm):
-                optimizer.step()  # a non-finite step is skipped, as the trainer does
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, parameters, float(loss.detach()), options.grad_clip,
+                           nonfinite)
+            refuse_a_runaway(nonfinite, step, max_nonfinite,
+                             "lower --lr; no adapter was written.")
             train_losses.append(float(loss.detach()))
             bar.update(task, completed=step, loss=train_losses[-1])
             if step % options.eval_every and step != options.max_steps:
@@ -436,6 +448,10 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
             val_loss = evaluate()
             evaluations.append({"step": step, "val_loss": val_loss,
                                 "train_loss": sum(train_losses) / len(train_losses)})
+            print_line(bar, options.progress, evaluation_line(
+                step, options.max_steps, evaluations[-1]["train_loss"], val_loss, None, rate,
+                tokens_since_evaluation / max(time.perf_counter() - evaluation_started, 1e-9)))
+            tokens_since_evaluation, evaluation_started = 0, time.perf_counter()
             train_losses.clear()
             if best_val_loss - val_loss > min_delta:
                 best_val_loss, best_step, without_improvement = val_loss, step, 0

@@ -51,7 +51,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from promethean.continual.adapters import (
     DEFAULT_TARGETS,
@@ -246,6 +245,13 @@ def learn(options: LearnOptions) -> StageResult:
     from promethean.continual.replay import ReplayBuffer, ReplayMixer
     from promethean.data.batches import WindowSampler
     from promethean.device import resolve_device
+    from promethean.train.config import TrainConfig
+    from promethean.train.loop import (
+        NonFiniteSteps,
+        optimizer_step,
+        refuse_a_runaway,
+        set_learning_rate,
+    )
     from promethean.train.optim import build_optimizer
     from promethean.train.schedule import lr_at
 
@@ -444,6 +450,8 @@ def learn(options: LearnOptions) -> StageResult:
         warmup = (options.warmup_steps if options.warmup_steps is not None
                   else max(1, options.update_steps // 10))
         parameters = list(trainable.values())
+        nonfinite = NonFiniteSteps()
+        max_nonfinite = TrainConfig.model_fields["max_nonfinite_in_a_row"].default
         model.train()
         metrics_path = staging / METRICS_FILE
         if (run / METRICS_FILE).is_file():
@@ -452,17 +460,17 @@ def learn(options: LearnOptions) -> StageResult:
             task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
             for step in range(options.update_steps):
                 rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
+                set_learning_rate(optimizer, rate)
                 inputs, targets = batches.next_batch()
                 _, loss = model(inputs, targets)
                 penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
                 total = loss + penalty if penalty is not None else loss
                 total.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, options.grad_clip))
-                if math.isfinite(float(total.detach())) and math.isfinite(grad_norm):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(optimizer, parameters, float(total.detach()),
+                                           options.grad_clip, nonfinite)
+                refuse_a_runaway(nonfinite, step + 1, max_nonfinite,
+                                 "lower --lr (or --ewc-lambda); the run is as it was before "
+                                 "this stage.")
                 if (step + 1) % 10 == 0 or step + 1 == options.update_steps:
                     metrics.write(json.dumps({
                         "stage": stage_index, "domain": options.domain, "step": step + 1,

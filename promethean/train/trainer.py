@@ -38,7 +38,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,13 @@ from promethean.errors import CheckpointError, PrometheanError
 from promethean.files import clean_directory, remove_tree
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
+from promethean.train.loop import (  # noqa: F401 (evaluation_line: its first home was here)
+    evaluation_line,
+    optimizer_step,
+    print_line,
+    refuse_a_runaway,
+    set_learning_rate,
+)
 from promethean.train.memory import get_memory_stats, release_free_memory
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
@@ -89,16 +95,6 @@ def steps_for_epochs(max_epochs: float, train_tokens: int, tokens_per_step: int)
     """
     exact = Fraction(repr(float(max_epochs))) * train_tokens / tokens_per_step
     return max(1, math.ceil(exact))
-
-
-def evaluation_line(step: int, max_steps: int, train_loss: float, val_loss: float,
-                    bits_per_byte: float, lr: float, tokens_per_second: float) -> str:
-    """One evaluation as a console line, e.g.
-    `step 200/2000  train 2.314  val 2.401  bpb 1.120  lr 2.9e-4  41,200 tok/s`."""
-    mantissa, exponent = f"{lr:.1e}".split("e")
-    return (f"step {step}/{max_steps}  train {train_loss:.3f}  val {val_loss:.3f}  "
-            f"bpb {bits_per_byte:.3f}  lr {mantissa}e{int(exponent)}  "
-            f"{tokens_per_second:,.0f} tok/s")
 
 
 def step_dir_name(step: int) -> str:
@@ -630,8 +626,7 @@ def _train(
             step = progress.step
             lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, max_steps,
                        config.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_learning_rate(optimizer, lr)
 
             step_loss = 0.0
             for micro_step in range(config.grad_accum):
@@ -649,30 +644,8 @@ def _train(
                 if config.gradient_checkpointing and device.type == "cpu":
                     release_free_memory()  # the next forward's peak starts lower
             step_loss = distributed.all_reduce_mean(step_loss)  # the mean over ranks
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = distributed.as_float(
-                torch.nn.utils.clip_grad_norm_(
-                    parameters, config.grad_clip if config.grad_clip is not None else math.inf
-                )
-            )
-            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
-            if scaler is not None and math.isfinite(step_loss):
-                # fp16 overflow in the gradients is routine: the scaler skips and lowers its scale.
-                scaler.step(optimizer)
-                scaler.update()
-                if not finite:
-                    progress.skipped_steps += 1
-                progress.nonfinite_in_a_row = 0
-            elif finite:
-                optimizer.step()
-                progress.nonfinite_in_a_row = 0
-            else:
-                progress.skipped_steps += 1
-                progress.nonfinite_in_a_row += 1
-                if scaler is not None:
-                    scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, parameters, step_loss, config.grad_clip,
+                                       progress, scaler, as_float=distributed.as_float)
 
             progress.step += 1
             progress.tokens += tokens_per_step
@@ -680,12 +653,9 @@ def _train(
             progress.elapsed = elapsed_before + (_wall_clock() - started)
             losses.append((progress.step, step_loss if math.isfinite(step_loss) else math.nan))
 
-            if progress.nonfinite_in_a_row >= config.max_nonfinite_in_a_row:
-                raise PrometheanError(
-                    f"training stopped at step {progress.step}: {progress.nonfinite_in_a_row} steps "
-                    "in a row had a NaN or infinite loss or gradient; lower the learning rate, use "
-                    f"bf16 or fp32, or resume from the last good checkpoint in {out}."
-                )
+            refuse_a_runaway(progress, progress.step, config.max_nonfinite_in_a_row,
+                             "lower the learning rate, use bf16 or fp32, or resume from the last "
+                             f"good checkpoint in {out}.")
 
             now = time.perf_counter()
             tokens_per_second = window_tokens / max(now - window_started, 1e-9)
@@ -712,10 +682,7 @@ def _train(
                         progress.step, max_steps, step_loss, record["val_loss"],
                         record["val_bits_per_byte"], lr, tokens_per_second,
                     )
-                    if config.progress:
-                        bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
-                    else:
-                        print(line, file=sys.stderr, flush=True)
+                    print_line(bar, config.progress, line)
                 val_loss = record["val_loss"]
                 best = progress.best_val_loss
                 if best is None or best - val_loss > config.early_stopping_min_delta:
