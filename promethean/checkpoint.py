@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from promethean.config import ModelConfig, parse_model_config
+from promethean.config import ModelConfig, Preset, load_preset, parse_model_config
 from promethean.errors import CheckpointError
 from promethean.files import (
     CHECKSUMS_FILE,
@@ -193,6 +193,30 @@ def _read_tensors(path: Path, expected: dict[str, torch.Size], device: torch.dev
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor '{name}' in {path} holds NaN or infinite values.")
     return tensors
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a command's model argument names: a checkpoint directory, or else a preset (a name
+    or a .toml file). The one place that decides which; `config` reads no weights."""
+
+    spec: str
+    checkpoint: Path | None
+    preset: Preset | None
+
+    @property
+    def config(self) -> ModelConfig:
+        if self.checkpoint is not None:
+            return read_checkpoint_record(self.checkpoint)[0]
+        return self.preset.model
+
+
+def resolve_model_source(spec: str | Path) -> ModelSource:
+    """A checkpoint when `spec` is a directory (a name wins only when no such directory
+    exists), else a preset, refused with load_preset's sentence when it is neither."""
+    if Path(spec).is_dir():
+        return ModelSource(str(spec), Path(spec), None)
+    return ModelSource(str(spec), None, load_preset(str(spec)))
 
 
 # Settings a trained checkpoint may be given another value of (`--model-set` on `finetune`):

@@ -57,8 +57,7 @@ def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int
     each with the fused decode step where it runs), fp16 is loaded directly."""
     import torch
 
-    from promethean.checkpoint import load_checkpoint
-    from promethean.config import load_preset
+    from promethean.checkpoint import load_checkpoint, resolve_model_source
     from promethean.device import resolve_device, resolve_dtype
     from promethean.inference.quantize import check_inference_dtype, prepare_for_inference
     from promethean.model import Transformer
@@ -68,9 +67,10 @@ def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int
     check_inference_dtype(dtype_name)
     prepared = dtype_name in ("fp32", "bf16", "int8")
     dtype = torch.float32 if prepared else resolve_dtype(dtype_name, device)
-    if adapter is not None and not Path(source).is_dir():
+    resolved = resolve_model_source(source)
+    if adapter is not None and resolved.checkpoint is None:
         raise PrometheanError(f"--adapter needs a checkpoint directory; '{source}' is a preset.")
-    if Path(source).is_dir():
+    if resolved.checkpoint is not None:
         checkpoint = load_checkpoint(source, device=device, dtype=dtype)
         model, tokenizer = checkpoint.model, checkpoint.tokenizer
         if adapter is not None:
@@ -80,7 +80,7 @@ def _load_model(source: str, device_name: str | None, dtype_name: str, seed: int
         if prepared:
             prepare_for_inference(model, dtype_name)
         return model, tokenizer
-    preset = load_preset(source)
+    preset = resolved.preset
     err_console.print(
         f"[yellow]note:[/] '{source}' is a preset, not a checkpoint: the weights are random."
     )
@@ -106,14 +106,10 @@ def model_info(source: Annotated[str, typer.Argument(help="Preset name, preset .
     """Print a model's architecture and parameter counts."""
     import torch
 
-    from promethean.checkpoint import read_checkpoint_record
-    from promethean.config import load_preset
+    from promethean.checkpoint import resolve_model_source
     from promethean.model import Transformer
 
-    if Path(source).is_dir():
-        config, _ = read_checkpoint_record(source)
-    else:
-        config = load_preset(source).model
+    config = resolve_model_source(source).config
     with torch.device("meta"):  # counting needs shapes, not memory
         model = Transformer(config)
     table = Table(title=f"{config.name}", show_header=False)

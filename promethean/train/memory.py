@@ -345,27 +345,18 @@ def plan_batch(
 def model_config_for(source: str) -> ModelConfig:
     """The model config that a training run's `model` names (a checkpoint directory, a preset name
     or a preset .toml), read without building or loading any weights."""
-    from pathlib import Path
+    from promethean.checkpoint import resolve_model_source
 
-    if Path(source).is_dir():
-        from promethean.checkpoint import read_checkpoint_record
-
-        return read_checkpoint_record(source)[0]
-    from promethean.config import load_preset
-
-    return load_preset(source).model
+    return resolve_model_source(source).config
 
 
 def run_model_config(config) -> ModelConfig:
     """The model a training run (a TrainConfig) trains: its `model`'s config with the run's
     `model_overrides` applied (on a checkpoint, only those its weights allow)."""
-    from pathlib import Path
+    from promethean.checkpoint import apply_model_overrides, resolve_model_source
 
-    from promethean.checkpoint import apply_model_overrides
-
-    source = config.model
-    return apply_model_overrides(model_config_for(source), config.model_overrides,
-                                 source if Path(source).is_dir() else None)
+    source = resolve_model_source(config.model)
+    return apply_model_overrides(source.config, config.model_overrides, source.checkpoint)
 
 
 def fit_to_budget(config, budget: str | int):

@@ -226,15 +226,16 @@ def _apply_claim(out: Path, claim: RunClaim) -> None:
 def _load_model(source: str, device: torch.device, seed: int, model_overrides=None):
     """(model, tokenizer, origin) from a checkpoint directory or a preset (random weights), with
     the run's `model_overrides` applied."""
-    from promethean.checkpoint import apply_model_overrides, load_checkpoint
-    from promethean.config import load_preset
+    from promethean.checkpoint import apply_model_overrides, load_checkpoint, resolve_model_source
     from promethean.model import Transformer
     from promethean.tokenizer import get_tokenizer
 
-    if Path(source).is_dir():
-        checkpoint = load_checkpoint(source, device=device, model_overrides=model_overrides)
+    resolved = resolve_model_source(source)
+    if resolved.checkpoint is not None:
+        checkpoint = load_checkpoint(resolved.checkpoint, device=device,
+                                     model_overrides=model_overrides)
         return checkpoint.model, checkpoint.tokenizer, {"checkpoint": str(source)}
-    preset = load_preset(source)
+    preset = resolved.preset
     torch.manual_seed(seed)
     with torch.device(device):
         model = Transformer(apply_model_overrides(preset.model, model_overrides))
