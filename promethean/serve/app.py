@@ -22,8 +22,9 @@ nor on an engine thread); the tree is saved atomically every `memory_save_second
 changed, and at shutdown.
 
 This module builds the app and its routes; the pieces they use each have a module: `protocol`
-(request and response bodies, the error schema), `server` (what the routes share), `pool` (the
-engines), `memory`, `auth` (API keys, browser rules) and `telemetry` (metrics, the chat log).
+(request and response bodies, the error schema), `server` (what the routes share, the chat turn
+of both chat routes included), `pool` (the engines), `memory`, `auth` (API keys, browser rules)
+and `telemetry` (metrics, the chat log).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from promethean.context.tree import Memory
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
 from promethean.inference import DEFAULT_MAX_BATCH_SIZE
@@ -299,19 +299,14 @@ def create_app(
         if body.messages[-1].role != "user":
             raise ApiError(400, "the last message must be the user's.", param="messages",
                            code="invalid_value")
-        human = body.messages[-1].content
-        prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages))
-        server.check_prompt(prompt)
-        params = server.sampling(body, server.max_tokens(requested_tokens(body), 128),
-                                 extra_stops=("\n",))
-        memories: list[Memory] = []
-        if body.memory:
-            block, memories = await server.recall(user, human, len(prompt), params.max_new_tokens)
-            prompt = server.tokenizer.encode_ordinary(server.chat_prompt(body.messages, block))
-            server.check_prompt(prompt)
-        handle = await server.submit(prompt, params, adapter)
-        identifier, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        chat_id = body.chat_id or identifier
+        identifier = f"chatcmpl-{uuid.uuid4().hex}"
+        turn = await server.begin_chat_turn(
+            "/v1/chat/completions", body, chat_id=body.chat_id or identifier, user=user,
+            human=body.messages[-1].content,
+            prompt=server.tokenizer.encode_ordinary(server.chat_prompt(body.messages)),
+            prompt_text=lambda block: server.chat_prompt(body.messages, block),
+            requested_tokens=requested_tokens(body), adapter=adapter)
+        handle, created = turn.handle, int(time.time())
 
         def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
             return {"id": identifier, "object": "chat.completion.chunk", "created": created,
@@ -322,8 +317,8 @@ def create_app(
             async def events():
                 try:
                     first = chunk({"role": "assistant", "content": ""}, None)
-                    if body.memory:
-                        first["memories"] = memories_used(memories)
+                    if turn.memories is not None:
+                        first["memories"] = memories_used(turn.memories)
                     yield sse_event(first)
                     async for event in handle.aevents():
                         if event.text:
@@ -331,13 +326,12 @@ def create_app(
                         if event.completion is not None:
                             completion = event.completion
                             server.finished(handle, completion)
-                            server.log_turn(chat_id, human, completion, "/v1/chat/completions")
+                            # Before the last events: a client that saw the end can recall it.
+                            await turn.end(completion)
                             yield sse_event(chunk({}, finish_reason(completion.finish_reason)))
                             if wants_usage(body):
-                                yield sse_event(usage_chunk(chunk({}, None), len(prompt),
+                                yield sse_event(usage_chunk(chunk({}, None), len(turn.prompt),
                                                             len(completion.token_ids)))
-                            if body.memory:  # before [DONE]: a client that saw it can recall it
-                                await server.remember(user, human, completion, "serve")
                     yield "data: [DONE]\n\n"
                 except (RequestFailedError, EngineStoppedError) as error:
                     yield stream_error_event(error)  # the 200 is sent: the error is the last event
@@ -346,17 +340,16 @@ def create_app(
 
             return StreamingResponse(events(), media_type="text/event-stream")
         completion = await server.wait(request, handle)
-        reply = completion.text.strip()
-        server.log_turn(chat_id, human, completion, "/v1/chat/completions")
+        await turn.end(completion)
         result = {"id": identifier, "object": "chat.completion", "created": created,
                   "model": model_id,
-                  "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                  "choices": [{"index": 0,
+                               "message": {"role": "assistant", "content": completion.text.strip()},
                                "logprobs": chat_logprobs(server.tokenizer, completion),
                                "finish_reason": finish_reason(completion.finish_reason)}],
-                  "usage": token_usage(len(prompt), len(completion.token_ids))}
-        if body.memory:
-            await server.remember(user, human, completion, "serve")
-            result["memories"] = memories_used(memories)
+                  "usage": token_usage(len(turn.prompt), len(completion.token_ids))}
+        if turn.memories is not None:
+            result["memories"] = memories_used(turn.memories)
         return result
 
     @app.post("/chat", openapi_extra=_documented_body(ChatBody))
@@ -369,25 +362,19 @@ def create_app(
         history = list(server.chats.get(kept_as, []))
         human = Turn("human", body.message)
         turns, prompt = await asyncio.to_thread(server.conversation_prompt, history, human)
-        server.check_prompt(prompt)
-        params = server.sampling(body, server.max_tokens(body.max_tokens, 128), extra_stops=("\n",))
-        memories: list[Memory] = []
-        if body.memory:
-            block, memories = await server.recall(user, body.message, len(prompt),
-                                                  params.max_new_tokens)
-            prompt = server.tokenizer.encode_ordinary(block + assistant_prompt(turns))
-            server.check_prompt(prompt)
-        handle = await server.submit(prompt, params)
-        completion = await server.wait(request, handle)
+        turn = await server.begin_chat_turn(
+            "/chat", body, chat_id=chat_id, user=user, human=body.message, prompt=prompt,
+            prompt_text=lambda block: block + assistant_prompt(turns),
+            requested_tokens=body.max_tokens)
+        completion = await server.wait(request, turn.handle)
         reply = completion.text.strip()
         server.keep_chat(kept_as, history, [human, Turn("assistant", reply)])
-        server.log_turn(chat_id, body.message, completion, "/chat")
+        await turn.end(completion)
         result = {"response": reply, "chat_id": chat_id,
                   "finish_reason": finish_reason(completion.finish_reason),
-                  "usage": token_usage(len(prompt), len(completion.token_ids))}
-        if body.memory:
-            await server.remember(user, body.message, completion, "serve")
-            result["memories"] = memories_used(memories)
+                  "usage": token_usage(len(turn.prompt), len(completion.token_ids))}
+        if turn.memories is not None:
+            result["memories"] = memories_used(turn.memories)
         return result
 
     return app

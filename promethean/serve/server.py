@@ -1,5 +1,7 @@
 """What the routes share (`Server`): the size and sampling checks, submitting to an engine and
-waiting on it, the /chat conversations the server keeps, each user's memory and the chat log.
+waiting on it, the /chat conversations the server keeps, each user's memory, and the chat turn
+both chat routes take (`begin_chat_turn`, `ChatTurn.end`): recall, encode, check, submit, then log
+and remember. The routes themselves differ only in their protocol.
 """
 
 from __future__ import annotations
@@ -8,6 +10,8 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -43,6 +47,7 @@ from promethean.serve.telemetry import ChatLog, Metrics
 from promethean.tokenizer import Tokenizer
 
 RETRY_AFTER_SECONDS = 1
+CHAT_MAX_TOKENS = 128  # a chat reply's length when the request does not say
 NO_MEMORY = ("memory was requested but this server was started without a memory directory "
              "(--memory DIR).")
 
@@ -266,7 +271,45 @@ class Server:
         except Exception:  # noqa: BLE001 - the server keeps serving; the log says what broke
             log.exception("could not remember an exchange")
 
+    # ------------------------------------------------------------------------ chat turn
+    async def begin_chat_turn(self, route: str, body: ChatBody | ChatCompletionBody, *,
+                              chat_id: str, user: str, human: str, prompt: list[int],
+                              prompt_text: Callable[[str], str], requested_tokens: int | None,
+                              adapter: str | None = None) -> ChatTurn:
+        """Start the reply to `human` on a chat route: `prompt` is the conversation's tokens, and
+        where the body asks for memory, `prompt_text(memory_block)` is the conversation's text
+        with the memories recalled for `human` put in, encoded and checked again. Every refusal
+        comes before the request is submitted."""
+        self.check_prompt(prompt)
+        # A reply is one turn of the chat format, which ends at its line's end.
+        params = self.sampling(body, self.max_tokens(requested_tokens, CHAT_MAX_TOKENS),
+                               extra_stops=("\n",))
+        memories = None
+        if body.memory:
+            block, memories = await self.recall(user, human, len(prompt), params.max_new_tokens)
+            prompt = self.tokenizer.encode_ordinary(prompt_text(block))
+            self.check_prompt(prompt)
+        handle = await self.submit(prompt, params, adapter)
+        return ChatTurn(self, route, chat_id, user, human, prompt, handle, memories)
 
-    def log_turn(self, chat_id: str, human: str, completion, route: str) -> None:
-        if self.chat_log is not None:
-            self.chat_log.append_turn(chat_id, human, completion, route)
+
+@dataclass
+class ChatTurn:
+    """A human message on a chat route and the reply being generated for it."""
+
+    server: Server
+    route: str
+    chat_id: str
+    user: str
+    human: str
+    prompt: list[int]  # what was submitted, memories included
+    handle: RequestHandle
+    memories: list[Memory] | None  # those recalled into the prompt; None: memory not asked for
+
+    async def end(self, completion) -> None:
+        """Log the finished turn and, where memory was asked for, offer the exchange to the
+        user's memory (neither for a reply whose client left before it was complete)."""
+        if self.server.chat_log is not None:
+            self.server.chat_log.append_turn(self.chat_id, self.human, completion, self.route)
+        if self.memories is not None:
+            await self.server.remember(self.user, self.human, completion, "serve")
