@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from promethean.errors import PrometheanError
+from promethean.inference import DEFAULT_MAX_BATCH_SIZE
 
 app = typer.Typer(
     help="Train, adapt, remember and serve small language models on one modest machine.",
@@ -1000,7 +1001,7 @@ def serve(
         help="One memory for every user (by default each user, by key or by the OpenAI 'user' "
         "field, has a memory and conversations of its own).")] = False,
     chat_log: Annotated[Path, typer.Option(help="JSONL file every chat turn is appended to.")] = Path("chat.jsonl"),
-    max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = 64,
     max_adapter_engines: Annotated[int, typer.Option(
         help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = 2,

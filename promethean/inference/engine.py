@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from promethean.errors import PrometheanError
+from promethean.inference import DEFAULT_MAX_BATCH_SIZE
 from promethean.inference.generate import (
     GREEDY,
     Completion,
@@ -250,7 +251,7 @@ class Engine:
         self,
         model: Transformer,
         tokenizer: Tokenizer | None = None,
-        max_batch_size: int = 16,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = 64,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
