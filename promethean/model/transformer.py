@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promethean.config import ModelConfig
-from promethean.model.attention import Attention, KVCache, SlotMask, attention_mask
+from promethean.model.attention import Attention, SlotMask, attention_mask
+from promethean.model.cache import KVCache
 from promethean.model.layers import MLP, Linear, make_norm, rotary_cos_sin, rotary_inverse_frequencies
 from promethean.model.loss import linear_cross_entropy
 from promethean.model.ssm import SelectiveSSM
