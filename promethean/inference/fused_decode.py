@@ -177,15 +177,3 @@ def _hook_registries(modules: list) -> list:
     return [hooks for module in modules
             for hooks in (module._forward_pre_hooks, module._forward_hooks)]
 
-
-def adapter_set_of(hook):
-    """The LoRA adapter set (promethean.continual's `Adapters`: anything with `adds_nothing`,
-    `active` and `merged`) a forward hook belongs to, or None for any other hook."""
-    for cell in getattr(hook, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if callable(getattr(value, "adds_nothing", None)):
-            return value
-    return None

@@ -50,6 +50,7 @@ from promethean.errors import PrometheanError
 from promethean.inference import fused_decode, kernel_layers, kernels
 from promethean.inference.kernel_layers import Int8Embedding, quantize_rows
 from promethean.model import Transformer
+from promethean.model.hooks import AdapterHook
 from promethean.model.ssm import SelectiveSSM
 
 INFERENCE_DTYPES = ("fp32", "bf16", "fp16", "int8")
@@ -275,18 +276,19 @@ def _check_preparable(model: Transformer, replaces_layers: bool) -> None:
     for name, module in model.named_modules():
         if not replaces_layers or not isinstance(module, nn.Linear):
             continue
-        # Converting a layer replaces it, hooks and all. A LoRA hook (promethean.continual) whose
-        # adapter is merged adds nothing and may go; any other hook would be lost silently.
+        # Converting a layer replaces it, hooks and all. An adapter's hook (promethean.continual's
+        # LoRA) whose adapter is merged adds nothing and may go; any other hook would be lost
+        # silently.
         for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]:
-            owner = fused_decode.adapter_set_of(hook)
-            if owner is None:
+            if not isinstance(hook, AdapterHook):
                 raise PrometheanError(
                     f"'{name}' carries a forward hook that converting it for inference would drop; "
                     "remove the hook first."
                 )
-            if owner.active is not None and owner.merged != owner.active:
+            unmerged = hook.unmerged_adapter()
+            if unmerged is not None:
                 raise PrometheanError(
-                    f"'{name}' carries the unmerged adapter '{owner.active}'; merge the adapter "
+                    f"'{name}' carries the unmerged adapter '{unmerged}'; merge the adapter "
                     "into the weights before preparing the model for inference."
                 )
 
