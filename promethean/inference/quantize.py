@@ -54,7 +54,8 @@ from promethean.model.hooks import AdapterHook
 from promethean.model.ssm import SelectiveSSM
 
 INFERENCE_DTYPES = ("fp32", "bf16", "fp16", "int8")
-# Set on a prepared model; its value is the dtype that was actually applied.
+# The attribute of a prepared model (`Transformer.inference_dtype`) that names the dtype actually
+# applied; None on a model never prepared.
 PREPARED_ATTRIBUTE = "inference_dtype"
 # SSM projections left in floating point: they are small (a few % of an SSM layer) and feed the
 # step size and B/C of the recurrence, where an error compounds through exp(delta * A).
@@ -203,7 +204,7 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
     """Convert an fp32 `model` in place for inference in `dtype` (fp32, bf16, fp16 or int8) and
     return it, in eval mode. See the module's docstring for what each dtype does."""
     check_inference_dtype(dtype)
-    already = getattr(model, PREPARED_ATTRIBUTE, None)
+    already = model.inference_dtype
     if already is not None:
         raise PrometheanError(
             f"this model was already prepared for inference in {already}; load it again in fp32 "
@@ -225,7 +226,7 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
         parameter.requires_grad_(False)
     if use_kernels:
         fused_decode.install(model)  # where it cannot, decoding keeps the layers
-    setattr(model, PREPARED_ATTRIBUTE, applied)
+    model.inference_dtype = applied
     return model
 
 
