@@ -36,7 +36,7 @@ from promethean.inference.generate import (
     GREEDY,
     Completion,
     SamplingParams,
-    _StopWatcher,
+    StopWatcher,
     fit_prompt,
     greedy_tokens,
     pick_tokens,
@@ -83,7 +83,7 @@ class _Request:
     params: SamplingParams
     handle: RequestHandle
     budget: int
-    watcher: _StopWatcher
+    watcher: StopWatcher
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (V,) tokens seen, for the repetition penalty
     token_ids: list[int] = field(default_factory=list)
@@ -225,7 +225,7 @@ class Engine:
         prompt = fit_prompt(prompt, context, crop=False)
         if any(not 0 <= token < self.model.config.vocab_size for token in prompt):
             raise PrometheanError("the prompt holds token ids outside the model's vocabulary.")
-        watcher = _StopWatcher(self.tokenizer, params.stop_strings)
+        watcher = StopWatcher(self.tokenizer, params.stop_strings)
         handle = RequestHandle(len(prompt))
         request = _Request(
             prompt=prompt,
