@@ -176,4 +176,3 @@ def _hook_registries(modules: list) -> list:
     checks them all in one C-level `any`, not two attribute lookups per module."""
     return [hooks for module in modules
             for hooks in (module._forward_pre_hooks, module._forward_hooks)]
-
