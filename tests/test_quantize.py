@@ -146,6 +146,27 @@ def test_a_non_fp32_model_and_an_unmerged_adapter_are_refused():
     prepare_for_inference(model, "int8")  # merged: the adapter is in the weights
 
 
+def test_a_hook_of_the_users_that_reads_the_adapters_is_not_taken_for_theirs():
+    # An adapter's hook is known by its type, not by what a closure holds: a probe that refers
+    # to the adapters is still a hook that converting the layer would drop.
+    from promethean.continual.adapters import Adapters, LoraConfig, LoraHook
+    from promethean.model.hooks import AdapterHook
+
+    model = build("tiny-llama")
+    adapters = Adapters(model)
+    adapters.add("domain", LoraConfig(rank=2))
+    adapters.merge("domain")
+    up = model.blocks[0].mlp.up_proj
+    assert [type(hook) for hook in up._forward_hooks.values()] == [LoraHook]
+    assert isinstance(next(iter(up._forward_hooks.values())), AdapterHook)
+    active = []
+    up.register_forward_hook(lambda _module, _args, _output: active.append(adapters.active))
+    with pytest.raises(PrometheanError) as error:
+        prepare_for_inference(model, "int8")
+    assert str(error.value) == ("'blocks.0.mlp.up_proj' carries a forward hook that converting it "
+                                "for inference would drop; remove the hook first.")
+
+
 def test_int8_falls_back_to_bf16_with_a_warning_where_the_kernel_fails(monkeypatch):
     from promethean.inference import quantize
 

@@ -4,7 +4,8 @@ A LoRA adapter adds a low-rank update to a linear layer: `y = W x + (alpha / ran
 A (rank x in) random, B (out x rank) zero, so a new adapter starts out changing nothing.
 
 `Adapters(model)` injects them without touching the model's class or its `state_dict`: every
-targeted `nn.Linear` gets one forward hook that adds the active adapter's update, and the LoRA
+targeted `nn.Linear` gets one forward hook (a `LoraHook`, of the type promethean.model.hooks
+names so that inference can recognise it) that adds the active adapter's update, and the LoRA
 matrices live in this object's own modules (`lora_A.<adapter>.<layer>`), so a checkpoint of the
 model is still exactly the base model and an adapter is saved on its own, small and
 self-describing (peft's layout: `adapter_model.safetensors` + `adapter_config.json`):
@@ -41,6 +42,7 @@ from torch import nn
 
 from promethean.errors import PrometheanError
 from promethean.files import atomic_directory, verify_checksums, write_checksums
+from promethean.model.hooks import AdapterHook
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -279,7 +281,8 @@ class Adapters(nn.Module):
         for module_name in modules:
             if module_name not in self._hooks:
                 module = self._modules_by_name[module_name]
-                self._hooks[module_name] = module.register_forward_hook(self._hook(module_name))
+                hook = LoraHook(self, self._key(module_name))
+                self._hooks[module_name] = module.register_forward_hook(hook)
         if activate:
             self.set_active(name)
         return info
@@ -319,7 +322,7 @@ class Adapters(nn.Module):
     def adds_nothing(self) -> bool:
         """Whether the forward hooks add nothing right now (no adapter active, the active one
         merged into the weights, or disabled): the model then computes exactly its base layers
-        (what promethean.inference's fused decode step checks before standing in for them)."""
+        (each `LoraHook` checks it before adding anything)."""
         return bool(self._disabled) or self.active is None or self.merged == self.active
 
     @contextlib.contextmanager
@@ -345,23 +348,6 @@ class Adapters(nn.Module):
             yield
         finally:
             self.active = previous
-
-    def _hook(self, module_name: str):
-        key = self._key(module_name)
-
-        def add_update(module, args, output):
-            name = self.active
-            if self.adds_nothing():
-                return output
-            if key not in self.lora_A[name]:
-                return output
-            a, b = self.lora_A[name][key], self.lora_B[name][key]
-            # Dropout follows the model's own train/eval mode (the layer's flag).
-            x = F.dropout(args[0], self.infos[name].config.dropout, training=module.training)
-            update = (x.to(a.dtype) @ a.t()) @ b.t()
-            return output + (update * self.infos[name].config.scaling).to(output.dtype)
-
-        return add_update
 
     # -------------------------------------------------------------------------- merging
     def delta_weight(self, name: str, module_name: str) -> torch.Tensor:
@@ -514,6 +500,34 @@ class Adapters(nn.Module):
                         "differ."
                     )
                 mine[key].copy_(value)
+
+
+class LoraHook(AdapterHook):
+    """The forward hook `Adapters` puts on one targeted linear layer: it adds the active
+    adapter's update `(alpha / rank) * B A x` to the layer's output, or nothing (see
+    `Adapters.adds_nothing`, and an active adapter that does not target this layer)."""
+
+    def __init__(self, adapters: Adapters, key: str) -> None:
+        self.adapters = adapters
+        self.key = key  # the layer's key in each adapter's lora_A / lora_B
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        adapters = self.adapters
+        name = adapters.active
+        if adapters.adds_nothing():
+            return output
+        if self.key not in adapters.lora_A[name]:
+            return output
+        a, b = adapters.lora_A[name][self.key], adapters.lora_B[name][self.key]
+        config = adapters.infos[name].config
+        # Dropout follows the model's own train/eval mode (the layer's flag).
+        x = F.dropout(args[0], config.dropout, training=module.training)
+        update = (x.to(a.dtype) @ a.t()) @ b.t()
+        return output + (update * config.scaling).to(output.dtype)
+
+    def unmerged_adapter(self) -> str | None:
+        active = self.adapters.active
+        return active if active is not None and self.adapters.merged != active else None
 
 
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:

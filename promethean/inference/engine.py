@@ -6,15 +6,13 @@ in a cache of their own, left-padded as `generate` pads uneven prompts), merges 
 the running batch cache, then runs one batched decode step for every row.
 Finished and cancelled rows leave the batch before the next step.
 
-Merging caches of different lengths: every row of a `KVCache` shares one slot count, and a row's
-left padding says where its real tokens begin (positions and masks already handle that for
-uneven prompts). So a newcomer with fewer slots than the batch is left-padded to the batch's
-length, and when a newcomer is longer the whole batch is left-padded instead. Keys are stored
-after rotary embedding at the row's own positions, so shifting a row's slots never changes them;
-SSM layers keep a per-row state that has no slots at all and is simply concatenated. Columns that
-are padding for every row are trimmed whenever rows leave, so the slot count stays that of the
-longest live row. This keeps one batched forward per step (the point of batching) rather than a
-loop over per-row caches.
+Merging caches of different lengths (`KVCache.concat_rows`, promethean.model.cache): every row
+of a cache shares one slot count, and a row's left padding says where its real tokens begin
+(positions and masks already handle that for uneven prompts). So a newcomer with fewer slots than
+the batch is left-padded to the batch's length, and when a newcomer is longer the whole batch is
+left-padded instead. Columns that are padding for every row are trimmed whenever rows leave
+(`KVCache.trim_common_padding`), so the slot count stays that of the longest live row. This keeps
+one batched forward per step (the point of batching) rather than a loop over per-row caches.
 
 Sampling (`process_logits`, `pick_tokens`, one generator per request), stop tokens, stop strings
 and streamed text that never splits a UTF-8 character or shows a stop string's beginning early
@@ -39,7 +37,7 @@ from promethean.inference.generate import (
     GREEDY,
     Completion,
     SamplingParams,
-    _StopWatcher,
+    StopWatcher,
     fit_prompt,
     greedy_tokens,
     pick_tokens,
@@ -47,8 +45,7 @@ from promethean.inference.generate import (
     sampling_generator,
 )
 from promethean.model import Transformer
-from promethean.model.attention import KVCache, LayerKVCache
-from promethean.model.ssm import SSMLayerCache
+from promethean.model.cache import KVCache
 from promethean.tokenizer import Tokenizer
 
 
@@ -80,65 +77,6 @@ class StreamEvent:
     completion: Completion | None = None
 
 
-# ------------------------------------------------------------------------ cache surgery
-def _pad_left(cache: KVCache, amount: int) -> None:
-    """Add `amount` padding slots in front of every row of the cache."""
-    if amount <= 0:
-        return
-    for layer in cache.layers:
-        if isinstance(layer, LayerKVCache):
-            layer.pad_left(amount)
-    padding = _left_padding(cache) + amount
-    cache.left_padding = padding
-    cache.min_left_padding = int(padding.min())
-    cache.length += amount
-
-
-def _left_padding(cache: KVCache) -> torch.Tensor:
-    if cache.left_padding is not None:
-        return cache.left_padding
-    device = _cache_device(cache)
-    return torch.zeros(cache.batch_size, dtype=torch.long, device=device)
-
-
-def _cache_device(cache: KVCache) -> torch.device:
-    for layer in cache.layers:
-        tensor = layer.keys if isinstance(layer, LayerKVCache) else layer.ssm_state
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
-
-
-def merge_caches(batch: KVCache, newcomer: KVCache) -> KVCache:
-    """Append the rows of `newcomer` to `batch` (both may be left-padded, of any lengths)."""
-    _pad_left(batch, newcomer.length - batch.length)
-    _pad_left(newcomer, batch.length - newcomer.length)
-    for mine, theirs in zip(batch.layers, newcomer.layers):
-        if isinstance(mine, SSMLayerCache):
-            mine.conv_state = torch.cat((mine.conv_state, theirs.conv_state), dim=0)
-            mine.ssm_state = torch.cat((mine.ssm_state, theirs.ssm_state), dim=0)
-        else:
-            mine.concat_rows(theirs, batch.length)
-    padding = torch.cat((_left_padding(batch), _left_padding(newcomer)))
-    batch.left_padding = padding
-    batch.min_left_padding = int(padding.min())
-    batch.batch_size += newcomer.batch_size
-    return batch
-
-
-def trim_common_padding(cache: KVCache) -> None:
-    """Drop the leading slots that are padding for every row (after rows have left)."""
-    amount = cache.min_left_padding
-    if cache.left_padding is None or amount <= 0:
-        return
-    for layer in cache.layers:
-        if isinstance(layer, LayerKVCache):
-            layer.trim_front(amount)
-    cache.left_padding = cache.left_padding - amount
-    cache.min_left_padding = 0
-    cache.length -= amount
-
-
 # ---------------------------------------------------------------------------- requests
 @dataclass
 class _Request:
@@ -146,7 +84,7 @@ class _Request:
     params: SamplingParams
     handle: RequestHandle
     budget: int
-    watcher: _StopWatcher
+    watcher: StopWatcher
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # (V,) tokens seen, for the repetition penalty
     token_ids: list[int] = field(default_factory=list)
@@ -288,7 +226,7 @@ class Engine:
         prompt = fit_prompt(prompt, context, crop=False)
         if any(not 0 <= token < self.model.config.vocab_size for token in prompt):
             raise PrometheanError("the prompt holds token ids outside the model's vocabulary.")
-        watcher = _StopWatcher(self.tokenizer, params.stop_strings)
+        watcher = StopWatcher(self.tokenizer, params.stop_strings)
         handle = RequestHandle(len(prompt))
         request = _Request(
             prompt=prompt,
@@ -417,12 +355,12 @@ class Engine:
             return
         if len(keep) < len(starting):
             cache.select_rows(torch.tensor(keep, device=self.device))
-            trim_common_padding(cache)
+            cache.trim_common_padding()
         last = torch.tensor(tokens, device=self.device)
         if self._cache is None:
             self._cache, self._last_tokens = cache, last
         else:
-            self._cache = merge_caches(self._cache, cache)
+            self._cache.concat_rows(cache)
             self._last_tokens = torch.cat((self._last_tokens, last))
         with self._condition:
             self._running.extend(starting[row] for row in keep)
@@ -453,7 +391,7 @@ class Engine:
             self._cache = self._last_tokens = None
             return
         self._cache.select_rows(torch.tensor(keep, device=self.device))
-        trim_common_padding(self._cache)
+        self._cache.trim_common_padding()
         self._last_tokens = torch.tensor(tokens, device=self.device)
 
     def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None) -> int:

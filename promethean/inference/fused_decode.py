@@ -28,7 +28,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from promethean.inference import kernels
 from promethean.inference.kernel_layers import KernelAttention, KernelLinear, KernelMLP, KernelNorm
 from promethean.model import Transformer
-from promethean.model.attention import KVCache, LayerKVCache
+from promethean.model.cache import KVCache
 
 # Tensors per layer in the `params` list, in csrc/ops.cpp's `Param` order.
 PARAMS_PER_LAYER = 22
@@ -143,10 +143,8 @@ class FusedDecode:
         """Whether the step may run: no gradients are wanted (it has no backward), no module it
         stands in for has a forward hook, and every layer's cache holds the sequences' slots so
         far with room for one more token (when one is full, the layers grow or compact it)."""
-        for layer in cache.layers:
-            if not (isinstance(layer, LayerKVCache) and layer.keys is not None and layer.room
-                    and layer.first_slot + layer.filled == cache.length):
-                return False
+        if not cache.has_room_for_one_more():
+            return False
         if torch.is_grad_enabled() or _global_forward_hooks or _global_forward_pre_hooks:
             return False
         return not any(self.hooks)
@@ -161,17 +159,15 @@ class FusedDecode:
         return the last block's output, or with `returns_logits` the logits (batch, 1, vocab)
         of the final norm and the head after it. `rotaries` maps each base in `rope_thetas` to
         its (cos, sin) tables for the new positions."""
-        layers = cache.layers
         rotary = []
         if rotaries:
             for theta in self.layer_thetas:
                 rotary += rotaries[theta] if theta is not None else (None, None)
+        keys, values, first_slots, filled = cache.buffers()
         x = kernels.decode_blocks(
-            x, self.params, [layer.keys for layer in layers], [layer.values for layer in layers],
-            [layer.first_slot for layer in layers], [layer.filled for layer in layers],
+            x, self.params, keys, values, first_slots, filled,
             self.windows, rotary, cache.left_padding, cache.length, self.shape, self.reals)
-        for layer in layers:
-            layer.filled += 1
+        cache.mark_written(1)
         return x
 
 
@@ -180,16 +176,3 @@ def _hook_registries(modules: list) -> list:
     checks them all in one C-level `any`, not two attribute lookups per module."""
     return [hooks for module in modules
             for hooks in (module._forward_pre_hooks, module._forward_hooks)]
-
-
-def adapter_set_of(hook):
-    """The LoRA adapter set (promethean.continual's `Adapters`: anything with `adds_nothing`,
-    `active` and `merged`) a forward hook belongs to, or None for any other hook."""
-    for cell in getattr(hook, "__closure__", None) or ():
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if callable(getattr(value, "adds_nothing", None)):
-            return value
-    return None

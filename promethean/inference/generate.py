@@ -183,8 +183,12 @@ class _Row:
         self.stop_at: int | None = None  # character offset where a stop string begins
 
 
-class _StopWatcher:
-    """Detects stop strings in decoded text, and how much text is safe to show while streaming."""
+class StopWatcher:
+    """Watches one completion's decoded text for stop strings: `find` says where the first one
+    begins (the completion ends there), `safe_length` how much of the text can be shown while
+    streaming without showing an incomplete UTF-8 character or the start of what may become a
+    stop string. Used by `generate`'s decode loop and the serving engine alike. Stop strings
+    need a tokenizer (to decode the tokens): without one they are refused in one sentence."""
 
     def __init__(self, tokenizer: Tokenizer | None, stop_strings: tuple[str, ...]) -> None:
         if stop_strings and tokenizer is None:
@@ -220,7 +224,7 @@ def _decode_loop(
 ) -> Iterator[list[_Row]]:
     """Run decoding for a batch, yielding the rows after each step (the caller reads them)."""
     config = model.config
-    watcher = _StopWatcher(tokenizer, params.stop_strings)
+    watcher = StopWatcher(tokenizer, params.stop_strings)
     prompts = [fit_prompt(prompt, config.context_length, crop) for prompt in prompts]
     rows = [
         _Row(len(p), min(params.max_new_tokens, config.context_length - len(p))) for p in prompts
@@ -320,7 +324,7 @@ def generate(
 def _generate_without_cache(model, prompt, params, tokenizer, crop) -> Completion:
     config = model.config
     prompt = fit_prompt(prompt, config.context_length, crop)
-    watcher = _StopWatcher(tokenizer, params.stop_strings)
+    watcher = StopWatcher(tokenizer, params.stop_strings)
     row = _Row(len(prompt), min(params.max_new_tokens, config.context_length - len(prompt)))
     device = next(model.parameters()).device
     generator = sampling_generator(params, device)
@@ -374,7 +378,7 @@ def stream(
     """Yield the completion of one prompt as text pieces, as soon as each piece is certain: a
     piece never ends inside a UTF-8 character or in what may become a stop string."""
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    watcher = _StopWatcher(tokenizer, params.stop_strings)
+    watcher = StopWatcher(tokenizer, params.stop_strings)
     shown = 0
     for rows in _decode_loop(model, [prompt_ids], params, tokenizer, crop):
         row = rows[0]

@@ -29,9 +29,10 @@ from torch import nn
 from promethean.errors import PrometheanError
 from promethean.inference import kernels
 from promethean.model import Transformer
-from promethean.model.attention import Attention, LayerKVCache, SlotMask
+from promethean.model.attention import Attention, SlotMask
+from promethean.model.cache import LayerKVCache, SSMLayerCache
 from promethean.model.layers import MLP, LayerNorm, RMSNorm
-from promethean.model.ssm import SelectiveSSM, SSMLayerCache
+from promethean.model.ssm import SelectiveSSM
 
 # Weight formats of the kernels, by inference dtype; activations are bf16 for bf16 and int8.
 ACTIVATION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}

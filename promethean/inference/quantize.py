@@ -50,10 +50,12 @@ from promethean.errors import PrometheanError
 from promethean.inference import fused_decode, kernel_layers, kernels
 from promethean.inference.kernel_layers import Int8Embedding, quantize_rows
 from promethean.model import Transformer
+from promethean.model.hooks import AdapterHook
 from promethean.model.ssm import SelectiveSSM
 
 INFERENCE_DTYPES = ("fp32", "bf16", "fp16", "int8")
-# Set on a prepared model; its value is the dtype that was actually applied.
+# The attribute of a prepared model (`Transformer.inference_dtype`) that names the dtype actually
+# applied; None on a model never prepared.
 PREPARED_ATTRIBUTE = "inference_dtype"
 # SSM projections left in floating point: they are small (a few % of an SSM layer) and feed the
 # step size and B/C of the recurrence, where an error compounds through exp(delta * A).
@@ -202,7 +204,7 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
     """Convert an fp32 `model` in place for inference in `dtype` (fp32, bf16, fp16 or int8) and
     return it, in eval mode. See the module's docstring for what each dtype does."""
     check_inference_dtype(dtype)
-    already = getattr(model, PREPARED_ATTRIBUTE, None)
+    already = model.inference_dtype
     if already is not None:
         raise PrometheanError(
             f"this model was already prepared for inference in {already}; load it again in fp32 "
@@ -224,7 +226,7 @@ def prepare_for_inference(model: Transformer, dtype: str) -> Transformer:
         parameter.requires_grad_(False)
     if use_kernels:
         fused_decode.install(model)  # where it cannot, decoding keeps the layers
-    setattr(model, PREPARED_ATTRIBUTE, applied)
+    model.inference_dtype = applied
     return model
 
 
@@ -275,18 +277,19 @@ def _check_preparable(model: Transformer, replaces_layers: bool) -> None:
     for name, module in model.named_modules():
         if not replaces_layers or not isinstance(module, nn.Linear):
             continue
-        # Converting a layer replaces it, hooks and all. A LoRA hook (promethean.continual) whose
-        # adapter is merged adds nothing and may go; any other hook would be lost silently.
+        # Converting a layer replaces it, hooks and all. An adapter's hook (promethean.continual's
+        # LoRA) whose adapter is merged adds nothing and may go; any other hook would be lost
+        # silently.
         for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]:
-            owner = fused_decode.adapter_set_of(hook)
-            if owner is None:
+            if not isinstance(hook, AdapterHook):
                 raise PrometheanError(
                     f"'{name}' carries a forward hook that converting it for inference would drop; "
                     "remove the hook first."
                 )
-            if owner.active is not None and owner.merged != owner.active:
+            unmerged = hook.unmerged_adapter()
+            if unmerged is not None:
                 raise PrometheanError(
-                    f"'{name}' carries the unmerged adapter '{owner.active}'; merge the adapter "
+                    f"'{name}' carries the unmerged adapter '{unmerged}'; merge the adapter "
                     "into the weights before preparing the model for inference."
                 )
 

@@ -13,7 +13,7 @@ Training runs the recurrence as a **chunked parallel scan** (`selective_scan`): 
 16 steps every state comes at once from cumulative sums of the log decay (log space, never an
 exponent that can overflow), and chunks are joined by carrying the state across; its backward is
 the same scan run in reverse. Decoding runs the same recurrence one token at a time, keeping O(1) state per layer
-(`SSMLayerCache`: the convolution's last inputs and h), whatever the context length.
+(`SSMLayerCache` in promethean.model.cache: the convolution's last inputs and h), whatever the context length.
 
 Spike thresholding: updates delta * B * x whose magnitude is below `spike_threshold` times the
 root-mean-square of their token's updates are dropped from the state in the forward pass; the backward pass treats the threshold as the identity (a
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promethean.config import ModelConfig
+from promethean.model.cache import SSMLayerCache  # the decode state, kept with the other caches
 from promethean.model.layers import Linear
 
 # Time steps per chunk of the parallel scan: long enough that the carry between chunks is a short
@@ -204,26 +205,6 @@ def spike(update: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.T
     scale = magnitude.square().mean(dim=(-2, -1), keepdim=True).sqrt()
     fired = magnitude >= threshold * scale
     return _SpikeThreshold.apply(update, fired), fired.float().mean()
-
-
-# ---------------------------------------------------------------------------------- decode state
-class SSMLayerCache:
-    """What one SSM layer carries from token to token: the last (kernel - 1) inputs of its
-    convolution and its state h. Both have a fixed size, so decoding memory does not grow with
-    the context."""
-
-    def __init__(self) -> None:
-        self.conv_state: torch.Tensor | None = None  # (B, D, kernel - 1), the model's dtype
-        self.ssm_state: torch.Tensor | None = None  # (B, D, N), float32
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        if self.conv_state is not None:
-            self.conv_state = self.conv_state[rows]
-        if self.ssm_state is not None:
-            self.ssm_state = self.ssm_state[rows]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.conv_state, self.ssm_state) if t is not None)
 
 
 # ------------------------------------------------------------------------------------ the mixer

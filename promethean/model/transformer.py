@@ -16,7 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from promethean.config import ModelConfig
-from promethean.model.attention import Attention, KVCache, SlotMask, attention_mask
+from promethean.model.attention import Attention, SlotMask, attention_mask
+from promethean.model.cache import KVCache
 from promethean.model.layers import MLP, Linear, make_norm, rotary_cos_sin, rotary_inverse_frequencies
 from promethean.model.loss import linear_cross_entropy
 from promethean.model.ssm import SelectiveSSM
@@ -102,6 +103,11 @@ class Transformer(nn.Module):
         # `returns_logits` (the step ends with the final norm and the head, and returns logits)
         # and `rebuilt(model)` (the same step over the model's tensors after a conversion).
         self.fused_decode = None
+        # Set by promethean.inference.quantize.prepare_for_inference: the dtype the model was
+        # prepared in (None: a trainable model, never prepared), and the fingerprint of the fp32
+        # weights it was converted from (see `weights_fingerprint`).
+        self.inference_dtype: str | None = None
+        self.fp32_weights_fingerprint: str | None = None
         self.reset_parameters()
 
     def set_dropout(self, probability: float) -> None:
@@ -167,9 +173,8 @@ class Transformer(nn.Module):
         weights that changes whenever training touches them. A model converted for inference
         (`promethean.inference.quantize`) keeps the fingerprint of the fp32 weights it came from,
         so what was named after them (a memory's embedder) still matches."""
-        recorded = getattr(self, "fp32_weights_fingerprint", None)
-        if recorded is not None:
-            return recorded
+        if self.fp32_weights_fingerprint is not None:
+            return self.fp32_weights_fingerprint
         import hashlib
 
         table = self.token_embedding.weight.detach().float().cpu().contiguous()
