@@ -16,7 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from promethean.errors import PrometheanError
-from promethean.inference import DEFAULT_MAX_BATCH_SIZE
+from promethean.inference import (
+    DEFAULT_MAX_ADAPTER_ENGINES,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+)
 
 app = typer.Typer(
     help="Train, adapt, remember and serve small language models on one modest machine.",
@@ -1002,9 +1006,9 @@ def serve(
         "field, has a memory and conversations of its own).")] = False,
     chat_log: Annotated[Path, typer.Option(help="JSONL file every chat turn is appended to.")] = Path("chat.jsonl"),
     max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
-    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = 64,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = DEFAULT_MAX_QUEUE,
     max_adapter_engines: Annotated[int, typer.Option(
-        help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = 2,
+        help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = DEFAULT_MAX_ADAPTER_ENGINES,
     device: DeviceOption = None,
     serve_dtype: Annotated[str, typer.Option(
         "--dtype", help="Weights to serve with: fp32, bf16 or int8 (adapters are merged in fp32 first).")] = "fp32",

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from promethean.errors import PrometheanError
-from promethean.inference import DEFAULT_MAX_BATCH_SIZE
+from promethean.inference import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE
 from promethean.inference.generate import (
     GREEDY,
     Completion,
@@ -190,7 +190,7 @@ class Engine:
         model: Transformer,
         tokenizer: Tokenizer | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_queue: int = 64,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise PrometheanError("max_batch_size must be at least 1 and max_queue at least 0.")

@@ -46,7 +46,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
-from promethean.inference import DEFAULT_MAX_BATCH_SIZE
+from promethean.inference import (
+    DEFAULT_MAX_ADAPTER_ENGINES,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE,
+)
 from promethean.inference.engine import Engine, EngineStoppedError, RequestFailedError
 from promethean.model import Transformer
 from promethean.serve.auth import LOOPBACK_NAMES, Access, AuthoriseAndCount
@@ -91,10 +95,10 @@ def create_app(
     api_key: str | list[str] | None = None,
     chat_log: str | Path | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_queue: int = 64,
+    max_queue: int = DEFAULT_MAX_QUEUE,
     engine: Engine | None = None,
     checkpoint: str | Path | None = None,
-    max_adapter_engines: int = 2,
+    max_adapter_engines: int = DEFAULT_MAX_ADAPTER_ENGINES,
     dtype: str = "fp32",
     memory: ServerMemory | None = None,
     memory_save_seconds: float = 60.0,
@@ -391,9 +395,9 @@ def build_app(
     api_key: str | list[str] | None = None,
     chat_log: str | Path | None = "chat.jsonl",
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-    max_queue: int = 64,
+    max_queue: int = DEFAULT_MAX_QUEUE,
     device: str | None = None,
-    max_adapter_engines: int = 2,
+    max_adapter_engines: int = DEFAULT_MAX_ADAPTER_ENGINES,
     dtype: str = "fp32",
     memory: str | Path | None = None,
     memory_tokens: int = 256,
