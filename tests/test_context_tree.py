@@ -309,6 +309,7 @@ def test_a_version_1_tree_still_loads(tmp_path):
     for i in range(120):
         tree.add(_vector(i), text=f"memory {i}")
     tree.save(tmp_path / "memory")
+    tree.save(tmp_path / "version 2")
     folder = tmp_path / "memory"
     routers = np.load(folder / "routers.npy")
     counts = np.load(folder / "router_counts.npy")
@@ -332,11 +333,17 @@ def test_a_version_1_tree_still_loads(tmp_path):
     query = _vector(4242)
     assert old.search_ids(query, 10, beam=4)[0].tolist() == tree.search_ids(query, 10, beam=4)[0].tolist()
 
-    def leaf_ids(memory: MemoryTree, vector: np.ndarray) -> list[int]:
-        node, unit = memory.root, normalise(vector)
-        while not node.is_leaf:
-            node = node.children[node.side_of(unit)]
-        return sorted(memory._ids[node.slots[: node.size]].tolist())
-
-    for seed in range(500, 540):  # inserts are routed as they were
-        assert leaf_ids(old, _vector(seed)) == leaf_ids(tree, _vector(seed))
+    # Inserts are routed as they were: after the same inserts into the version-1 copy and the
+    # version-2 one (both loaded, so their splits draw the same numbers), every item sits in the
+    # same leaf, as the saved shape and leaf-ordered ids show.
+    new = MemoryTree.load(tmp_path / "version 2")
+    for memory, target in ((old, tmp_path / "old after"), (new, tmp_path / "new after")):
+        for seed in range(500, 540):
+            memory.add(_vector(seed), text=f"new {seed}", created=0.0)
+        memory.check()
+        memory.save(target)
+    shapes = [json.loads((tmp_path / name / "tree.json").read_text())["shape"]
+              for name in ("old after", "new after")]
+    assert shapes[0] == shapes[1] and len(shapes[0]) > 1
+    np.testing.assert_array_equal(np.load(tmp_path / "old after" / "ids.npy"),
+                                  np.load(tmp_path / "new after" / "ids.npy"))
