@@ -3,6 +3,7 @@ order, persistence (and a crash during it), and recall against brute force."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -347,3 +348,41 @@ def test_a_version_1_tree_still_loads(tmp_path):
     assert shapes[0] == shapes[1] and len(shapes[0]) > 1
     np.testing.assert_array_equal(np.load(tmp_path / "old after" / "ids.npy"),
                                   np.load(tmp_path / "new after" / "ids.npy"))
+
+
+def test_tree_json_is_read_in_one_place_and_damage_is_one_sentence(tmp_path):
+    """`MemoryTree.read_record` reads tree.json without the arrays (what chooses a memory's
+    embedder) and `load` goes through it: each kind of damage is one sentence naming the file."""
+    folder = tmp_path / "memory"
+    tree = _filled(20)
+    tree.info["embedder"] = "hashed-ngrams-8"
+    tree.save(folder)
+    record = MemoryTree.read_record(folder)
+    assert record["info"] == {"embedder": "hashed-ngrams-8"} and record["items"] == 20
+    assert record["settings"] == tree.settings()
+    path = folder / "tree.json"
+    good = path.read_text()
+    damaged = {
+        "{not json": f"{path} is damaged: it is not JSON (Expecting property name enclosed in "
+                     "double quotes: line 1 column 2 (char 1)).",
+        "[1, 2]": f"{path} is not a version-2 Promethean memory tree.",
+        '{"format": "promethean-memory-tree", "version": 7}':
+            f"{path} is not a version-2 Promethean memory tree.",
+        '{"format": "promethean-memory-tree", "version": 2, "settings": {"dim": 8}}':
+            f"{path} is damaged: its 'next_id' is missing or not a whole number.",
+        json.dumps({**json.loads(good), "info": "hashed"}):
+            f"{path} is damaged: its 'info' is missing or not an object.",
+        json.dumps({**json.loads(good), "settings": {"dim": 8, "colour": "red"}}):
+            f"{path} is damaged: its 'settings' are not a memory tree's.",
+    }
+    for text, sentence in damaged.items():
+        path.write_text(text)
+        for read in (MemoryTree.load, MemoryTree.read_record):
+            if read is MemoryTree.read_record and "settings' are not" in sentence:
+                continue  # (only building the tree finds settings it does not take)
+            with pytest.raises(PrometheanError) as caught:
+                read(folder)
+            assert str(caught.value) == sentence
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(PrometheanError, match=r"tree.json is damaged: it is not JSON \('utf-8'"):
+        MemoryTree.read_record(folder)
