@@ -169,7 +169,7 @@ def test_a_damaged_tree_json_is_the_same_sentence_for_cli_chat_and_server(tmp_pa
 def test_a_memory_keeps_the_hashed_embedder_it_was_built_with(tmp_path):
     """What a chat or the server opens: the hashed embedder a memory records (whatever its
     dimension), else the model's, asked for only then; a model's memory is checked against it."""
-    from promethean.context.retrieval import memory_embedder, open_memory_with_embedder
+    from promethean.context.retrieval import memory_tree_embedder, open_memory_with_embedder
 
     hashed = HashedNgramEmbedder(64)
     tree = open_memory(tmp_path / "hashed", hashed)
@@ -183,7 +183,7 @@ def test_a_memory_keeps_the_hashed_embedder_it_was_built_with(tmp_path):
 
     opened, embedder = open_memory_with_embedder(tmp_path / "hashed", model_embedder)
     assert embedder.name == "hashed-ngrams-64" and asked == [] and len(opened) == 1
-    assert memory_embedder(tmp_path / "new", model_embedder).name == "hashed-ngrams-32"
+    assert memory_tree_embedder(tmp_path / "new", model_embedder).name == "hashed-ngrams-32"
     assert asked == [True]
     modelled = MemoryTree(16)
     modelled.info["embedder"] = "model-abc-mean-hidden-16"

@@ -14,11 +14,11 @@ its `ChatSession` (its prompts are exactly `chat_prompt_with_memory`'s) and save
 the chat ends.
 
 `open_memory` opens (or creates) a memory directory and checks that the embedder it was built with
-is the one in use: vectors of two embedders are not comparable. `memory_embedder` chooses that
-embedder for a chat or a server: the hashed n-gram embedder when the memory was built with one
-(it needs no model), else the model's; `open_memory_with_embedder` is the two together, what
-`SessionMemory.open` (and the server's memory) call. Only the tree reads its files: the embedder's
-name comes from `MemoryTree.read_record`.
+is the one in use: vectors of two embedders are not comparable. `memory_tree_embedder` chooses
+that embedder for a chat or a server: the hashed n-gram embedder when the memory was built with
+one (it needs no model), else the model's; `open_memory_with_embedder` is the two together, what
+`SessionMemory.open` (and the server's memory) call. Only the tree reads its files: the
+embedder's name comes from `MemoryTree.read_record`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def open_memory(directory: str | Path, embedder: Embedder, create: bool = True,
     return tree
 
 
-def memory_embedder(directory: str | Path, model_embedder: Callable[[], Embedder]) -> Embedder:
+def memory_tree_embedder(directory: str | Path,
+                         model_embedder: Callable[[], Embedder]) -> Embedder:
     """The embedder to read and grow the memory in `directory` with: the hashed n-gram embedder
     that built it, when one did; else `model_embedder()` (called only then: it may load a model),
     which `open_memory` then checks against the one the memory records. A damaged tree.json is
@@ -72,9 +73,9 @@ def memory_embedder(directory: str | Path, model_embedder: Callable[[], Embedder
 
 def open_memory_with_embedder(directory: str | Path, model_embedder: Callable[[], Embedder],
                               create: bool = True, **settings) -> tuple[MemoryTree, Embedder]:
-    """(the memory tree in `directory`, the embedder to use with it): `memory_embedder`, then
-    `open_memory`."""
-    embedder = memory_embedder(directory, model_embedder)
+    """(the memory tree in `directory`, the embedder to use with it): `memory_tree_embedder`,
+    then `open_memory`."""
+    embedder = memory_tree_embedder(directory, model_embedder)
     return open_memory(directory, embedder, create, **settings), embedder
 
 

@@ -64,7 +64,13 @@ from promethean.context.kmeans import (
 from promethean.context.payloads import INDEXED_METADATA, ITEM_OVERHEAD_BYTES, Memory, PayloadStore
 from promethean.context.tree_build import MAX_CELLS, SubtreeBuilder
 from promethean.context.tree_check import check_tree
-from promethean.context.tree_nodes import Internal, Leaf, hyperplane_routers, leaves_under, rows_under
+from promethean.context.tree_nodes import (
+    Internal,
+    Leaf,
+    hyperplane_routers,
+    leaves_under,
+    rows_under,
+)
 from promethean.context.tree_search import beam_leaves, best_in_leaves
 from promethean.context.tree_store import (
     ARRAY_FILES,
@@ -208,7 +214,7 @@ class MemoryTree:
         item_id = self._payloads.register(slot, text, salience, metadata, created)
         unit = normalise(vector)
         node, nearest = self.root, -1
-        while not node.is_leaf:  # `Internal`'s routing rule, inlined: this loop is most of an insert
+        while not node.is_leaf:  # `Internal`'s routing, inlined: this loop is most of an insert
             if nearest < 0:
                 if node.plane is not None:
                     nearest = 0 if float(unit @ node.plane[0]) >= node.plane[1] else 1
@@ -222,8 +228,8 @@ class MemoryTree:
             vectors, slots = rows_under(lopsided)
             self._replace(lopsided, self._builder.build(vectors, slots, balanced=True))
         elif node.size > self.capacity:  # splitting a leaf leaves the loads above as they were
-            self._replace(node, self._builder.build(node.vectors[: node.size], node.slots[: node.size],
-                                            balanced=False))
+            self._replace(node, self._builder.build(node.vectors[: node.size],
+                                                    node.slots[: node.size], balanced=False))
         self._enforce_budget()
         return item_id
 
@@ -312,7 +318,8 @@ class MemoryTree:
         """Split an overfull leaf, then rebuild the highest lopsided ancestor, if any."""
         node: Any = leaf
         if leaf.size > self.capacity:
-            node = self._builder.build(leaf.vectors[: leaf.size], leaf.slots[: leaf.size], balanced=False)
+            node = self._builder.build(leaf.vectors[: leaf.size], leaf.slots[: leaf.size],
+                                       balanced=False)
             self._replace(leaf, node)
         self._rebalance_from(node)
 
@@ -501,7 +508,7 @@ class MemoryTree:
 
     @_locked
     def save(self, directory: str | Path) -> Path:
-        """Write the tree atomically (see `promethean.context.tree_store`); returns the directory."""
+        """Write the tree atomically (see `tree_store`); returns the directory."""
         return save_tree(self, directory)
 
     @classmethod
