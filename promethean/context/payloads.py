@@ -80,6 +80,22 @@ class PayloadStore:
         self.texts.extend([""] * extra)
         self.metadata.extend([{}] * extra)
 
+    @staticmethod
+    def batch_fields(count: int, texts, salience, metadata, created) -> tuple:
+        """(texts, saliences, metadata, creation times) of a batch of `count` new items, checked,
+        with the defaults ("", 1.0, {}, now) for those not given."""
+        texts = texts if texts is not None else [""] * count
+        salience = np.ones(count) if salience is None else np.asarray(salience, dtype=np.float64)
+        metadata = metadata if metadata is not None else [None] * count
+        now = time.time()
+        created = np.full(count, now) if created is None else np.asarray(created, dtype=np.float64)
+        if not (len(texts) == len(salience) == len(metadata) == len(created) == count):
+            raise PrometheanError("add_many needs as many texts, saliences, metadata and times "
+                                  "as vectors.")
+        if not np.isfinite(salience).all():
+            raise PrometheanError("every memory's salience must be a finite number.")
+        return texts, salience, metadata, created
+
     def register(self, slot: int, text: str, salience: float, metadata, created) -> int:
         """Fill a slot with a new item; returns its id (ids are never reused)."""
         if not np.isfinite(salience):
@@ -136,6 +152,19 @@ class PayloadStore:
         id."""
         slots = self.live_slots()
         return slots[np.lexsort((self.ids[slots], self.created[slots], self.salience[slots]))]
+
+    def first_to_evict(self, max_items: int | None, max_bytes: int | None) -> list[int]:
+        """The ids to evict, in eviction order, for the live items to fit in `max_items` items
+        and `max_bytes` bytes (None: no limit): the fewest first ones of `eviction_slots`."""
+        order = self.eviction_slots()
+        evict_count = 0
+        if max_items is not None:
+            evict_count = max(evict_count, len(order) - max_items)
+        if max_bytes is not None and self.total_bytes > max_bytes:
+            freed = np.cumsum(self.bytes[order])
+            needed = self.total_bytes - max_bytes
+            evict_count = max(evict_count, int(np.searchsorted(freed, needed)) + 1)
+        return self.ids[order[:evict_count]].tolist()
 
     # --------------------------------------------------------------------- metadata index
     def index_item(self, slot: int, item_id: int, add: bool) -> None:

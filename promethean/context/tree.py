@@ -22,10 +22,8 @@ O(log n) amortised per insert, and since no child holds more than r/(r+1) of its
 depth is at most log base (r+1)/r of n/capacity (+1). A subtree that deletes shrink to half a
 leaf is folded back into one leaf; an emptied leaf is removed.
 
-Search. Approximate k-NN descends with a beam: the frontier of `beam` nodes closest to the
-query (by centroid; each node's centroid is cached until its sum changes) is expanded level by
-level until it holds only leaves, whose items are scored exactly, one product per leaf.
-`exact_search` scores every item, for checks.
+Search. Approximate k-NN descends with a beam of the `beam` nodes nearest the query (by
+centroid) to leaves scored exactly (`tree_search`). `exact_search` scores every item, for checks.
 
 Threads. Every public method that reads or changes the tree runs under one re-entrant lock, so
 a server's requests can share a tree. Metadata keys in INDEXED_METADATA (the intake's text
@@ -47,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +104,13 @@ def _locked(method):
     return under_lock
 
 
+def _check_budget(max_items: int | None, max_bytes: int | None) -> None:
+    if max_items is not None and max_items < 1:
+        raise PrometheanError(f"max_items must be at least 1, got {max_items}.")
+    if max_bytes is not None and max_bytes < 1:
+        raise PrometheanError(f"max_bytes must be at least 1, got {max_bytes}.")
+
+
 class MemoryTree:
     """See the module docstring. Items are added with `add`/`add_many`, found with `search`."""
 
@@ -118,10 +122,7 @@ class MemoryTree:
             raise PrometheanError(f"a memory leaf must hold at least 2 items, got {capacity}.")
         if imbalance_ratio <= 1:
             raise PrometheanError(f"the imbalance ratio must exceed 1, got {imbalance_ratio}.")
-        if max_items is not None and max_items < 1:
-            raise PrometheanError(f"max_items must be at least 1, got {max_items}.")
-        if max_bytes is not None and max_bytes < 1:
-            raise PrometheanError(f"max_bytes must be at least 1, got {max_bytes}.")
+        _check_budget(max_items, max_bytes)
         self.dim, self.capacity, self.imbalance_ratio = dim, capacity, imbalance_ratio
         self.max_items, self.max_bytes, self.seed = max_items, max_bytes, seed
         self.root: Leaf | Internal = Leaf(dim, capacity)
@@ -246,15 +247,8 @@ class MemoryTree:
         if not np.isfinite(vectors).all():
             raise PrometheanError("memory vectors must hold finite numbers.")
         count = len(vectors)
-        texts = texts if texts is not None else [""] * count
-        salience = np.ones(count) if salience is None else np.asarray(salience, dtype=np.float64)
-        metadata = metadata if metadata is not None else [None] * count
-        now = time.time()
-        created = np.full(count, now) if created is None else np.asarray(created, dtype=np.float64)
-        if not (len(texts) == len(salience) == len(metadata) == len(created) == count):
-            raise PrometheanError("add_many needs as many texts, saliences, metadata and times as vectors.")
-        if not np.isfinite(salience).all():
-            raise PrometheanError("every memory's salience must be a finite number.")
+        texts, salience, metadata, created = PayloadStore.batch_fields(count, texts, salience,
+                                                                       metadata, created)
         if count == 0:
             return np.zeros(0, dtype=np.int64)
         slots = self._take_slots(count)
@@ -285,22 +279,9 @@ class MemoryTree:
     def _append(self, leaf: Leaf, units: np.ndarray, slots: np.ndarray) -> Internal | None:
         """Put rows into a leaf (which may overflow its capacity until `_after_insert`); returns
         the highest ancestor that is now lopsided, if any."""
-        need = leaf.size + len(units)
-        if need > len(leaf.vectors):
-            reserve = max(need, min(2 * len(leaf.vectors), self.capacity))
-            vectors = np.empty((reserve, self.dim), dtype=np.float32)
-            vectors[: leaf.size] = leaf.vectors[: leaf.size]
-            held = np.empty(reserve, dtype=np.int64)
-            held[: leaf.size] = leaf.slots[: leaf.size]
-            leaf.vectors, leaf.slots = vectors, held
-        leaf.vectors[leaf.size : need] = units
-        leaf.slots[leaf.size : need] = slots
-        leaf.size = need
-        added = units.sum(0, dtype=np.float64)
+        leaf.append(units, slots, self.capacity)
         for slot in slots.tolist():
             self._leaf_of[slot] = leaf
-        leaf.sum += added
-        leaf.probe = None
         # Up the path: loads now; sums when next needed (`current_sum`); and the highest node
         # that is now lopsided (a child heavier than `imbalance_ratio` x its sibling), if any.
         highest, ratio, count = None, self.imbalance_ratio, len(units)
@@ -406,10 +387,7 @@ class MemoryTree:
     @_locked
     def set_budget(self, max_items: int | None = None, max_bytes: int | None = None) -> None:
         """Change the budget (None keeps a value as it is); takes effect at the next prune or add."""
-        if max_items is not None and max_items < 1:
-            raise PrometheanError(f"max_items must be at least 1, got {max_items}.")
-        if max_bytes is not None and max_bytes < 1:
-            raise PrometheanError(f"max_bytes must be at least 1, got {max_bytes}.")
+        _check_budget(max_items, max_bytes)
         self.max_items = self.max_items if max_items is None else max_items
         self.max_bytes = self.max_bytes if max_bytes is None else max_bytes
 
@@ -429,16 +407,7 @@ class MemoryTree:
         max_bytes = self.max_bytes if max_bytes is None else max_bytes
         if not self.over_budget_for(max_items, max_bytes):
             return []
-        payloads = self._payloads
-        order = payloads.eviction_slots()  # the slots of `eviction_order`
-        evict_count = 0
-        if max_items is not None:
-            evict_count = max(evict_count, len(order) - max_items)
-        if max_bytes is not None and self.total_bytes > max_bytes:
-            freed = np.cumsum(payloads.bytes[order])
-            needed = self.total_bytes - max_bytes
-            evict_count = max(evict_count, int(np.searchsorted(freed, needed)) + 1)
-        evicted = payloads.ids[order[:evict_count]].tolist()
+        evicted = self._payloads.first_to_evict(max_items, max_bytes)  # by `eviction_order`
         for item_id in evicted:
             self.delete(item_id)
         return evicted

@@ -29,6 +29,23 @@ class Leaf:
     def count(self) -> int:
         return self.size
 
+    def append(self, units: np.ndarray, slots: np.ndarray, capacity: int) -> None:
+        """Add rows (the leaf may overflow `capacity` until its tree splits it); the block grows
+        by doubling, up to `capacity` rows unless more are needed at once."""
+        need = self.size + len(units)
+        if need > len(self.vectors):
+            reserve = max(need, min(2 * len(self.vectors), capacity))
+            vectors = np.empty((reserve, self.vectors.shape[1]), dtype=np.float32)
+            vectors[: self.size] = self.vectors[: self.size]
+            held = np.empty(reserve, dtype=np.int64)
+            held[: self.size] = self.slots[: self.size]
+            self.vectors, self.slots = vectors, held
+        self.vectors[self.size : need] = units
+        self.slots[self.size : need] = slots
+        self.size = need
+        self.sum += units.sum(0, dtype=np.float64)
+        self.probe = None
+
 
 class Internal:
     """Two children, their total sum and load, and the rule that routes a vector to one of them:
