@@ -10,7 +10,8 @@ item count, the tree's shape in preorder, and `info`, e.g. which embedder made t
 loadable; `load_tree` rebuilds exactly the same tree, and reads version 1, which kept one
 hyperplane per internal node (`directions.npy`, `thresholds.npy`), as two routers per node.
 `read_tree_record` is the one reader of `tree.json`: whatever is wrong with it is one sentence
-that names the file.
+that names the file. (Saving and loading read and fill the tree's own rooms, its payload store
+and its subtree builder: this module is the tree's, not a client of it.)
 """
 
 from __future__ import annotations
