@@ -137,3 +137,57 @@ def test_memory_cli_with_a_checkpoint_uses_the_model(tmp_path):
     result = run("memory", "search", str(memory), "x")  # without the model: a clear refusal
     assert result.returncode == 1
     assert f"built with the '{name}' embedder" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_damaged_tree_json_is_the_same_sentence_for_cli_chat_and_server(tmp_path):
+    """The CLI (`memory add`), a chat's memory (`SessionMemory.open`) and the server's memory
+    (`open_memory_with_embedder`, as `ServerMemory.open` calls it) all open a memory through the
+    tree's one tree.json reader: a damaged file is one sentence naming it, and no model is loaded
+    for a memory that cannot be read."""
+    from promethean.context.retrieval import SessionMemory, open_memory_with_embedder
+    from tests.conftest import build
+
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    (memory / "tree.json").write_text("{not json")
+    sentence = (f"{memory / 'tree.json'} is damaged: it is not JSON (Expecting property name "
+                "enclosed in double quotes: line 1 column 2 (char 1)).")
+    result = run("memory", "add", str(memory), "--text", FACTS[0])
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == f"error: {sentence}"
+    with pytest.raises(PrometheanError) as caught:
+        SessionMemory.open(memory, build("tiny-gpt2"), ByteTokenizer())
+    assert str(caught.value) == sentence
+
+    def no_model():
+        raise AssertionError("the model was loaded for a memory that cannot be read")
+
+    with pytest.raises(PrometheanError) as caught:
+        open_memory_with_embedder(memory, no_model)
+    assert str(caught.value) == sentence
+
+
+def test_a_memory_keeps_the_hashed_embedder_it_was_built_with(tmp_path):
+    """What a chat or the server opens: the hashed embedder a memory records (whatever its
+    dimension), else the model's, asked for only then; a model's memory is checked against it."""
+    from promethean.context.retrieval import memory_tree_embedder, open_memory_with_embedder
+
+    hashed = HashedNgramEmbedder(64)
+    tree = open_memory(tmp_path / "hashed", hashed)
+    tree.add(hashed.embed([FACTS[0]])[0], text=FACTS[0])
+    tree.save(tmp_path / "hashed")
+    asked = []
+
+    def model_embedder():
+        asked.append(True)
+        return HashedNgramEmbedder(32)  # stands in for a model's embedder
+
+    opened, embedder = open_memory_with_embedder(tmp_path / "hashed", model_embedder)
+    assert embedder.name == "hashed-ngrams-64" and asked == [] and len(opened) == 1
+    assert memory_tree_embedder(tmp_path / "new", model_embedder).name == "hashed-ngrams-32"
+    assert asked == [True]
+    modelled = MemoryTree(16)
+    modelled.info["embedder"] = "model-abc-mean-hidden-16"
+    modelled.save(tmp_path / "modelled")
+    with pytest.raises(PrometheanError, match="built with the 'model-abc-mean-hidden-16' embedder "
+                                              "but 'hashed-ngrams-32' is in use"):
+        open_memory_with_embedder(tmp_path / "modelled", model_embedder)

@@ -3,6 +3,7 @@ order, persistence (and a crash during it), and recall against brute force."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -309,6 +310,7 @@ def test_a_version_1_tree_still_loads(tmp_path):
     for i in range(120):
         tree.add(_vector(i), text=f"memory {i}")
     tree.save(tmp_path / "memory")
+    tree.save(tmp_path / "version 2")
     folder = tmp_path / "memory"
     routers = np.load(folder / "routers.npy")
     counts = np.load(folder / "router_counts.npy")
@@ -332,11 +334,55 @@ def test_a_version_1_tree_still_loads(tmp_path):
     query = _vector(4242)
     assert old.search_ids(query, 10, beam=4)[0].tolist() == tree.search_ids(query, 10, beam=4)[0].tolist()
 
-    def leaf_ids(memory: MemoryTree, vector: np.ndarray) -> list[int]:
-        node, unit = memory.root, normalise(vector)
-        while not node.is_leaf:
-            node = node.children[node.side_of(unit)]
-        return sorted(memory._ids[node.slots[: node.size]].tolist())
+    # Inserts are routed as they were: after the same inserts into the version-1 copy and the
+    # version-2 one (both loaded, so their splits draw the same numbers), every item sits in the
+    # same leaf, as the saved shape and leaf-ordered ids show.
+    new = MemoryTree.load(tmp_path / "version 2")
+    for memory, target in ((old, tmp_path / "old after"), (new, tmp_path / "new after")):
+        for seed in range(500, 540):
+            memory.add(_vector(seed), text=f"new {seed}", created=0.0)
+        memory.check()
+        memory.save(target)
+    shapes = [json.loads((tmp_path / name / "tree.json").read_text())["shape"]
+              for name in ("old after", "new after")]
+    assert shapes[0] == shapes[1] and len(shapes[0]) > 1
+    np.testing.assert_array_equal(np.load(tmp_path / "old after" / "ids.npy"),
+                                  np.load(tmp_path / "new after" / "ids.npy"))
 
-    for seed in range(500, 540):  # inserts are routed as they were
-        assert leaf_ids(old, _vector(seed)) == leaf_ids(tree, _vector(seed))
+
+def test_tree_json_is_read_in_one_place_and_damage_is_one_sentence(tmp_path):
+    """`MemoryTree.read_record` reads tree.json without the arrays (what chooses a memory's
+    embedder) and `load` goes through it: each kind of damage is one sentence naming the file."""
+    folder = tmp_path / "memory"
+    tree = _filled(20)
+    tree.info["embedder"] = "hashed-ngrams-8"
+    tree.save(folder)
+    record = MemoryTree.read_record(folder)
+    assert record["info"] == {"embedder": "hashed-ngrams-8"} and record["items"] == 20
+    assert record["settings"] == tree.settings()
+    path = folder / "tree.json"
+    good = path.read_text()
+    damaged = {
+        "{not json": f"{path} is damaged: it is not JSON (Expecting property name enclosed in "
+                     "double quotes: line 1 column 2 (char 1)).",
+        "[1, 2]": f"{path} is not a version-2 Promethean memory tree.",
+        '{"format": "promethean-memory-tree", "version": 7}':
+            f"{path} is not a version-2 Promethean memory tree.",
+        '{"format": "promethean-memory-tree", "version": 2, "settings": {"dim": 8}}':
+            f"{path} is damaged: its 'next_id' is missing or not a whole number.",
+        json.dumps({**json.loads(good), "info": "hashed"}):
+            f"{path} is damaged: its 'info' is missing or not an object.",
+        json.dumps({**json.loads(good), "settings": {"dim": 8, "colour": "red"}}):
+            f"{path} is damaged: its 'settings' are not a memory tree's.",
+    }
+    for text, sentence in damaged.items():
+        path.write_text(text)
+        for read in (MemoryTree.load, MemoryTree.read_record):
+            if read is MemoryTree.read_record and "settings' are not" in sentence:
+                continue  # (only building the tree finds settings it does not take)
+            with pytest.raises(PrometheanError) as caught:
+                read(folder)
+            assert str(caught.value) == sentence
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(PrometheanError, match=r"tree.json is damaged: it is not JSON \('utf-8'"):
+        MemoryTree.read_record(folder)

@@ -12,11 +12,13 @@ from promethean.context.retrieval import (
     SessionMemory,
     chat_prompt_with_memory,
     open_memory,
+    open_memory_with_embedder,
     remember_exchange,
 )
 from promethean.context.tree import Memory, MemoryTree
 
 __all__ = [
     "ChatRecord", "DocumentRecord", "HashedNgramEmbedder", "Intake", "Memory", "MemoryAwareBatcher",
-    "MemoryTree", "ModelEmbedder", "SessionMemory", "chat_prompt_with_memory", "open_memory", "remember_exchange",
+    "MemoryTree", "ModelEmbedder", "SessionMemory", "chat_prompt_with_memory", "open_memory",
+    "open_memory_with_embedder", "remember_exchange",
 ]

@@ -21,6 +21,7 @@ import numpy as np
 from promethean.errors import PrometheanError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+HASHED_PREFIX = "hashed-ngrams-"  # + the dimension: the name a memory records
 
 
 class Embedder(Protocol):
@@ -37,7 +38,17 @@ class HashedNgramEmbedder:
         if dim < 2:
             raise PrometheanError(f"an embedding needs at least 2 dimensions, got {dim}.")
         self.dim, self.ngram_range = dim, ngram_range
-        self.name = f"hashed-ngrams-{dim}"
+        self.name = f"{HASHED_PREFIX}{dim}"
+
+    @classmethod
+    def named(cls, name: object) -> HashedNgramEmbedder | None:
+        """The hashed embedder a memory records by `name` ("hashed-ngrams-256"), or None when
+        the name is not one (a model's embedder, or nothing)."""
+        if isinstance(name, str) and name.startswith(HASHED_PREFIX):
+            dim = name[len(HASHED_PREFIX):]
+            if dim.isascii() and dim.isdigit() and int(dim) >= 2:
+                return cls(int(dim))
+        return None
 
     def _features(self, text: str) -> list[bytes]:
         text = " ".join(text.lower().split())

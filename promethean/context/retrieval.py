@@ -14,12 +14,16 @@ its `ChatSession` (its prompts are exactly `chat_prompt_with_memory`'s) and save
 the chat ends.
 
 `open_memory` opens (or creates) a memory directory and checks that the embedder it was built with
-is the one in use: vectors of two embedders are not comparable.
+is the one in use: vectors of two embedders are not comparable. `memory_tree_embedder` chooses
+that embedder for a chat or a server: the hashed n-gram embedder when the memory was built with
+one (it needs no model), else the model's; `open_memory_with_embedder` is the two together, what
+`SessionMemory.open` (and the server's memory) call. Only the tree reads its files: the
+embedder's name comes from `MemoryTree.read_record`.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 from promethean.context.embed import Embedder, HashedNgramEmbedder, ModelEmbedder
@@ -30,6 +34,9 @@ from promethean.errors import PrometheanError
 
 def open_memory(directory: str | Path, embedder: Embedder, create: bool = True,
                 **settings) -> MemoryTree:
+    """The memory tree in `directory`, built with `embedder` (refused when it was built with
+    another); without one there, a new empty tree with `settings` (unless `create` is False).
+    Nothing is written until the tree is saved."""
     directory = Path(directory)
     if directory.is_dir() and (directory / TREE_FILE).is_file():
         tree = MemoryTree.load(directory)
@@ -48,6 +55,28 @@ def open_memory(directory: str | Path, embedder: Embedder, create: bool = True,
     tree = MemoryTree(embedder.dim, **settings)
     tree.info["embedder"] = embedder.name
     return tree
+
+
+def memory_tree_embedder(directory: str | Path,
+                         model_embedder: Callable[[], Embedder]) -> Embedder:
+    """The embedder to read and grow the memory in `directory` with: the hashed n-gram embedder
+    that built it, when one did; else `model_embedder()` (called only then: it may load a model),
+    which `open_memory` then checks against the one the memory records. A damaged tree.json is
+    one sentence naming it."""
+    directory = Path(directory)
+    if directory.is_dir() and (directory / TREE_FILE).is_file():
+        hashed = HashedNgramEmbedder.named(MemoryTree.read_record(directory)["info"].get("embedder"))
+        if hashed is not None:
+            return hashed
+    return model_embedder()
+
+
+def open_memory_with_embedder(directory: str | Path, model_embedder: Callable[[], Embedder],
+                              create: bool = True, **settings) -> tuple[MemoryTree, Embedder]:
+    """(the memory tree in `directory`, the embedder to use with it): `memory_tree_embedder`,
+    then `open_memory`."""
+    embedder = memory_tree_embedder(directory, model_embedder)
+    return open_memory(directory, embedder, create, **settings), embedder
 
 
 def retrieve(tree: MemoryTree, embedder: Embedder, query: str, k: int = 5,
@@ -130,15 +159,7 @@ class SessionMemory:
         from promethean.context.intake import Intake
 
         directory = Path(directory)
-        embedder: Embedder = ModelEmbedder(model, tokenizer)
-        if (directory / TREE_FILE).is_file():
-            try:  # only the record's `info`: open_memory reads (and checks) the whole tree
-                recorded = str(json.loads((directory / TREE_FILE).read_text()).get("info", {}).get("embedder", ""))
-            except (OSError, ValueError, AttributeError):
-                recorded = ""  # open_memory says what is wrong with it
-            if recorded.startswith("hashed-ngrams-") and recorded[len("hashed-ngrams-"):].isdigit():
-                embedder = HashedNgramEmbedder(int(recorded[len("hashed-ngrams-"):]))
-        tree = open_memory(directory, embedder)
+        tree, embedder = open_memory_with_embedder(directory, lambda: ModelEmbedder(model, tokenizer))
         surprise = embedder.loss_per_token if isinstance(embedder, ModelEmbedder) else None
         intake = Intake(tree, embedder, tokenizer=tokenizer, surprise=surprise,
                         vocab_size=model.config.vocab_size if surprise is not None else None,
