@@ -10,38 +10,14 @@ threads (never on the event loop nor on an engine thread); the server saves it a
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from pathlib import Path
 
 from promethean.context.intake import Intake
-from promethean.context.tree import TREE_FILE, Memory, MemoryTree
+from promethean.context.tree import Memory, MemoryTree
 from promethean.data.chat import Turn
 from promethean.errors import PrometheanError
 from promethean.tokenizer import Tokenizer
-
-
-def _embedder_for_memory(directory: Path, checkpoint: str | Path | None, device: str):
-    """(embedder, model or None): the hashed n-gram embedder when the memory was built with one
-    (what `promethean memory add` uses without --checkpoint), else the checkpoint's own
-    mean-pooled hidden states, from a copy of the weights of its own (the engine's model must not
-    run a forward hook on another thread)."""
-    from promethean.context.embed import HashedNgramEmbedder, embedder_for
-
-    recorded = None
-    if (directory / TREE_FILE).is_file():
-        try:
-            record = json.loads((directory / TREE_FILE).read_text())
-            recorded = record.get("info", {}).get("embedder")
-        except (OSError, ValueError):
-            recorded = None  # open_memory below reports the damaged tree
-    if isinstance(recorded, str) and recorded.startswith("hashed-ngrams-"):
-        return HashedNgramEmbedder(int(recorded.rsplit("-", 1)[1])), None
-    if checkpoint is None:
-        raise PrometheanError("a memory embedded with a model needs the checkpoint it was made "
-                              "with.")
-    embedder, _tokenizer, model = embedder_for(str(checkpoint), device=device)
-    return embedder, model
 
 
 class ServerMemory:
@@ -62,14 +38,24 @@ class ServerMemory:
              device: str = "cpu", token_budget: int = 256, k: int = 5) -> ServerMemory:
         """Open (or start) the memory in `directory`, with the intake `promethean memory add`
         uses: the model's surprise is a salience signal when the embedder is the model."""
+        from promethean.context.embed import ModelEmbedder, embedder_for
         from promethean.context.intake import MemoryAwareBatcher, activation_bytes_per_token
-        from promethean.context.retrieval import open_memory
+        from promethean.context.retrieval import open_memory_with_embedder
 
         if token_budget < 1 or k < 1:
             raise PrometheanError("the memory token budget and k must be at least 1.")
+
+        def model_embedder():
+            # The checkpoint's own mean-pooled hidden states, from a copy of the weights of its
+            # own (the engine's model must not run a forward hook on another thread).
+            if checkpoint is None:
+                raise PrometheanError("a memory embedded with a model needs the checkpoint it "
+                                      "was made with.")
+            return embedder_for(str(checkpoint), device=device)[0]
+
         directory = Path(directory)
-        embedder, model = _embedder_for_memory(directory, checkpoint, device)
-        tree = open_memory(directory, embedder)
+        tree, embedder = open_memory_with_embedder(directory, model_embedder)
+        model = embedder.model if isinstance(embedder, ModelEmbedder) else None
         if model is None:
             intake = Intake(tree, embedder, tokenizer=tokenizer)
         else:
