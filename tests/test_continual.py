@@ -612,3 +612,25 @@ def test_cli_refuses_from_base_with_ewc_or_full(domains, tmp_path):
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 1 and result.stderr == sentence
     assert not (tmp_path / "refused").exists()
+
+
+def test_max_minutes_ends_a_stage_early_and_it_still_commits(domains, tmp_path, monkeypatch):
+    from promethean.train import loop
+
+    _, checkpoint, data = domains
+    readings = iter(range(10_000))  # one minute a reading: read at the start, then each step
+
+    class ScriptedBudget(loop.WallBudget):
+        def __init__(self, minutes):
+            super().__init__(minutes, clock=lambda: 60.0 * next(readings))
+
+    monkeypatch.setattr(loop, "WallBudget", ScriptedBudget)
+    result = learn(options(checkpoint, "beta", data["beta"], tmp_path / "run", update_steps=10,
+                           max_minutes=2.5, base_domain=("alpha", str(data["alpha"]))))
+    stage = read_run(tmp_path / "run")["stages"][1]
+    assert (stage["stopped"], stage["steps_trained"]) == ("max_minutes", 3)
+    assert set(stage["val"]) == {"alpha", "beta"} and result.stage == 1
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [3]  # the step that spent it is logged
+    with pytest.raises(PrometheanError, match="max_minutes must be a positive number of minutes"):
+        learn(options(checkpoint, "gamma", data["gamma"], tmp_path / "run", max_minutes=0.0))

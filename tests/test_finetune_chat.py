@@ -408,3 +408,25 @@ def test_cli_finetune_chat_then_generate_and_chat_with_the_adapter(trained, tmp_
                   "--max-new-tokens", "40", stdin="hello, I am Zed\n")
     assert chatted.returncode == 0, chatted.stderr
     assert chatted.stdout.splitlines() == [f"Assistant: {GREETING}"]
+
+
+def test_max_minutes_evaluates_the_step_that_spent_it_and_stops(tmp_path, monkeypatch, capsys):
+    from promethean.train import loop
+
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = write_log(tmp_path / "chat.jsonl", logged_turns())
+    scripted = iter([5.0, 4.0, 3.0])  # the base, step 10, then the step that spends the budget
+    monkeypatch.setattr(chat_tuning, "validation_loss", lambda *args: next(scripted))
+    readings = iter(range(10_000))  # the budget's clock: one minute a reading
+
+    class ScriptedBudget(loop.WallBudget):
+        def __init__(self, minutes):
+            super().__init__(minutes, clock=lambda: 60.0 * next(readings))
+
+    monkeypatch.setattr(loop, "WallBudget", ScriptedBudget)
+    result = finetune_chat(options(checkpoint, log, eval_every=10, max_minutes=12.5))
+    # Read at the start (0) and after each step: the 13th reading is 13 minutes.
+    assert (result.steps, result.stopped, result.best_step) == (13, "max_minutes", 13)
+    assert [e["step"] for e in result.evaluations] == [10, 13]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["10/100", "13/100"]

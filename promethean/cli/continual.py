@@ -63,6 +63,9 @@ def learn(
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Validation "
                             "share when --data is a corpus to prepare (default 0.02).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="(default 0)")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        "--max-minutes", help="Wall-time budget for the stage's training: when spent, it stops "
+        "there, then evaluates and commits the stage.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Learn a new domain (a LoRA adapter, or full fine-tuning) and record every domain's loss."""
@@ -83,7 +86,7 @@ def learn(
         "lora_rank": lora_rank, "lora_dropout": lora_dropout, "ewc_lambda": ewc_lambda,
         "ewc_gamma": ewc_gamma, "replay": replay, "replay_quota": replay_quota,
         "batch_size": batch_size, "block_size": block_size, "val_fraction": val_fraction,
-        "seed": seed,
+        "seed": seed, "max_minutes": max_minutes,
     }.items() if value is not None}
     result = learn(LearnOptions(
         checkpoint=str(checkpoint), domain=domain, data=data, update_steps=update_steps,
@@ -143,6 +146,9 @@ def finetune_chat(
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the "
                             "conversations held out (at least one).")] = 0.1,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    max_minutes: Annotated[Optional[float], typer.Option(
+        "--max-minutes", help="Wall-time budget: when spent, evaluate and stop; the best adapter "
+        "so far is written.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Train a LoRA adapter on the logged chats (replies only), keeping the best by validation."""
@@ -153,7 +159,7 @@ def finetune_chat(
         checkpoint=str(checkpoint), log=str(log), name=name, overwrite=overwrite, rank=rank,
         alpha=alpha, lr=lr, max_steps=max_steps, batch_size=batch_size, block_size=block_size,
         eval_every=eval_every, patience=patience, val_fraction=val_fraction, seed=seed,
-        device=device,
+        device=device, max_minutes=max_minutes,
     ))
     (train_chats, val_chats), (train_examples, val_examples) = result.conversations, result.examples
     typer.echo(f"conversations: {train_chats} to train on ({train_examples} examples), {val_chats} "

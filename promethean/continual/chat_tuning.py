@@ -309,6 +309,9 @@ class ChatTuningOptions:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    # A wall-time budget: when spent, the step that spent it is evaluated and training stops
+    # (stopped "max_minutes"); the best adapter so far is written as usual.
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -356,6 +359,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     from promethean.train.config import TrainConfig
     from promethean.train.loop import (
         NonFiniteSteps,
+        WallBudget,
         evaluation_line,
         optimizer_step,
         print_line,
@@ -427,6 +431,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     nonfinite = NonFiniteSteps()
     max_nonfinite = TrainConfig.model_fields["max_nonfinite_in_a_row"].default
     tokens_since_evaluation, evaluation_started = 0, time.perf_counter()
+    budget = WallBudget(options.max_minutes)
     model.train()
     with _progress(options.progress) as bar:
         task = bar.add_task(f"chat adapter {options.name}", total=options.max_steps, loss=math.nan)
@@ -443,7 +448,8 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
                              "lower --lr; no adapter was written.")
             train_losses.append(float(loss.detach()))
             bar.update(task, completed=step, loss=train_losses[-1])
-            if step % options.eval_every and step != options.max_steps:
+            out_of_time = budget.spent()
+            if step % options.eval_every and step != options.max_steps and not out_of_time:
                 continue
             val_loss = evaluate()
             evaluations.append({"step": step, "val_loss": val_loss,
@@ -461,6 +467,9 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
                 if without_improvement >= patience:
                     stopped = "early_stopping"
                     break
+            if out_of_time and step != options.max_steps:
+                stopped = "max_minutes"
+                break
     model.eval()
     if best_weights is None:
         raise PrometheanError(

@@ -105,6 +105,9 @@ class LearnOptions:
     val_fraction: float = DEFAULT_VAL_FRACTION
     device: str | None = None
     progress: bool = True
+    # A wall-time budget for the stage's training: when spent, it stops there, then evaluates
+    # and commits as at the end (the stage records stopped "max_minutes" and its steps).
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -217,6 +220,9 @@ def _check(options: LearnOptions) -> None:
         raise PrometheanError("batch size and block size must be at least 1.")
     if options.fisher_samples < 1:
         raise PrometheanError(f"--fisher-samples must be at least 1, got {options.fisher_samples}.")
+    from promethean.train.loop import WallBudget
+
+    WallBudget(options.max_minutes)  # refuses a budget that is not a positive number
     if options.from_base and options.full:
         raise PrometheanError("--from-base cannot be used with --full: it starts a fresh LoRA "
                               "adapter on the base, and full fine-tuning has no adapter.")
@@ -248,6 +254,7 @@ def learn(options: LearnOptions) -> StageResult:
     from promethean.train.config import TrainConfig
     from promethean.train.loop import (
         NonFiniteSteps,
+        WallBudget,
         optimizer_step,
         refuse_a_runaway,
         set_learning_rate,
@@ -458,6 +465,8 @@ def learn(options: LearnOptions) -> StageResult:
             shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
         with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
             task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
+            budget = WallBudget(options.max_minutes)
+            stopped, steps_trained = "update_steps", options.update_steps
             for step in range(options.update_steps):
                 rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
                 set_learning_rate(optimizer, rate)
@@ -471,7 +480,8 @@ def learn(options: LearnOptions) -> StageResult:
                 refuse_a_runaway(nonfinite, step + 1, max_nonfinite,
                                  "lower --lr (or --ewc-lambda); the run is as it was before "
                                  "this stage.")
-                if (step + 1) % 10 == 0 or step + 1 == options.update_steps:
+                out_of_time = budget.spent() and step + 1 < options.update_steps
+                if (step + 1) % 10 == 0 or step + 1 == options.update_steps or out_of_time:
                     metrics.write(json.dumps({
                         "stage": stage_index, "domain": options.domain, "step": step + 1,
                         "train_loss": float(loss.detach()),
@@ -479,6 +489,9 @@ def learn(options: LearnOptions) -> StageResult:
                         "grad_norm": grad_norm, "lr": rate}) + "\n")
                     metrics.flush()
                 bar.update(task, completed=step + 1, loss=float(loss.detach()))
+                if out_of_time:
+                    stopped, steps_trained = "max_minutes", step + 1
+                    break
         model.eval()
 
         # ---- evaluate, save, consolidate
@@ -516,6 +529,7 @@ def learn(options: LearnOptions) -> StageResult:
         record["stages"].append({
             "stage": stage_index, "domain": options.domain, **stage_entry,
             "method": method, "from_base": options.from_base,
+            "stopped": stopped, "steps_trained": steps_trained,
             **({"evaluated_with": evaluated_with} if evaluated_with is not None else {}),
             "update_steps": options.update_steps,
             "trainable_parameters": trainable_count,

@@ -105,3 +105,21 @@ def print_line(bar, bar_shown: bool, line: str) -> None:
         import sys
 
         print(line, file=sys.stderr, flush=True)
+
+
+class WallBudget:
+    """A wall-time budget (`max_minutes`; None is none) counted from when it is made, for the
+    loops that run in one leg (a `learn` stage, chat tuning). The trainer's budget also counts
+    the earlier legs of a resumed run, so it keeps its own (Progress.elapsed)."""
+
+    def __init__(self, minutes: float | None, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+            raise PrometheanError(f"max_minutes must be a positive number of minutes, got {minutes}.")
+        self.minutes = minutes
+        self.clock = clock or time.perf_counter
+        self.started = self.clock()
+
+    def spent(self) -> bool:
+        return self.minutes is not None and self.clock() - self.started >= self.minutes * 60
