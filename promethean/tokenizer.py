@@ -200,45 +200,91 @@ class GPT2Tokenizer:
         _write_record(directory, self)
 
 
-class BPETokenizer:
-    """A byte-level BPE, GPT-2's scheme, trained on your own corpus with Hugging Face `tokenizers`.
+class HFTokenizer:
+    """A tokenizer made elsewhere, through Hugging Face `tokenizers`: read from a `tokenizer.json`
+    directory or built from a byte-level BPE's `vocab.json` and merges (`read_foreign_tokenizer`).
 
-    Text is split by GPT-2's pattern, each piece's UTF-8 bytes are mapped to 256 printable byte
-    symbols, and the learned merges join those; so every string encodes, with no unknown token.
-    `<|endoftext|>` is id 0, then come the 256 byte symbols, then the merges in the order learned.
-    `bpe.json` is the Hugging Face tokenizer itself, loadable by `tokenizers.Tokenizer.from_file`.
+    Its end-of-text token is the directory's `eos_token` (or a usual name for one); `<|endoftext|>`
+    in a text is also that token, as for every kind, since corpora use it as the document
+    boundary. No BOS or other template is added: Promethean marks documents with end-of-text
+    alone. It round-trips text when the tokenizer does (byte-level ones do); `tokenizer.json` is
+    the library's own file, loadable by `tokenizers` and transformers as it is.
     """
 
-    kind = "bpe"
-    definition_file = BPE_FILE
+    kind = "hf"
+    definition_file = HF_TOKENIZER_FILE
 
-    def __init__(self, hf_tokenizer: tokenizers.Tokenizer) -> None:
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, end_of_text: str) -> None:
         self.hf_tokenizer = hf_tokenizer
-        self.eot_id = hf_tokenizer.token_to_id(END_OF_TEXT)
-        self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+        self.end_of_text = end_of_text
+        self.eot_id = hf_tokenizer.token_to_id(end_of_text)
+        if self.eot_id is None:
+            raise PrometheanError(f"the tokenizer has no token {end_of_text!r} to end texts with.")
+        ids = hf_tokenizer.get_vocab(with_added_tokens=True).values()
+        self.vocab_size = max(ids) + 1  # ids need not be contiguous; the model needs them all
         # The library's own serialisation is canonical: loading it and serialising again gives
         # the same text, so a saved and reloaded tokenizer keeps its fingerprint.
         self.fingerprint = _sha256_text(hf_tokenizer.to_str())
 
     def encode(self, text: str) -> list[int]:
-        return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+        def encode_with_specials(piece: str) -> list[int]:
+            return self.hf_tokenizer.encode(piece, add_special_tokens=False).ids
+
+        return _encode_around_end_of_text(text, encode_with_specials, self.eot_id)
 
     def encode_ordinary(self, text: str) -> list[int]:
         return self._ordinary_tokenizer.encode(text, add_special_tokens=False).ids
 
     @functools.cached_property
     def _ordinary_tokenizer(self) -> tokenizers.Tokenizer:
-        """The same tokenizer without `<|endoftext|>` as an added token, so that nothing cuts it
-        out of the text. Nor can merges rebuild it: the pre-tokenizer always splits the string
-        into `<|`, `endoftext` and `|>` before any merging."""
-        from tokenizers import Tokenizer as HFTokenizer
+        """Without its special added tokens, so that no text is cut into one of them; ordinary
+        added tokens (a user's own words) stay."""
+        from tokenizers import Tokenizer as HFTokenizerLibrary
 
         definition = json.loads(self.hf_tokenizer.to_str())
-        definition["added_tokens"] = []
-        return HFTokenizer.from_str(json.dumps(definition))
+        definition["added_tokens"] = [
+            added for added in definition.get("added_tokens") or [] if not added.get("special")
+        ]
+        return HFTokenizerLibrary.from_str(json.dumps(definition))
 
     def decode(self, ids: list[int]) -> str:
         return self.hf_tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: Path) -> None:
+        definition = self.hf_tokenizer.to_str()
+        (Path(directory) / self.definition_file).write_text(definition, encoding="utf-8")
+        _write_record(directory, self, self.definition_file, end_of_text=self.end_of_text)
+
+    @classmethod
+    def load(cls, path: Path, end_of_text: str) -> HFTokenizer:
+        return cls(_hf_tokenizer_from_text(_read_definition(path), path), end_of_text)
+
+
+def _hf_tokenizer_from_text(text: str, path: Path) -> tokenizers.Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizerLibrary
+
+    try:
+        return HFTokenizerLibrary.from_str(text)
+    except Exception as error:  # the library raises a bare Exception for any malformed file
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PrometheanError(f"{path} is not a Hugging Face tokenizers file ({reason}).") from None
+
+
+class BPETokenizer(HFTokenizer):
+    """A byte-level BPE, GPT-2's scheme, trained on your own corpus with Hugging Face `tokenizers`.
+
+    Text is split by GPT-2's pattern, each piece's UTF-8 bytes are mapped to 256 printable byte
+    symbols, and the learned merges join those; so every string encodes, with no unknown token.
+    `<|endoftext|>` is id 0, then come the 256 byte symbols, then the merges in the order learned.
+    `bpe.json` is the Hugging Face tokenizer itself, loadable by `tokenizers.Tokenizer.from_file`.
+    It is an `hf` tokenizer whose end of text is `<|endoftext|>`, saved under a kind of its own.
+    """
+
+    kind = "bpe"
+    definition_file = BPE_FILE
+
+    def __init__(self, hf_tokenizer: tokenizers.Tokenizer) -> None:
+        super().__init__(hf_tokenizer, END_OF_TEXT)
 
     def save(self, directory: Path) -> None:
         definition = self.hf_tokenizer.to_str()
@@ -247,15 +293,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: Path) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        text = _read_definition(path)
-        try:
-            hf_tokenizer = HFTokenizer.from_str(text)
-        except Exception as error:  # the library raises a bare Exception for any malformed file
-            raise PrometheanError(
-                f"{path} is not a Hugging Face tokenizers file ({error})."
-            ) from None
+        hf_tokenizer = _hf_tokenizer_from_text(_read_definition(path), path)
         if hf_tokenizer.token_to_id(END_OF_TEXT) is None:
             raise PrometheanError(f"{path} has no {END_OF_TEXT} token.")
         return cls(hf_tokenizer)
@@ -324,74 +362,6 @@ class CharTokenizer:
                 f"{path} is not a char tokenizer file (a list of distinct characters)."
             )
         return cls(characters)
-
-
-class HFTokenizer:
-    """A tokenizer made elsewhere, through Hugging Face `tokenizers`: read from a `tokenizer.json`
-    directory or built from a byte-level BPE's `vocab.json` and merges (`read_foreign_tokenizer`).
-
-    Its end-of-text token is the directory's `eos_token` (or a usual name for one); `<|endoftext|>`
-    in a text is also that token, as for every kind, since corpora use it as the document
-    boundary. No BOS or other template is added: Promethean marks documents with end-of-text
-    alone. It round-trips text when the tokenizer does (byte-level ones do); `tokenizer.json` is
-    the library's own file, loadable by `tokenizers` and transformers as it is.
-    """
-
-    kind = "hf"
-    definition_file = HF_TOKENIZER_FILE
-
-    def __init__(self, hf_tokenizer: tokenizers.Tokenizer, end_of_text: str) -> None:
-        self.hf_tokenizer = hf_tokenizer
-        self.end_of_text = end_of_text
-        self.eot_id = hf_tokenizer.token_to_id(end_of_text)
-        if self.eot_id is None:
-            raise PrometheanError(f"the tokenizer has no token {end_of_text!r} to end texts with.")
-        ids = hf_tokenizer.get_vocab(with_added_tokens=True).values()
-        self.vocab_size = max(ids) + 1  # ids need not be contiguous; the model needs them all
-        self.fingerprint = _sha256_text(hf_tokenizer.to_str())
-
-    def encode(self, text: str) -> list[int]:
-        def encode_with_specials(piece: str) -> list[int]:
-            return self.hf_tokenizer.encode(piece, add_special_tokens=False).ids
-
-        return _encode_around_end_of_text(text, encode_with_specials, self.eot_id)
-
-    def encode_ordinary(self, text: str) -> list[int]:
-        return self._ordinary_tokenizer.encode(text, add_special_tokens=False).ids
-
-    @functools.cached_property
-    def _ordinary_tokenizer(self) -> tokenizers.Tokenizer:
-        """Without its special added tokens, so that no text is cut into one of them; ordinary
-        added tokens (a user's own words) stay."""
-        from tokenizers import Tokenizer as HFTokenizerLibrary
-
-        definition = json.loads(self.hf_tokenizer.to_str())
-        definition["added_tokens"] = [
-            added for added in definition.get("added_tokens") or [] if not added.get("special")
-        ]
-        return HFTokenizerLibrary.from_str(json.dumps(definition))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.hf_tokenizer.decode(ids, skip_special_tokens=False)
-
-    def save(self, directory: Path) -> None:
-        definition = self.hf_tokenizer.to_str()
-        (Path(directory) / self.definition_file).write_text(definition, encoding="utf-8")
-        _write_record(directory, self, self.definition_file, end_of_text=self.end_of_text)
-
-    @classmethod
-    def load(cls, path: Path, end_of_text: str) -> HFTokenizer:
-        return cls(_hf_tokenizer_from_text(_read_definition(path), path), end_of_text)
-
-
-def _hf_tokenizer_from_text(text: str, path: Path) -> tokenizers.Tokenizer:
-    from tokenizers import Tokenizer as HFTokenizerLibrary
-
-    try:
-        return HFTokenizerLibrary.from_str(text)
-    except Exception as error:  # the library raises a bare Exception for any malformed file
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise PrometheanError(f"{path} is not a Hugging Face tokenizers file ({reason}).") from None
 
 
 # Where a tokenizer directory names its special tokens: transformers' files, and the model or
@@ -846,10 +816,10 @@ def save_beside_hf_file(tokenizer: Tokenizer, directory: str | Path) -> None:
     `tokenizer.json` that an HF export has written: read back, the directory gives this same
     tokenizer, kind and fingerprint included, while transformers reads its own file."""
     directory = Path(directory)
-    if isinstance(tokenizer, HFTokenizer):
-        _write_record(directory, tokenizer, HF_TOKENIZER_FILE, end_of_text=tokenizer.end_of_text)
-    elif isinstance(tokenizer, BPETokenizer):
+    if isinstance(tokenizer, BPETokenizer):
         _write_record(directory, tokenizer, HF_TOKENIZER_FILE)
+    elif isinstance(tokenizer, HFTokenizer):
+        _write_record(directory, tokenizer, HF_TOKENIZER_FILE, end_of_text=tokenizer.end_of_text)
     else:  # bytes and gpt2 are their kind alone; char keeps its char.json
         tokenizer.save(directory)
 

@@ -95,3 +95,17 @@ def trained_checkpoint(tmp_path_factory):
     result = train(config)
     torch.set_num_threads(threads)
     return result.final_checkpoint, TokenDataset(data)
+
+
+def _gpt2_byte_symbols() -> dict[int, str]:
+    """GPT-2's byte-to-symbol table as its encoder.py publishes it (bytes_to_unicode): an
+    independent reference for the byte-level BPE code."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbols, extra = {b: chr(b) for b in printable}, 0
+    for byte in range(256):
+        if byte not in symbols:
+            symbols[byte], extra = chr(256 + extra), extra + 1
+    return symbols
+
+
+GPT2_BYTE_SYMBOLS = _gpt2_byte_symbols()

@@ -634,3 +634,51 @@ def test_max_minutes_ends_a_stage_early_and_it_still_commits(domains, tmp_path, 
     assert [line["step"] for line in logged] == [3]  # the step that spent it is logged
     with pytest.raises(PrometheanError, match="max_minutes must be a positive number of minutes"):
         learn(options(checkpoint, "gamma", data["gamma"], tmp_path / "run", max_minutes=0.0))
+
+
+def test_an_interrupted_stage_continues_where_it_was_and_ends_as_an_uninterrupted_one(
+        domains, tmp_path, monkeypatch):
+    """Killed at step 5 of 8 (state saved every 3 steps), the same command continues from step
+    3: the adapter, the recorded losses and the metrics equal a run that was never stopped."""
+    from safetensors.torch import load_file
+
+    from promethean.train import loop
+
+    _, checkpoint, data = domains
+    settings = {"use_ewc": True, "replay": 0.25, "update_steps": 8, "checkpoint_every": 3}
+
+    def two_stages(run, interrupt_at=None):
+        learn(options(checkpoint, "beta", data["beta"], run, **settings,
+                      base_domain=("alpha", str(data["alpha"])), adapter_name=f"b-{run.name}"))
+        second = options(checkpoint, "gamma", data["gamma"], run, **settings,
+                         adapter_name=f"g-{run.name}")
+        if interrupt_at is not None:
+            real_step, calls = loop.optimizer_step, []
+
+            def crashing_step(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == interrupt_at:
+                    raise KeyboardInterrupt
+                return real_step(*args, **kwargs)
+
+            monkeypatch.setattr(loop, "optimizer_step", crashing_step)
+            with pytest.raises(KeyboardInterrupt):
+                learn(second)
+            monkeypatch.setattr(loop, "optimizer_step", real_step)
+            assert len(read_run(run)["stages"]) == 2  # the stage did not commit
+            progress = json.loads((run / "stage-in-progress" / "progress.json").read_text())
+            assert progress["step"] == 3
+        learn(second)
+        assert not (run / "stage-in-progress").exists()  # dropped by the commit
+        return read_run(run)
+
+    straight = two_stages(tmp_path / "straight")
+    resumed = two_stages(tmp_path / "resumed", interrupt_at=5)
+    assert resumed["stages"][2]["val"] == straight["stages"][2]["val"]
+    assert resumed["stages"][2]["replayed_rows"] == straight["stages"][2]["replayed_rows"]
+    adapter = lambda run, name: load_file(str(run / "stages" / "02-gamma" / "adapter_model.safetensors"))  # noqa: E731
+    first, second = adapter(tmp_path / "straight", "g"), adapter(tmp_path / "resumed", "g")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    lines = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines(tmp_path / "resumed") == lines(tmp_path / "straight")

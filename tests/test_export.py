@@ -14,7 +14,7 @@ from promethean.continual.adapters import Adapters, adapter_directory, load_adap
 from promethean.errors import PrometheanError
 from promethean.interop.export import export_checkpoint, export_gguf
 from promethean.tokenizer import ByteTokenizer, GPT2Tokenizer, load_tokenizer, train_bpe, train_char
-from tests.conftest import TINY_PRESETS, build, generated_documents
+from tests.conftest import GPT2_BYTE_SYMBOLS, TINY_PRESETS, build, generated_documents
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -324,16 +324,6 @@ def byte_pair_encode(word, merge_ranks, token_ids):
     return [token_ids[part] for part in parts]
 
 
-def _gpt2_byte_symbols():
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    symbols, extra = {b: chr(b) for b in printable}, 0
-    for byte in range(256):
-        if byte not in symbols:
-            symbols[byte], extra = chr(256 + extra), extra + 1
-    return symbols
-
-
-GPT2_BYTE_SYMBOLS = _gpt2_byte_symbols()
 
 
 def test_gguf_gpt2_tokenizer_merges_tokenize_as_tiktoken_does(tmp_path):

@@ -27,7 +27,7 @@ from promethean.tokenizer import (
     train_bpe,
     train_char,
 )
-from tests.conftest import build
+from tests.conftest import GPT2_BYTE_SYMBOLS, build
 
 TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -37,21 +37,11 @@ TEXTS = [
 ]
 MINIMAC_SPECIALS = ["<|pad|>", "<|unk|>", "<|bos|>", "<|eos|>"]
 
-# GPT-2's encoder.py, as published: the split pattern and the byte-to-symbol table.
+# GPT-2's encoder.py, as published: the split pattern (the byte table is in conftest).
 GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
-def _bytes_to_unicode():
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for byte in range(256):
-        if byte not in table:
-            table[byte], extra = chr(256 + extra), extra + 1
-    return table
-
-
-BYTE_SYMBOLS = _bytes_to_unicode()
+BYTE_SYMBOLS = GPT2_BYTE_SYMBOLS
 
 
 def reference_bpe(text, vocab, merges):

@@ -66,6 +66,9 @@ def learn(
     max_minutes: Annotated[Optional[float], typer.Option(
         "--max-minutes", help="Wall-time budget for the stage's training: when spent, it stops "
         "there, then evaluates and commits the stage.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        "--checkpoint-every", help="Save the stage's training state every N steps (default 50), "
+        "so that the same command run again after a crash or Ctrl-C continues from there.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Learn a new domain (a LoRA adapter, or full fine-tuning) and record every domain's loss."""
@@ -86,7 +89,7 @@ def learn(
         "lora_rank": lora_rank, "lora_dropout": lora_dropout, "ewc_lambda": ewc_lambda,
         "ewc_gamma": ewc_gamma, "replay": replay, "replay_quota": replay_quota,
         "batch_size": batch_size, "block_size": block_size, "val_fraction": val_fraction,
-        "seed": seed, "max_minutes": max_minutes,
+        "seed": seed, "max_minutes": max_minutes, "checkpoint_every": checkpoint_every,
     }.items() if value is not None}
     result = learn(LearnOptions(
         checkpoint=str(checkpoint), domain=domain, data=data, update_steps=update_steps,

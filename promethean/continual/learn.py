@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 
 from promethean.continual.adapters import (
     DEFAULT_TARGETS,
@@ -108,6 +109,9 @@ class LearnOptions:
     # A wall-time budget for the stage's training: when spent, it stops there, then evaluates
     # and commits as at the end (the stage records stopped "max_minutes" and its steps).
     max_minutes: float | None = None
+    # Every this many steps the stage's training state is saved to RUN/stage-in-progress, so
+    # that the same command run again after a crash or Ctrl-C continues from there (None: never).
+    checkpoint_every: int | None = 50
 
 
 @dataclass
@@ -121,6 +125,61 @@ class StageResult:
 
 
 # ---------------------------------------------------------------------------------- records
+
+
+STAGE_PROGRESS_DIR = "stage-in-progress"
+# What may differ between an interrupted stage and the command that continues it.
+_RESUMABLE_DIFFERENCES = ("progress", "device", "max_minutes", "checkpoint_every")
+
+
+def _stage_fingerprint(options: LearnOptions, stage_index: int) -> str:
+    kept = {k: v for k, v in asdict(options).items() if k not in _RESUMABLE_DIFFERENCES}
+    return json.dumps({"stage": stage_index, **kept}, sort_keys=True, default=str)
+
+
+def _save_stage_progress(run: Path, fingerprint: str, step: int, trainable: dict, optimizer,
+                         nonfinite, replayed_rows: int, metric_lines: list[str]) -> None:
+    """The stage's training state after `step` steps, in RUN/stage-in-progress (atomically):
+    the trained parameters, AdamW's moments, the RNG, the counters and the metrics so far. The
+    data position is the step itself (the samplers are seeded by step)."""
+    from safetensors.torch import save_file
+
+    from promethean.train.state import _optimizer_parts, rng_state
+
+    optimizer_tensors, optimizer_record = _optimizer_parts(optimizer)
+    rng_tensors, rng_record = rng_state()
+    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
+    record = {"fingerprint": fingerprint, "step": step, "optimizer": optimizer_record,
+              "rng": rng_record, "skipped_steps": nonfinite.skipped_steps,
+              "nonfinite_in_a_row": nonfinite.nonfinite_in_a_row,
+              "replayed_rows": replayed_rows, "metrics": metric_lines}
+    with atomic_directory(run / STAGE_PROGRESS_DIR) as scratch:
+        save_file({**tensors, **optimizer_tensors, **rng_tensors}, str(scratch / "state.safetensors"))
+        (scratch / "progress.json").write_text(json.dumps(record) + "\n")
+
+
+def _read_stage_progress(run: Path, fingerprint: str) -> tuple[dict, dict] | None:
+    """(record, tensors) of an interrupted stage that this command continues, else None; an
+    interrupted stage of other options or another stage is left for the commit to drop."""
+    import warnings
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = run / STAGE_PROGRESS_DIR
+    if not (directory / "progress.json").is_file():
+        return None
+    try:
+        record = json.loads((directory / "progress.json").read_text())
+        tensors = load_file(str(directory / "state.safetensors"))
+    except (OSError, ValueError, SafetensorError):
+        warnings.warn(f"{directory} is damaged; the stage starts over.", stacklevel=3)
+        return None
+    if record.get("fingerprint") != fingerprint:
+        warnings.warn(f"{directory} holds an interrupted stage with other options; this stage "
+                      "starts over (and replaces it).", stacklevel=3)
+        return None
+    return record, tensors
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -223,6 +282,9 @@ def _check(options: LearnOptions) -> None:
     from promethean.train.loop import WallBudget
 
     WallBudget(options.max_minutes)  # refuses a budget that is not a positive number
+    if options.checkpoint_every is not None and options.checkpoint_every < 1:
+        raise PrometheanError(
+            f"--checkpoint-every must be at least 1, got {options.checkpoint_every}.")
     if options.from_base and options.full:
         raise PrometheanError("--from-base cannot be used with --full: it starts a fresh LoRA "
                               "adapter on the base, and full fine-tuning has no adapter.")
@@ -333,6 +395,9 @@ def learn(options: LearnOptions) -> StageResult:
         metadata = {"domain": options.domain, "stage": stage_index, "run": str(run)}
         if options.from_base:
             metadata["from_base"] = True
+        # The adapter's random A from the run's seed, not from whatever the process drew before:
+        # the same command gives the same stage in any process (and a resumed stage matches).
+        torch.manual_seed(options.seed + stage_index)
         adapters.add(name, config, metadata=metadata)  # B = 0: base + it is the base
         if previous is not None and previous.get("adapter") and not options.from_base:
             # Each stage's adapter continues the previous one: base + it is the model after it.
@@ -346,7 +411,9 @@ def learn(options: LearnOptions) -> StageResult:
     # ---- everything the stage writes goes into a staging copy of the run, switched into place
     # in one step at the end (atomic_directory; entries it does not rewrite are carried over by
     # hard links): a stage that fails or is killed leaves the run exactly as it was.
-    with atomic_directory(run, carry_over=True) as staging:
+    fingerprint = _stage_fingerprint(options, stage_index)
+    resumed = _read_stage_progress(run, fingerprint)
+    with atomic_directory(run, carry_over=True, never_carry=(STAGE_PROGRESS_DIR,)) as staging:
 
         def final_path(path: Path) -> Path:
             """Where a path inside the staging copy will be once the stage commits."""
@@ -463,11 +530,31 @@ def learn(options: LearnOptions) -> StageResult:
         metrics_path = staging / METRICS_FILE
         if (run / METRICS_FILE).is_file():
             shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
+        first_step, metric_lines = 0, []
+        if resumed is not None:
+            from promethean.train.state import _optimizer_state, set_rng_state
+
+            progress_record, tensors = resumed
+            with torch.no_grad():
+                for key, parameter in trainable.items():
+                    parameter.copy_(tensors[f"param.{key}"])
+            optimizer.load_state_dict(_optimizer_state(tensors, progress_record["optimizer"]))
+            set_rng_state(tensors, progress_record["rng"])
+            first_step = progress_record["step"]
+            sampler.step = first_step  # the samplers are seeded by step: this is the position
+            nonfinite.skipped_steps = progress_record["skipped_steps"]
+            nonfinite.nonfinite_in_a_row = progress_record["nonfinite_in_a_row"]
+            if hasattr(batches, "replayed_rows"):
+                batches.replayed_rows = progress_record["replayed_rows"]
+            metric_lines = list(progress_record["metrics"])
         with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
-            task = bar.add_task(f"{method} {options.domain}", total=options.update_steps, loss=math.nan)
+            for line in metric_lines:
+                metrics.write(line)
+            task = bar.add_task(f"{method} {options.domain}", total=options.update_steps,
+                                completed=first_step, loss=math.nan)
             budget = WallBudget(options.max_minutes)
             stopped, steps_trained = "update_steps", options.update_steps
-            for step in range(options.update_steps):
+            for step in range(first_step, options.update_steps):
                 rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
                 set_learning_rate(optimizer, rate)
                 inputs, targets = batches.next_batch()
@@ -482,16 +569,22 @@ def learn(options: LearnOptions) -> StageResult:
                                  "this stage.")
                 out_of_time = budget.spent() and step + 1 < options.update_steps
                 if (step + 1) % 10 == 0 or step + 1 == options.update_steps or out_of_time:
-                    metrics.write(json.dumps({
+                    metric_lines.append(json.dumps({
                         "stage": stage_index, "domain": options.domain, "step": step + 1,
                         "train_loss": float(loss.detach()),
                         "ewc_penalty": 0.0 if penalty is None else float(penalty.detach()),
                         "grad_norm": grad_norm, "lr": rate}) + "\n")
+                    metrics.write(metric_lines[-1])
                     metrics.flush()
                 bar.update(task, completed=step + 1, loss=float(loss.detach()))
                 if out_of_time:
                     stopped, steps_trained = "max_minutes", step + 1
                     break
+                if (options.checkpoint_every and (step + 1) % options.checkpoint_every == 0
+                        and step + 1 < options.update_steps):
+                    _save_stage_progress(run, fingerprint, step + 1, trainable, optimizer,
+                                         nonfinite, getattr(batches, "replayed_rows", 0),
+                                         metric_lines)
         model.eval()
 
         # ---- evaluate, save, consolidate
