@@ -144,9 +144,9 @@ def _save_stage_progress(run: Path, fingerprint: str, step: int, trainable: dict
     data position is the step itself (the samplers are seeded by step)."""
     from safetensors.torch import save_file
 
-    from promethean.train.state import _optimizer_parts, rng_state
+    from promethean.train.state import optimizer_parts, rng_state
 
-    optimizer_tensors, optimizer_record = _optimizer_parts(optimizer)
+    optimizer_tensors, optimizer_record = optimizer_parts(optimizer)
     rng_tensors, rng_record = rng_state()
     tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
     record = {"fingerprint": fingerprint, "step": step, "optimizer": optimizer_record,
@@ -532,13 +532,13 @@ def learn(options: LearnOptions) -> StageResult:
             shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
         first_step, metric_lines = 0, []
         if resumed is not None:
-            from promethean.train.state import _optimizer_state, set_rng_state
+            from promethean.train.state import optimizer_state_from_parts, set_rng_state
 
             progress_record, tensors = resumed
             with torch.no_grad():
                 for key, parameter in trainable.items():
                     parameter.copy_(tensors[f"param.{key}"])
-            optimizer.load_state_dict(_optimizer_state(tensors, progress_record["optimizer"]))
+            optimizer.load_state_dict(optimizer_state_from_parts(tensors, progress_record["optimizer"]))
             set_rng_state(tensors, progress_record["rng"])
             first_step = progress_record["step"]
             sampler.step = first_step  # the samplers are seeded by step: this is the position

@@ -92,7 +92,9 @@ def set_rng_state(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> N
 # ------------------------------------------------------------------------------- optimizer
 
 
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as (tensors for safetensors, a JSON-able record): the trainer's
+    checkpoints and a `learn` stage's saved progress both write it so."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entries in state["state"].items():
@@ -104,7 +106,8 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], record: dict) -> dict:
+def optimizer_state_from_parts(tensors: dict[str, torch.Tensor], record: dict) -> dict:
+    """The state dict `optimizer_parts` took apart, for `optimizer.load_state_dict`."""
     entries: dict[int, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         if key.startswith("optimizer."):
@@ -145,7 +148,7 @@ def save_training_checkpoint(
     """Model, tokenizer and training state in one atomically written directory."""
     directory = Path(directory)
     _refuse_nonfinite(model_tensors(model), "model", directory)
-    optimizer_tensors, optimizer_record = _optimizer_parts(optimizer)
+    optimizer_tensors, optimizer_record = optimizer_parts(optimizer)
     _refuse_nonfinite(optimizer_tensors, "optimizer", directory)
     rng_tensors, rng_record = rng_state()
     record = {
@@ -201,7 +204,7 @@ def load_training_state(directory: str | Path) -> TrainingState:
         raise CheckpointError(f"{tensors_path} is missing the torch RNG state.")
     try:
         progress = Progress(**record["progress"])
-        optimizer = _optimizer_state(tensors, record["optimizer"])
+        optimizer = optimizer_state_from_parts(tensors, record["optimizer"])
         rng_record = record["rng"]
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{json_path} is incomplete or malformed ({error}).") from None
