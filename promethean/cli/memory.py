@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.errors import PrometheanError
 from promethean.cli.common import (
     memory_app,
@@ -115,7 +116,7 @@ def memory_search(
     checkpoint: MemoryModelOption = None,
     dim: HashedDimOption = 256,
     prompt: Annotated[bool, typer.Option(help="Print the chat prompt the memories would make.")] = False,
-    token_budget: Annotated[int, typer.Option(help="Token budget of the memory block (--prompt).")] = 256,
+    token_budget: Annotated[int, typer.Option(help="Token budget of the memory block (--prompt).")] = MEMORY_PROMPT_TOKENS,
 ) -> None:
     """Find the memories closest to a query."""
     from promethean.context.retrieval import chat_prompt_with_memory, open_memory, retrieve

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.errors import PrometheanError
 from promethean.cli.common import (
     ModelSetOption,
@@ -157,7 +158,7 @@ def chat(
         "--memory", help="A memory directory (created if absent): relevant memories go into each "
         "prompt, and every exchange is remembered there for later sessions.")] = None,
     memory_tokens: Annotated[int, typer.Option(
-        help="Most tokens of memories per prompt (at most half the room the reply leaves).")] = 256,
+        help="Most tokens of memories per prompt (at most half the room the reply leaves).")] = MEMORY_PROMPT_TOKENS,
 ) -> None:
     """Chat in the terminal ('Human: ...' / 'Assistant: ...'); /exit or end of input ends it."""
     from promethean.inference.chat import ChatSession, run_chat

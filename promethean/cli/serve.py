@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.errors import PrometheanError
 from promethean.inference import (
     DEFAULT_MAX_ADAPTER_ENGINES,
@@ -42,7 +43,7 @@ def serve(
         "--dtype", help="Weights to serve with: fp32, bf16 or int8 (adapters are merged in fp32 first).")] = "fp32",
     memory: Annotated[Optional[Path], typer.Option(
         help="Memory directory that chat requests with \"memory\": true recall from and remember into.")] = None,
-    memory_tokens: Annotated[int, typer.Option(help="Most prompt tokens the recalled memories take.")] = 256,
+    memory_tokens: Annotated[int, typer.Option(help="Most prompt tokens the recalled memories take.")] = MEMORY_PROMPT_TOKENS,
     allow_origin: Annotated[Optional[list[str]], typer.Option(
         "--allow-origin", help="A web origin (https://app.example) whose pages may call this "
         "server; repeatable. Others are refused (403).")] = None,

@@ -6,19 +6,23 @@ deduplication, memory-aware batching -> the tree and the replay buffer) and `ret
 memories packed into the chat prompt within a token budget).
 """
 
-from promethean.context.embed import HashedNgramEmbedder, ModelEmbedder
-from promethean.context.intake import ChatRecord, DocumentRecord, Intake, MemoryAwareBatcher
-from promethean.context.retrieval import (
-    SessionMemory,
-    chat_prompt_with_memory,
-    open_memory,
-    open_memory_with_embedder,
-    remember_exchange,
-)
-from promethean.context.tree import Memory, MemoryTree
+# Imported when first named, so that a light module of this package (`defaults`, which the
+# command line reads for its option defaults) does not pull in torch through the others.
+_EXPORTS = {
+    "HashedNgramEmbedder": "embed", "ModelEmbedder": "embed",
+    "ChatRecord": "intake", "DocumentRecord": "intake", "Intake": "intake",
+    "MemoryAwareBatcher": "intake",
+    "SessionMemory": "retrieval", "chat_prompt_with_memory": "retrieval",
+    "open_memory": "retrieval", "open_memory_with_embedder": "retrieval",
+    "remember_exchange": "retrieval",
+    "Memory": "tree", "MemoryTree": "tree",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "ChatRecord", "DocumentRecord", "HashedNgramEmbedder", "Intake", "Memory", "MemoryAwareBatcher",
-    "MemoryTree", "ModelEmbedder", "SessionMemory", "chat_prompt_with_memory", "open_memory",
-    "open_memory_with_embedder", "remember_exchange",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"promethean.context.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'promethean.context' has no attribute {name!r}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.context.embed import Embedder, HashedNgramEmbedder, ModelEmbedder
 from promethean.context.tree import TREE_FILE, Memory, MemoryTree
 from promethean.data.chat import ROLE_PREFIXES, Turn, assistant_prompt, render_turn
@@ -110,12 +111,12 @@ def pack_memories(memories: list[Memory], count_tokens, token_budget: int) -> tu
 
 
 def memory_context(tree: MemoryTree, embedder: Embedder, query: str, count_tokens,
-                   token_budget: int = 256, k: int = 5, beam: int = 32) -> tuple[str, list[Memory]]:
+                   token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5, beam: int = 32) -> tuple[str, list[Memory]]:
     return pack_memories(retrieve(tree, embedder, query, k, beam), count_tokens, token_budget)
 
 
 def chat_prompt_with_memory(turns: list[Turn], tree: MemoryTree, embedder: Embedder, tokenizer,
-                            token_budget: int = 256, k: int = 5, beam: int = 32) -> str:
+                            token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5, beam: int = 32) -> str:
     """The prompt for the next assistant turn, preceded by the memories most relevant to the last
     human turn (within `token_budget` tokens)."""
     humans = [turn.text for turn in turns if turn.role == "human"]
@@ -143,14 +144,14 @@ class SessionMemory:
     (atomically) when anything was remembered."""
 
     def __init__(self, directory: str | Path, tree: MemoryTree, embedder: Embedder, tokenizer,
-                 intake, token_budget: int = 256, k: int = 5, beam: int = 32) -> None:
+                 intake, token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5, beam: int = 32) -> None:
         self.directory, self.tree, self.embedder, self.tokenizer = Path(directory), tree, embedder, tokenizer
         self.intake, self.token_budget, self.k, self.beam = intake, token_budget, k, beam
         self.remembered: list[int] = []  # ids stored during this session
         self._last: tuple[str, str] | None = None  # (message, its memory block): one retrieval each
 
     @classmethod
-    def open(cls, directory: str | Path, model, tokenizer, token_budget: int = 256, k: int = 5,
+    def open(cls, directory: str | Path, model, tokenizer, token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5,
              beam: int = 32, **intake_options) -> SessionMemory:
         """Open (or create) a chat memory for this model. A memory made by the hashed n-gram
         embedder (`promethean memory add` without a checkpoint) keeps that embedder; otherwise

@@ -44,6 +44,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
 from promethean.inference import (
@@ -400,7 +401,7 @@ def build_app(
     max_adapter_engines: int = DEFAULT_MAX_ADAPTER_ENGINES,
     dtype: str = "fp32",
     memory: str | Path | None = None,
-    memory_tokens: int = 256,
+    memory_tokens: int = MEMORY_PROMPT_TOKENS,
     allowed_origins: tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
     limits: ServeLimits | None = None,

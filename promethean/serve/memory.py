@@ -13,6 +13,7 @@ import hashlib
 import threading
 from pathlib import Path
 
+from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.context.intake import Intake
 from promethean.context.tree import Memory, MemoryTree
 from promethean.data.chat import Turn
@@ -25,7 +26,7 @@ class ServerMemory:
     method takes the lock and may block: call them from worker threads."""
 
     def __init__(self, directory: str | Path, tree: MemoryTree, embedder, intake: Intake,
-                 token_budget: int = 256, k: int = 5) -> None:
+                 token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5) -> None:
         self.directory, self.tree = Path(directory), tree
         self.embedder, self.intake = embedder, intake
         self.token_budget, self.k = token_budget, k
@@ -35,7 +36,7 @@ class ServerMemory:
 
     @classmethod
     def open(cls, directory: str | Path, checkpoint: str | Path | None, tokenizer: Tokenizer,
-             device: str = "cpu", token_budget: int = 256, k: int = 5) -> ServerMemory:
+             device: str = "cpu", token_budget: int = MEMORY_PROMPT_TOKENS, k: int = 5) -> ServerMemory:
         """Open (or start) the memory in `directory`, with the intake `promethean memory add`
         uses: the model's surprise is a salience signal when the embedder is the model."""
         from promethean.context.embed import ModelEmbedder, embedder_for
