@@ -200,7 +200,6 @@ class ModelSource:
     """What a command's model argument names: a checkpoint directory, or else a preset (a name
     or a .toml file). The one place that decides which; `config` reads no weights."""
 
-    spec: str
     checkpoint: Path | None
     preset: Preset | None
 
@@ -215,8 +214,8 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
     """A checkpoint when `spec` is a directory (a name wins only when no such directory
     exists), else a preset, refused with load_preset's sentence when it is neither."""
     if Path(spec).is_dir():
-        return ModelSource(str(spec), Path(spec), None)
-    return ModelSource(str(spec), None, load_preset(str(spec)))
+        return ModelSource(Path(spec), None)
+    return ModelSource(None, load_preset(str(spec)))
 
 
 # Settings a trained checkpoint may be given another value of (`--model-set` on `finetune`):

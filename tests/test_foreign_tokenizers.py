@@ -28,6 +28,7 @@ from promethean.tokenizer import (
     train_char,
 )
 from tests.conftest import GPT2_BYTE_SYMBOLS, build
+from tests.test_tokenizer import refused
 
 TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n",
@@ -59,12 +60,6 @@ def reference_bpe(text, vocab, merges):
             parts[index:index + 2] = [parts[index] + parts[index + 1]]
         ids.extend(vocab[part] for part in parts)
     return ids
-
-
-def refused(call, *args) -> str:
-    with pytest.raises(PrometheanError) as raised:
-        call(*args)
-    return str(raised.value)
 
 
 # ------------------------------------------------------------------ GPT-2's vocab.json + merges.txt
