@@ -679,11 +679,11 @@ def test_fine_tuning_sets_dropout_on_a_checkpoint(data_dir, tmp_path):
 
 def test_max_minutes_stops_with_a_checkpoint_and_counts_earlier_legs(data_dir, tmp_path,
                                                                       monkeypatch):
-    import promethean.train.trainer as trainer
+    from promethean.train import loop
 
     def ten_seconds_a_step():  # the loop reads the clock once at its start and once a step
         ticks = itertools.count(0, 10)
-        monkeypatch.setattr(trainer, "_wall_clock", lambda: float(next(ticks)))
+        monkeypatch.setattr(loop, "wall_clock", lambda: float(next(ticks)))
 
     ten_seconds_a_step()
     straight = train(make_config(data_dir, tmp_path / "a"))
@@ -707,7 +707,7 @@ def test_max_minutes_stops_with_a_checkpoint_and_counts_earlier_legs(data_dir, t
 
 
 def test_evaluation_line_format():
-    from promethean.train.trainer import evaluation_line
+    from promethean.train.loop import evaluation_line
 
     assert evaluation_line(200, 2000, 2.3141, 2.4009, 1.1203, 2.9e-4, 41200.4) == (
         "step 200/2000  train 2.314  val 2.401  bpb 1.120  lr 2.9e-4  41,200 tok/s"
@@ -724,9 +724,11 @@ def test_each_evaluation_prints_one_line_on_stderr(data_dir, tmp_path, capsys, b
     pattern = re.compile(r"step (\d+)/8  train (\S+)  val (\S+)  bpb (\S+)  lr (\S+)  [\d,]+ tok/s")
     found = [m.groups() for m in map(pattern.search, captured.err.splitlines()) if m]
     assert [int(step) for step, *_ in found] == [4, 8]
+    losses = [line["train_loss"] for line in read_metrics(tmp_path / "run") if "train_loss" in line]
+    assert evals[0]["mean_train_loss"] == pytest.approx(sum(losses[:4]) / 4)
     for (_, train_loss, val_loss, bits, lr), record in zip(found, evals, strict=True):
         assert val_loss == f"{record['val_loss']:.3f}"
-        assert train_loss == f"{record['train_loss']:.3f}"
+        assert train_loss == f"{record['mean_train_loss']:.3f}"  # over the steps since the last
         assert bits == f"{record['val_bits_per_byte']:.3f}"
         assert float(lr) == pytest.approx(record["lr"], rel=0.05)
     assert captured.out == ""

@@ -1,6 +1,8 @@
-"""The training loop: `train(config) -> TrainResult`, pre-training and full fine-tuning alike.
+"""Pre-training and full fine-tuning: `train(config) -> TrainResult`.
 
-One optimizer step is `grad_accum` micro-batches from a `WindowSampler` (each loss divided by
+The steps are `train.loop.run_loop`'s, as every training's are; this module supplies what is
+the trainer's own: its data, model loading, distributed wrapping, checkpoints and resume. One
+optimizer step is `grad_accum` micro-batches from a `WindowSampler` (each loss divided by
 `grad_accum`), under autocast for bf16/fp16 (a GradScaler for fp16), gradients clipped, the
 learning rate set from `schedule.lr_at(step)` (warmup, then `config.schedule`). The run lasts
 `max_steps` optimizer steps, or `max_epochs` epochs (`steps_for_epochs`), and `dropout`, when set,
@@ -37,9 +39,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import threading
-import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -51,13 +50,7 @@ from promethean.errors import CheckpointError, PrometheanError
 from promethean.files import clean_directory, remove_tree
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
-from promethean.train.loop import (  # noqa: F401 (evaluation_line: its first home was here)
-    evaluation_line,
-    optimizer_step,
-    print_line,
-    refuse_a_runaway,
-    set_learning_rate,
-)
+from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, run_loop
 from promethean.train.memory import get_memory_stats, release_free_memory
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
@@ -66,8 +59,6 @@ from promethean.train.state import Progress, load_training_state, save_training_
 METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 STEP_PREFIX = "step-"
-# The clock of the wall-time budget (max_minutes) and of Progress.elapsed; tests replace it.
-_wall_clock = time.perf_counter
 
 
 @dataclass
@@ -242,36 +233,6 @@ def _load_model(source: str, device: torch.device, seed: int, model_overrides=No
     return model, get_tokenizer(preset.tokenizer), {"preset": preset.name}
 
 
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it at each step boundary."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal_name is not None
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signal handlers can only be set from the main thread
-            return
-
-        def handler(number, frame):
-            if self.signal_name is not None and number == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C does not wait for the step to end
-            self.signal_name = signal.Signals(number).name
-
-        previous = {
-            number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
-        }
-        try:
-            yield self
-        finally:
-            for number, old in previous.items():
-                signal.signal(number, old)
-
-
 def _json_safe(value: Any) -> Any:
     """Non-finite floats become null so every metrics line is valid JSON."""
     if isinstance(value, float):
@@ -283,29 +244,6 @@ def _json_safe(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _json_safe(dataclasses.asdict(value))
     return value
-
-
-def _progress_bar(config: TrainConfig, enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("{task.fields[tokens_per_second]:,.0f} tok/s"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("lr {task.fields[lr]:.2e}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 # ------------------------------------------------------------------------------ pre-flight
@@ -562,8 +500,6 @@ def _train(
         _apply_claim(out, claim)
     distributed.barrier()
     metrics_path = out / METRICS_FILE
-    last_step = min(max_steps, until_step) if until_step is not None else max_steps
-    budget_seconds = config.max_minutes * 60 if config.max_minutes is not None else None
 
     def evaluate_val() -> dict[str, float]:
         batches = dataset.iter_eval_batches("val", config.batch_size, block_size, device)
@@ -601,152 +537,71 @@ def _train(
             remove_tree(old)
         return path
 
-    losses: list[tuple[int, float]] = []
-    stopped = "max_steps"
-    final_checkpoint: Path | None = None
-    started = _wall_clock()
-    elapsed_before = progress.elapsed
-    window_started, window_tokens = time.perf_counter(), 0
-    stop_flag = _StopFlag()
     parameters = [p for p in model.parameters() if p.requires_grad]
 
-    with (
-        stop_flag.installed(),
-        (open(metrics_path, "a") if is_main else contextlib.nullcontext()) as metrics,
-        _progress_bar(config, config.progress and is_main) as bar,
-    ):
-        task = bar.add_task(
-            "train",
-            total=max_steps,
-            completed=progress.step,
-            tokens_per_second=0.0,
-            loss=float("nan"),
-            lr=0.0,
-        )
-        while progress.step < last_step:
-            step = progress.step
-            lr = lr_at(step, config.lr, config.min_lr, config.warmup_steps, max_steps,
-                       config.schedule)
-            set_learning_rate(optimizer, lr)
-
-            step_loss = 0.0
-            for micro_step in range(config.grad_accum):
-                inputs, targets = sampler.next_batch()
-                # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
-                with distributed.gradient_sync(train_model, micro_step == config.grad_accum - 1):
-                    with autocast():
-                        _, loss = forward_model(inputs, targets, return_logits=False)
-                    loss = loss / config.grad_accum
-                    step_loss += float(loss.detach())
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                if config.gradient_checkpointing and device.type == "cpu":
-                    release_free_memory()  # the next forward's peak starts lower
-            step_loss = distributed.all_reduce_mean(step_loss)  # the mean over ranks
-            grad_norm = optimizer_step(optimizer, parameters, step_loss, config.grad_clip,
-                                       progress, scaler, as_float=distributed.as_float)
-
-            progress.step += 1
-            progress.tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            progress.elapsed = elapsed_before + (_wall_clock() - started)
-            losses.append((progress.step, step_loss if math.isfinite(step_loss) else math.nan))
-
-            refuse_a_runaway(progress, progress.step, config.max_nonfinite_in_a_row,
-                             "lower the learning rate, use bf16 or fp32, or resume from the last "
-                             f"good checkpoint in {out}.")
-
-            now = time.perf_counter()
-            tokens_per_second = window_tokens / max(now - window_started, 1e-9)
-            is_last = progress.step >= last_step
-            record: dict[str, Any] = {}
-            if progress.step % config.log_interval == 0 or is_last:
-                record.update(train_loss=step_loss, grad_norm=grad_norm)
-                # SSM layers: the fraction of state updates that fired (the last micro-batch).
-                for layer, rate in model.spike_rates().items():
-                    record[f"spike_rate/layer{layer}"] = rate
-            # Every rank stops at the same step, so rank 0's clock decides for all.
-            out_of_time = budget_seconds is not None and distributed.any_rank(
-                progress.elapsed >= budget_seconds and is_main
-            )
-            do_eval = (
-                progress.step % config.eval_interval == 0
-                or progress.step == max_steps
-                or (out_of_time and not is_last)
-            )
-            if do_eval:
-                record.update(evaluate_val())
-                if is_main:
-                    line = evaluation_line(
-                        progress.step, max_steps, step_loss, record["val_loss"],
-                        record["val_bits_per_byte"], lr, tokens_per_second,
-                    )
-                    print_line(bar, config.progress, line)
-                val_loss = record["val_loss"]
-                best = progress.best_val_loss
-                if best is None or best - val_loss > config.early_stopping_min_delta:
-                    progress.best_val_loss = val_loss
-                    progress.evals_without_improvement = 0
-                    save(out / BEST_DIR)
+    def train_step(step: int) -> TrainedStep:
+        step_loss = 0.0
+        for micro_step in range(config.grad_accum):
+            inputs, targets = sampler.next_batch()
+            # Gradients are all-reduced only on the last micro-step (DDP no_sync before it).
+            with distributed.gradient_sync(train_model, micro_step == config.grad_accum - 1):
+                with autocast():
+                    _, loss = forward_model(inputs, targets, return_logits=False)
+                loss = loss / config.grad_accum
+                step_loss += float(loss.detach())
+                if scaler is not None:
+                    scaler.scale(loss).backward()
                 else:
-                    progress.evals_without_improvement += 1
-            if record:
-                record = {
-                    "step": progress.step,
-                    "tokens": progress.tokens,
-                    **record,
-                    "lr": lr,
-                    "tokens_per_second": tokens_per_second,
-                    "elapsed": progress.elapsed,
-                    "skipped_steps": progress.skipped_steps,
-                }
-                record["memory"] = get_memory_stats(device)
-                if is_main:
-                    metrics.write(json.dumps(_json_safe(record)) + "\n")
-                    metrics.flush()
-                window_started, window_tokens = time.perf_counter(), 0
-            bar.update(
-                task,
-                completed=progress.step,
-                tokens_per_second=tokens_per_second,
-                loss=step_loss,
-                lr=lr,
-            )
+                    loss.backward()
+            if config.gradient_checkpointing and device.type == "cpu":
+                release_free_memory()  # the next forward's peak starts lower
+        # The mean over ranks: every rank decides the same about a non-finite step.
+        return TrainedStep(distributed.all_reduce_mean(step_loss), tokens_per_step)
 
-            patience = config.early_stopping_patience
-            if patience is not None and progress.evals_without_improvement >= patience:
-                stopped = "early_stopping"
-            elif distributed.any_rank(bool(stop_flag)):  # every rank stops at the same step
-                stopped = "interrupted"
-            elif out_of_time and not is_last:
-                stopped = "max_minutes"
-            elif (
-                until_step is not None
-                and progress.step >= until_step
-                and progress.step < max_steps
-            ):
-                stopped = "until_step"
-            elif (
-                config.checkpoint_interval
-                and progress.step % config.checkpoint_interval == 0
-                and not is_last
-            ):
-                save_step_checkpoint()
-            if stopped != "max_steps":
-                break
-        final_checkpoint = save_step_checkpoint()
+    def record_fields() -> dict[str, Any]:
+        # SSM layers: the fraction of state updates that fired (the last micro-batch).
+        fields: dict[str, Any] = {f"spike_rate/layer{layer}": rate
+                                  for layer, rate in model.spike_rates().items()}
+        fields["memory"] = get_memory_stats(device)
+        return fields
+
+    with (open(metrics_path, "a") if is_main else contextlib.nullcontext()) as metrics:
+
+        def write_metrics(record: dict[str, Any]) -> None:
+            metrics.write(json.dumps(_json_safe(record)) + "\n")
+            metrics.flush()
+
+        plan = LoopPlan(
+            description="train", optimizer=optimizer, parameters=parameters,
+            max_steps=max_steps,
+            learning_rate=lambda step: lr_at(step, config.lr, config.min_lr, config.warmup_steps,
+                                             max_steps, config.schedule),
+            grad_clip=config.grad_clip, max_nonfinite_in_a_row=config.max_nonfinite_in_a_row,
+            runaway_advice="lower the learning rate, use bf16 or fp32, or resume from the last "
+                           f"good checkpoint in {out}.",
+            until_step=until_step, log_every=config.log_interval,
+            eval_every=config.eval_interval, patience=config.early_stopping_patience,
+            min_delta=config.early_stopping_min_delta,
+            checkpoint_every=config.checkpoint_interval, max_minutes=config.max_minutes,
+            show_progress=config.progress, metrics=write_metrics, scaler=scaler,
+            as_float=distributed.as_float, agree=distributed.any_rank, is_main=is_main,
+        )
+        hooks = LoopHooks(train_step, evaluate=evaluate_val,
+                          keep_best=lambda progress: save(out / BEST_DIR),
+                          save_progress=lambda progress: save_step_checkpoint(),
+                          record_fields=record_fields)
+        outcome = run_loop(plan, hooks, progress)
+    final_checkpoint = save_step_checkpoint()
 
     best_dir = out / BEST_DIR
     return TrainResult(
         steps=progress.step,
         tokens=progress.tokens,
-        stopped=stopped,
+        stopped=outcome.stopped,
         final_checkpoint=final_checkpoint,
         best_checkpoint=best_dir if best_dir.is_dir() else None,
         best_val_loss=progress.best_val_loss,
         skipped_steps=progress.skipped_steps,
-        losses=losses,
-        signal=stop_flag.signal_name if stopped == "interrupted" else None,
+        losses=outcome.losses,
+        signal=outcome.signal,
     )
