@@ -15,3 +15,13 @@ class ConfigError(PrometheanError, ValueError):
 
 class CheckpointError(PrometheanError):
     """A checkpoint directory is missing, incomplete or inconsistent with its config."""
+
+
+class TrainingInterrupted(Exception):
+    """A training stopped by SIGINT or SIGTERM after saving what resumes it (a `learn` stage,
+    chat tuning). The CLI prints the message and exits 128 + the signal's number (130, 143), as
+    it does for the trainer's own interruption."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name

@@ -30,7 +30,7 @@ from promethean.cli.common import (  # noqa: F401 (tests and scripts import thes
     app,
     err_console,
 )
-from promethean.errors import PrometheanError
+from promethean.errors import PrometheanError, TrainingInterrupted
 
 
 def main() -> None:
@@ -59,6 +59,9 @@ def main() -> None:
     except typer.Abort:  # Ctrl-C or end of input at a prompt
         err_console.print("interrupted")
         sys.exit(130)
+    except TrainingInterrupted as stopped:  # saved: the same command continues it
+        sys.stderr.write(f"{_one_line(str(stopped))}\n")
+        sys.exit(130 if stopped.signal_name == "SIGINT" else 143)
     except PrometheanError as error:
         # Plain write: one unwrapped line that scripts can match whatever the terminal width.
         sys.stderr.write(f"error: {_one_line(str(error))}\n")

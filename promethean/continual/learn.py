@@ -44,7 +44,6 @@ copy is removed by the next write), and is simply run again (there is no mid-sta
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,7 +61,7 @@ from promethean.continual.adapters import (
     check_name,
     checkpoint_sha256,
 )
-from promethean.errors import PrometheanError
+from promethean.errors import PrometheanError, TrainingInterrupted
 from promethean.files import atomic_directory, atomic_file, link_tree
 
 RUN_FILE = "continual.json"
@@ -135,51 +134,6 @@ _RESUMABLE_DIFFERENCES = ("progress", "device", "max_minutes", "checkpoint_every
 def _stage_fingerprint(options: LearnOptions, stage_index: int) -> str:
     kept = {k: v for k, v in asdict(options).items() if k not in _RESUMABLE_DIFFERENCES}
     return json.dumps({"stage": stage_index, **kept}, sort_keys=True, default=str)
-
-
-def _save_stage_progress(run: Path, fingerprint: str, step: int, trainable: dict, optimizer,
-                         nonfinite, replayed_rows: int, metric_lines: list[str]) -> None:
-    """The stage's training state after `step` steps, in RUN/stage-in-progress (atomically):
-    the trained parameters, AdamW's moments, the RNG, the counters and the metrics so far. The
-    data position is the step itself (the samplers are seeded by step)."""
-    from safetensors.torch import save_file
-
-    from promethean.train.state import optimizer_parts, rng_state
-
-    optimizer_tensors, optimizer_record = optimizer_parts(optimizer)
-    rng_tensors, rng_record = rng_state()
-    tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in trainable.items()}
-    record = {"fingerprint": fingerprint, "step": step, "optimizer": optimizer_record,
-              "rng": rng_record, "skipped_steps": nonfinite.skipped_steps,
-              "nonfinite_in_a_row": nonfinite.nonfinite_in_a_row,
-              "replayed_rows": replayed_rows, "metrics": metric_lines}
-    with atomic_directory(run / STAGE_PROGRESS_DIR) as scratch:
-        save_file({**tensors, **optimizer_tensors, **rng_tensors}, str(scratch / "state.safetensors"))
-        (scratch / "progress.json").write_text(json.dumps(record) + "\n")
-
-
-def _read_stage_progress(run: Path, fingerprint: str) -> tuple[dict, dict] | None:
-    """(record, tensors) of an interrupted stage that this command continues, else None; an
-    interrupted stage of other options or another stage is left for the commit to drop."""
-    import warnings
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = run / STAGE_PROGRESS_DIR
-    if not (directory / "progress.json").is_file():
-        return None
-    try:
-        record = json.loads((directory / "progress.json").read_text())
-        tensors = load_file(str(directory / "state.safetensors"))
-    except (OSError, ValueError, SafetensorError):
-        warnings.warn(f"{directory} is damaged; the stage starts over.", stacklevel=3)
-        return None
-    if record.get("fingerprint") != fingerprint:
-        warnings.warn(f"{directory} holds an interrupted stage with other options; this stage "
-                      "starts over (and replaces it).", stacklevel=3)
-        return None
-    return record, tensors
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -279,9 +233,9 @@ def _check(options: LearnOptions) -> None:
         raise PrometheanError("batch size and block size must be at least 1.")
     if options.fisher_samples < 1:
         raise PrometheanError(f"--fisher-samples must be at least 1, got {options.fisher_samples}.")
-    from promethean.train.loop import WallBudget
+    from promethean.train.loop import check_max_minutes
 
-    WallBudget(options.max_minutes)  # refuses a budget that is not a positive number
+    check_max_minutes(options.max_minutes)
     if options.checkpoint_every is not None and options.checkpoint_every < 1:
         raise PrometheanError(
             f"--checkpoint-every must be at least 1, got {options.checkpoint_every}.")
@@ -313,16 +267,16 @@ def learn(options: LearnOptions) -> StageResult:
     from promethean.continual.replay import ReplayBuffer, ReplayMixer
     from promethean.data.batches import WindowSampler
     from promethean.device import resolve_device
-    from promethean.train.config import TrainConfig
     from promethean.train.loop import (
-        NonFiniteSteps,
-        WallBudget,
-        optimizer_step,
-        refuse_a_runaway,
-        set_learning_rate,
+        LoopHooks,
+        LoopPlan,
+        TrainedStep,
+        json_safe,
+        run_loop,
     )
     from promethean.train.optim import build_optimizer
     from promethean.train.schedule import lr_at
+    from promethean.train.state import Progress, read_partial_state, save_partial_state
 
     started = time.perf_counter()
     _check(options)
@@ -412,7 +366,7 @@ def learn(options: LearnOptions) -> StageResult:
     # in one step at the end (atomic_directory; entries it does not rewrite are carried over by
     # hard links): a stage that fails or is killed leaves the run exactly as it was.
     fingerprint = _stage_fingerprint(options, stage_index)
-    resumed = _read_stage_progress(run, fingerprint)
+    resumed = read_partial_state(run / STAGE_PROGRESS_DIR, fingerprint)
     with atomic_directory(run, carry_over=True, never_carry=(STAGE_PROGRESS_DIR,)) as staging:
 
         def final_path(path: Path) -> Path:
@@ -524,67 +478,70 @@ def learn(options: LearnOptions) -> StageResult:
         warmup = (options.warmup_steps if options.warmup_steps is not None
                   else max(1, options.update_steps // 10))
         parameters = list(trainable.values())
-        nonfinite = NonFiniteSteps()
-        max_nonfinite = TrainConfig.model_fields["max_nonfinite_in_a_row"].default
+        progress, metric_lines = Progress(), []
         model.train()
         metrics_path = staging / METRICS_FILE
         if (run / METRICS_FILE).is_file():
             shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
-        first_step, metric_lines = 0, []
         if resumed is not None:
-            from promethean.train.state import optimizer_state_from_parts, set_rng_state
-
-            progress_record, tensors = resumed
             with torch.no_grad():
                 for key, parameter in trainable.items():
-                    parameter.copy_(tensors[f"param.{key}"])
-            optimizer.load_state_dict(optimizer_state_from_parts(tensors, progress_record["optimizer"]))
-            set_rng_state(tensors, progress_record["rng"])
-            first_step = progress_record["step"]
-            sampler.step = first_step  # the samplers are seeded by step: this is the position
-            nonfinite.skipped_steps = progress_record["skipped_steps"]
-            nonfinite.nonfinite_in_a_row = progress_record["nonfinite_in_a_row"]
+                    parameter.copy_(resumed.tensors[key])
+            optimizer.load_state_dict(resumed.optimizer)
+            progress = resumed.progress
+            sampler.step = progress.step  # the samplers are seeded by step: this is the position
             if hasattr(batches, "replayed_rows"):
-                batches.replayed_rows = progress_record["replayed_rows"]
-            metric_lines = list(progress_record["metrics"])
-        with open(metrics_path, "a") as metrics, _progress(options.progress) as bar:
+                batches.replayed_rows = resumed.extra["replayed_rows"]
+            metric_lines = list(resumed.extra["metrics"])
+            resumed.restore_rng()
+
+        def train_step(step: int) -> TrainedStep:
+            inputs, targets = batches.next_batch()
+            _, loss = model(inputs, targets)
+            penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
+            total = loss + penalty if penalty is not None else loss
+            total.backward()
+            return TrainedStep(float(total.detach()), inputs.numel(), float(loss.detach()),
+                               {"ewc_penalty": 0.0 if penalty is None else float(penalty.detach())})
+
+        def save_progress(progress: Progress) -> None:
+            save_partial_state(run / STAGE_PROGRESS_DIR, fingerprint, trainable, optimizer,
+                               progress, {"replayed_rows": getattr(batches, "replayed_rows", 0),
+                                          "metrics": metric_lines})
+
+        with open(metrics_path, "a") as metrics:
             for line in metric_lines:
                 metrics.write(line)
-            task = bar.add_task(f"{method} {options.domain}", total=options.update_steps,
-                                completed=first_step, loss=math.nan)
-            budget = WallBudget(options.max_minutes)
-            stopped, steps_trained = "update_steps", options.update_steps
-            for step in range(first_step, options.update_steps):
-                rate = lr_at(step, lr, lr * options.min_lr_ratio, warmup, options.update_steps)
-                set_learning_rate(optimizer, rate)
-                inputs, targets = batches.next_batch()
-                _, loss = model(inputs, targets)
-                penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
-                total = loss + penalty if penalty is not None else loss
-                total.backward()
-                grad_norm = optimizer_step(optimizer, parameters, float(total.detach()),
-                                           options.grad_clip, nonfinite)
-                refuse_a_runaway(nonfinite, step + 1, max_nonfinite,
-                                 "lower --lr (or --ewc-lambda); the run is as it was before "
-                                 "this stage.")
-                out_of_time = budget.spent() and step + 1 < options.update_steps
-                if (step + 1) % 10 == 0 or step + 1 == options.update_steps or out_of_time:
-                    metric_lines.append(json.dumps({
-                        "stage": stage_index, "domain": options.domain, "step": step + 1,
-                        "train_loss": float(loss.detach()),
-                        "ewc_penalty": 0.0 if penalty is None else float(penalty.detach()),
-                        "grad_norm": grad_norm, "lr": rate}) + "\n")
-                    metrics.write(metric_lines[-1])
-                    metrics.flush()
-                bar.update(task, completed=step + 1, loss=float(loss.detach()))
-                if out_of_time:
-                    stopped, steps_trained = "max_minutes", step + 1
-                    break
-                if (options.checkpoint_every and (step + 1) % options.checkpoint_every == 0
-                        and step + 1 < options.update_steps):
-                    _save_stage_progress(run, fingerprint, step + 1, trainable, optimizer,
-                                         nonfinite, getattr(batches, "replayed_rows", 0),
-                                         metric_lines)
+
+            def write_metrics(line: dict[str, Any]) -> None:
+                metric_lines.append(json.dumps(json_safe(line)) + "\n")
+                metrics.write(metric_lines[-1])
+                metrics.flush()
+
+            plan = LoopPlan(
+                description=f"{method} {options.domain}", optimizer=optimizer,
+                parameters=parameters, max_steps=options.update_steps,
+                learning_rate=lambda step: lr_at(step, lr, lr * options.min_lr_ratio, warmup,
+                                                 options.update_steps),
+                grad_clip=options.grad_clip,
+                runaway_advice="lower --lr (or --ewc-lambda); the run is as it was before this "
+                               "stage.",
+                checkpoint_every=options.checkpoint_every, max_minutes=options.max_minutes,
+                show_progress=options.progress, metrics=write_metrics)
+            hooks = LoopHooks(train_step, save_progress=save_progress,
+                              record_fields=lambda: {"stage": stage_index,
+                                                     "domain": options.domain})
+            outcome = run_loop(plan, hooks, progress)
+        if outcome.stopped == "interrupted":
+            save_progress(progress)
+            raise TrainingInterrupted(
+                f"stage {stage_index} ({options.domain}) interrupted by {outcome.signal} at step "
+                f"{progress.step} of {options.update_steps}; its progress is saved in "
+                f"{run / STAGE_PROGRESS_DIR}: run the same command to continue it.",
+                outcome.signal)
+        stopped, steps_trained = outcome.stopped, progress.step
+        if stopped == "max_steps":
+            stopped = "update_steps"
         model.eval()
 
         # ---- evaluate, save, consolidate

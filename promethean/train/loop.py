@@ -37,6 +37,7 @@ that must be the same on every rank goes through `plan.agree` (`distributed.any_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import threading
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 
 from promethean.errors import PrometheanError
+from promethean.train.config import TrainConfig
 from promethean.train.state import Progress
 
 # The clock of the wall-time budget (max_minutes) and of Progress.elapsed; tests replace it.
@@ -61,15 +63,6 @@ class NonFiniteSteps:
 
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
-
-
-class TrainingInterrupted(Exception):
-    """A training stopped by SIGINT or SIGTERM after saving what resumes it. The CLI prints
-    the message and exits 128 + the signal's number (130, 143), as for the trainer."""
-
-    def __init__(self, message: str, signal_name: str) -> None:
-        super().__init__(message)
-        self.signal_name = signal_name
 
 
 def refuse_a_runaway(counts, step: int, limit: int, advice: str) -> None:
@@ -170,6 +163,19 @@ def progress_bar(enabled: bool):
     )
 
 
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become null so every metrics line is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return json_safe(dataclasses.asdict(value))
+    return value
+
+
 class WallBudget:
     """A wall-time budget (`max_minutes`; None is none) that also counts `spent_before` seconds
     (the earlier legs of a resumed run). `elapsed()` reads the clock once."""
@@ -256,7 +262,8 @@ class LoopPlan:
     max_steps: int  # the schedule's length
     learning_rate: Callable[[int], float]  # the rate of (0-based) step
     grad_clip: float | None = 1.0
-    max_nonfinite_in_a_row: int = 5
+    max_nonfinite_in_a_row: int = field(
+        default_factory=lambda: TrainConfig.model_fields["max_nonfinite_in_a_row"].default)
     runaway_advice: str = "lower the learning rate."
     until_step: int | None = None  # stop there as an interruption would, schedule unchanged
     log_every: int = 10

@@ -35,7 +35,7 @@ from promethean.checkpoint import (
     save_checkpoint,
 )
 from promethean.errors import CheckpointError
-from promethean.files import verify_checksums
+from promethean.files import atomic_directory, verify_checksums
 
 STATE_JSON_FILE, STATE_TENSORS_FILE = TRAINING_STATE_FILES
 STATE_FORMAT = "promethean-train-state"
@@ -210,3 +210,77 @@ def load_training_state(directory: str | Path) -> TrainingState:
         raise CheckpointError(f"{json_path} is incomplete or malformed ({error}).") from None
     rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
     return TrainingState(progress, optimizer, record.get("scaler"), rng_tensors, rng_record)
+
+
+# ------------------------------------------------------------- resumable state of a partial run
+
+
+PARTIAL_STATE_TENSORS = "state.safetensors"
+PARTIAL_STATE_RECORD = "progress.json"
+
+
+@dataclass
+class PartialState:
+    """What `save_partial_state` wrote: the trained tensors (by their names), the optimizer's
+    state dict, the loop's counters, the caller's own record, and the RNG (restored by
+    `restore_rng`, just before the training continues)."""
+
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict
+    progress: Progress
+    extra: dict[str, Any]
+    rng_tensors: dict[str, torch.Tensor]
+    rng_record: dict[str, Any]
+
+    def restore_rng(self) -> None:
+        set_rng_state(self.rng_tensors, self.rng_record)
+
+
+def save_partial_state(directory: str | Path, fingerprint: str, tensors: dict[str, torch.Tensor],
+                       optimizer: torch.optim.Optimizer, progress: Progress,
+                       extra: dict[str, Any] | None = None) -> None:
+    """The state of a training that trains a few tensors beside a model it does not save (a
+    `learn` stage, chat tuning), written atomically to `directory`: those tensors, AdamW's
+    moments, the RNG, the loop's counters and `extra` (JSON). `fingerprint` names the options
+    that must be the same for a later command to continue it (`read_partial_state`)."""
+    directory = Path(directory)
+    trained = {f"param.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _refuse_nonfinite(trained, "trained", directory)
+    optimizer_tensors, optimizer_record = optimizer_parts(optimizer)
+    rng_tensors, rng_record = rng_state()
+    record = {"format": STATE_FORMAT, "version": STATE_VERSION, "fingerprint": fingerprint,
+              "progress": asdict(progress), "optimizer": optimizer_record, "rng": rng_record,
+              "extra": extra or {}}
+    with atomic_directory(directory) as scratch:
+        save_file({**trained, **optimizer_tensors, **rng_tensors},
+                  str(scratch / PARTIAL_STATE_TENSORS))
+        (scratch / PARTIAL_STATE_RECORD).write_text(json.dumps(record) + "\n")
+
+
+def read_partial_state(directory: str | Path, fingerprint: str) -> PartialState | None:
+    """The state `save_partial_state` left in `directory` when it was saved under
+    `fingerprint`; None (and a warning when something was there) when
+    there is none, it is damaged, or it belongs to other options: the training starts over."""
+    import warnings
+
+    directory = Path(directory)
+    if not (directory / PARTIAL_STATE_RECORD).is_file():
+        return None
+    try:
+        record = json.loads((directory / PARTIAL_STATE_RECORD).read_text())
+        tensors = load_file(str(directory / PARTIAL_STATE_TENSORS))
+        if record.get("fingerprint") != fingerprint:
+            warnings.warn(f"{directory} holds an interrupted training with other options; this "
+                          "one starts over (and replaces it).", stacklevel=2)
+            return None
+        progress = Progress(**record["progress"])
+        optimizer = optimizer_state_from_parts(tensors, record["optimizer"])
+        rng_record, extra = record["rng"], dict(record.get("extra") or {})
+        if "rng.torch" not in tensors:
+            raise KeyError("rng.torch")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError):
+        warnings.warn(f"{directory} is damaged; the training starts over.", stacklevel=2)
+        return None
+    trained = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    rng_tensors = {k: v for k, v in tensors.items() if k.startswith("rng.")}
+    return PartialState(trained, optimizer, progress, extra, rng_tensors, rng_record)

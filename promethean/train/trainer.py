@@ -34,7 +34,6 @@ replaces the model's own. Around it:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
@@ -50,7 +49,7 @@ from promethean.errors import CheckpointError, PrometheanError
 from promethean.files import clean_directory, remove_tree
 from promethean.train import distributed
 from promethean.train.config import TrainConfig
-from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, run_loop
+from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, json_safe, run_loop
 from promethean.train.memory import get_memory_stats, release_free_memory
 from promethean.train.optim import build_optimizer
 from promethean.train.schedule import lr_at
@@ -231,19 +230,6 @@ def _load_model(source: str, device: torch.device, seed: int, model_overrides=No
     with torch.device(device):
         model = Transformer(apply_model_overrides(preset.model, model_overrides))
     return model, get_tokenizer(preset.tokenizer), {"preset": preset.name}
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats become null so every metrics line is valid JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _json_safe(dataclasses.asdict(value))
-    return value
 
 
 # ------------------------------------------------------------------------------ pre-flight
@@ -568,7 +554,7 @@ def _train(
     with (open(metrics_path, "a") if is_main else contextlib.nullcontext()) as metrics:
 
         def write_metrics(record: dict[str, Any]) -> None:
-            metrics.write(json.dumps(_json_safe(record)) + "\n")
+            metrics.write(json.dumps(json_safe(record)) + "\n")
             metrics.flush()
 
         plan = LoopPlan(
