@@ -12,7 +12,7 @@ from promethean.context.intake import (
     ChatRecord,
     DocumentRecord,
     Intake,
-    MemoryAwareBatcher,
+    ActivationBoundedBatcher,
     SalienceWeights,
     combine_salience,
     parse_records,
@@ -181,9 +181,10 @@ def test_hashed_embedder_is_deterministic_and_spelling_aware():
     assert np.all(embedder.embed([""]) == 0)
 
 
-def test_batcher_respects_token_and_memory_budgets():
+def test_batcher_respects_token_and_activation_budgets():
     texts = ["x" * n for n in (50, 10, 30, 5, 40, 25, 60, 1)]
-    batcher = MemoryAwareBatcher(list, token_budget=80, memory_budget=100 * 8, bytes_per_token=8)
+    batcher = ActivationBoundedBatcher(list, token_budget=80, activation_bytes=100 * 8,
+                                       bytes_per_token=8)
     batches = batcher.batches(texts)
     assert sorted(i for b in batches for i in b.indices) == list(range(len(texts)))
     for batch in batches:
@@ -195,7 +196,7 @@ def test_batcher_respects_token_and_memory_budgets():
     long_batches = batcher.batches(["y" * 500])
     assert long_batches[0].truncated == 1 and len(long_batches[0].token_ids[0]) == 80
     with pytest.raises(PrometheanError, match="budget"):
-        MemoryAwareBatcher(list, token_budget=0)
+        ActivationBoundedBatcher(list, token_budget=0)
 
 
 def test_intake_checks_dimensions():
@@ -206,7 +207,7 @@ def test_intake_checks_dimensions():
 def test_texts_too_long_for_a_batch_are_cut_for_the_model_not_the_memory():
     embedder = HashedNgramEmbedder(64)
     tree = MemoryTree(64)
-    intake = Intake(tree, embedder, batcher=MemoryAwareBatcher(str.split, token_budget=5))
+    intake = Intake(tree, embedder, batcher=ActivationBoundedBatcher(str.split, token_budget=5))
     text = "one two three four five six seven eight"
     report = intake.process([DocumentRecord(text=text)])
     assert report.truncated == 1

@@ -683,3 +683,46 @@ def test_an_interrupted_stage_continues_where_it_was_and_ends_as_an_uninterrupte
 
     assert lines(tmp_path / "resumed") == lines(tmp_path / "straight")
     assert [line["step"] for line in lines(tmp_path / "resumed")] == [8, 8]  # each stage's end
+
+
+def test_a_signal_saves_the_stage_and_the_same_command_continues_it(domains, tmp_path,
+                                                                    monkeypatch):
+    """SIGTERM at step 4 of 6 (no periodic saves): the stage saves its state at that step,
+    commits nothing, and says how to continue; the same command then ends as a stage that was
+    never stopped (adapter and losses)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from promethean.errors import TrainingInterrupted
+    from promethean.train import loop
+
+    _, checkpoint, data = domains
+    settings = {"update_steps": 6, "checkpoint_every": None, "replay": 0.25,
+                "base_domain": ("alpha", str(data["alpha"]))}
+    straight = tmp_path / "straight"
+    learn(options(checkpoint, "beta", data["beta"], straight, adapter_name="b-s", **settings))
+    run = tmp_path / "signalled"
+    real_step, calls = loop.optimizer_step, []
+
+    def signalling_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", signalling_step)
+    with pytest.raises(TrainingInterrupted) as caught:
+        learn(options(checkpoint, "beta", data["beta"], run, adapter_name="b-r", **settings))
+    assert str(caught.value) == (
+        f"stage 1 (beta) interrupted by SIGTERM at step 4 of 6; its progress is saved in "
+        f"{run / 'stage-in-progress'}: run the same command to continue it.")
+    assert not (run / "continual.json").exists()  # the run is as it was: not started
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    learn(options(checkpoint, "beta", data["beta"], run, adapter_name="b-r", **settings))
+    def adapter(run):
+        return load_file(str(run / "stages" / "01-beta" / "adapter_model.safetensors"))
+
+    first, second = adapter(straight), adapter(run)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert read_run(run)["stages"][1]["val"] == read_run(straight)["stages"][1]["val"]

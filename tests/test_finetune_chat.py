@@ -418,15 +418,127 @@ def test_max_minutes_evaluates_the_step_that_spent_it_and_stops(tmp_path, monkey
     scripted = iter([5.0, 4.0, 3.0])  # the base, step 10, then the step that spends the budget
     monkeypatch.setattr(chat_tuning, "validation_loss", lambda *args: next(scripted))
     readings = iter(range(10_000))  # the budget's clock: one minute a reading
-
-    class ScriptedBudget(loop.WallBudget):
-        def __init__(self, minutes):
-            super().__init__(minutes, clock=lambda: 60.0 * next(readings))
-
-    monkeypatch.setattr(loop, "WallBudget", ScriptedBudget)
+    monkeypatch.setattr(loop, "wall_clock", lambda: 60.0 * next(readings))
     result = finetune_chat(options(checkpoint, log, eval_every=10, max_minutes=12.5))
     # Read at the start (0) and after each step: the 13th reading is 13 minutes.
     assert (result.steps, result.stopped, result.best_step) == (13, "max_minutes", 13)
     assert [e["step"] for e in result.evaluations] == [10, 13]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["10/100", "13/100"]
+
+
+def _adapter_tensors(checkpoint, name):
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "adapters" / name / "adapter_model.safetensors"))
+
+
+def test_an_interrupted_training_continues_and_ends_as_an_uninterrupted_one(tmp_path,
+                                                                            monkeypatch):
+    """SIGINT at step 13 (state saved every 5 steps and at the signal): the run stops with the
+    sentence, and the same command continues from step 13 to the same adapter, best step,
+    evaluations and stop as a run that was never stopped; a crash (no signal) continues from
+    the last saved step, and the state folder is gone once the training has ended."""
+    import signal
+
+    from promethean.errors import TrainingInterrupted
+    from promethean.train import loop
+
+    log = write_log(tmp_path / "chat.jsonl", logged_turns())
+    settings = {"max_steps": 30, "eval_every": 4, "checkpoint_every": 5, "patience": 10}
+    straight_checkpoint = new_checkpoint(tmp_path / "straight")
+    straight = finetune_chat(options(straight_checkpoint, log, **settings))
+    real_step = loop.optimizer_step
+
+    def stopping_at(count, action):
+        calls = []
+
+        def step(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == count:
+                action()
+            return real_step(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "optimizer_step", step)
+
+    def crash():
+        raise KeyboardInterrupt
+
+    for name, action, saved_at in (
+            ("signalled", lambda: os.kill(os.getpid(), signal.SIGINT), 13),
+            ("crashed", crash, 10)):
+        checkpoint = new_checkpoint(tmp_path / name)
+        state = checkpoint / "adapters" / ".in-progress" / "chat"
+        stopping_at(13, action)
+        if name == "signalled":
+            with pytest.raises(TrainingInterrupted) as caught:
+                finetune_chat(options(checkpoint, log, **settings))
+            assert str(caught.value) == (
+                f"chat tuning of 'chat' interrupted by SIGINT at step 13 of 30; its progress is "
+                f"saved in {state}: run the same command to continue it.")
+            assert caught.value.signal_name == "SIGINT"
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                finetune_chat(options(checkpoint, log, **settings))
+        assert not (checkpoint / "adapters" / "chat").exists()  # nothing half-written
+        assert json.loads((state / "progress.json").read_text())["progress"]["step"] == saved_at
+        monkeypatch.setattr(loop, "optimizer_step", real_step)
+        resumed = finetune_chat(options(checkpoint, log, **settings))
+        assert (resumed.steps, resumed.stopped, resumed.best_step) == (
+            straight.steps, straight.stopped, straight.best_step)
+        assert resumed.evaluations == straight.evaluations
+        assert resumed.base_val_loss == straight.base_val_loss
+        first = _adapter_tensors(straight_checkpoint, "chat")
+        second = _adapter_tensors(checkpoint, "chat")
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first)
+        assert not state.exists()
+
+
+def test_a_changed_log_or_options_start_the_training_afresh(tmp_path, monkeypatch):
+    from promethean.train import loop
+
+    checkpoint = new_checkpoint(tmp_path / "tiny")
+    log = tmp_path / "chat.jsonl"
+    write_log(log, logged_turns())
+    real_step, calls = loop.optimizer_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimizer_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_chat(options(checkpoint, log, max_steps=10, eval_every=5, checkpoint_every=5))
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
+    state = checkpoint / "adapters" / ".in-progress" / "chat"
+    assert (state / "progress.json").is_file()
+    write_log(log, logged_turns() + [{"chat_id": "chat-new", "time": 9000.0, "route": "/chat",
+                                      "human": "bye", "assistant": "Bye!"}])
+    with pytest.warns(UserWarning, match="holds an interrupted training with other options"):
+        result = finetune_chat(options(checkpoint, log, max_steps=10, eval_every=5,
+                                       checkpoint_every=5))
+    assert [e["step"] for e in result.evaluations] == [5, 10]  # from the start
+    assert not state.exists()
+    with pytest.raises(PrometheanError, match="--checkpoint-every must be at least 1, got 0"):
+        finetune_chat(options(checkpoint, log, checkpoint_every=0, overwrite=True))
+
+
+def test_the_cli_exits_130_with_the_sentence_when_a_training_is_interrupted(monkeypatch,
+                                                                          capsys):
+    from promethean import cli
+    from promethean.errors import TrainingInterrupted
+
+    def interrupted(options):
+        raise TrainingInterrupted("chat tuning of 'chat' interrupted by SIGTERM at step 3 of 9; "
+                                  "run the same command to continue it.", "SIGTERM")
+
+    monkeypatch.setattr(chat_tuning, "finetune_chat", interrupted)
+    monkeypatch.setattr(sys, "argv", ["promethean", "finetune-chat", "ckpt", "--log", "log"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 143
+    assert capsys.readouterr().err == ("chat tuning of 'chat' interrupted by SIGTERM at step 3 "
+                                       "of 9; run the same command to continue it.\n")

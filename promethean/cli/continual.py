@@ -136,33 +136,45 @@ def finetune_chat(
     log: Annotated[Path, typer.Option("--log", help="The server's chat log (serve --chat-log).")] = Path("chat.jsonl"),
     name: Annotated[str, typer.Option("--name", help="Adapter name: CHECKPOINT/adapters/NAME.")] = "chat",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an adapter of that name.")] = False,
-    rank: Annotated[int, typer.Option("--rank", help="LoRA rank.")] = 8,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (default 8).")] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha (default 2 x rank).")] = None,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (warmup, then cosine).")] = 2e-3,
-    max_steps: Annotated[int, typer.Option("--max-steps", help="Most optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per step.")] = 8,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (warmup, then "
+                  "cosine; default 2e-3).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Most optimizer steps "
+                         "(default 1000).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step "
+                          "(default 8).")] = None,
     block_size: Annotated[Optional[int], typer.Option("--block-size", help="Longest example in "
                           "tokens (default: the model's context).")] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", help="Steps between validations.")] = 20,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between "
+                          "validations (default 20).")] = None,
     patience: Annotated[Optional[int], typer.Option("--patience", help="Validations without "
                         "improvement before stopping (default: the trainer's, 5).")] = None,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of the "
-                            "conversations held out (at least one).")] = 0.1,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of the "
+                            "conversations held out (at least one; default 0.1).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Default 0.")] = None,
     max_minutes: Annotated[Optional[float], typer.Option(
-        "--max-minutes", help="Wall-time budget: when spent, evaluate and stop; the best adapter "
-        "so far is written.")] = None,
+        "--max-minutes", help="Wall-time budget (every leg of a resumed run): when spent, "
+        "evaluate and stop; the best adapter so far is written.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        "--checkpoint-every", help="Save the training's state every N steps (default 50), so "
+        "that the same command run again after a crash or Ctrl-C continues from there.")] = None,
     device: DeviceOption = None,
 ) -> None:
     """Train a LoRA adapter on the logged chats (replies only), keeping the best by validation."""
     from promethean.continual.chat_tuning import ChatTuningOptions
     from promethean.continual.chat_tuning import finetune_chat as run_finetune_chat
 
+    # Only what was given: ChatTuningOptions holds the defaults.
+    given = {key: value for key, value in {
+        "rank": rank, "lr": lr, "max_steps": max_steps, "batch_size": batch_size,
+        "eval_every": eval_every, "val_fraction": val_fraction, "seed": seed,
+        "checkpoint_every": checkpoint_every,
+    }.items() if value is not None}
     result = run_finetune_chat(ChatTuningOptions(
-        checkpoint=str(checkpoint), log=str(log), name=name, overwrite=overwrite, rank=rank,
-        alpha=alpha, lr=lr, max_steps=max_steps, batch_size=batch_size, block_size=block_size,
-        eval_every=eval_every, patience=patience, val_fraction=val_fraction, seed=seed,
-        device=device, max_minutes=max_minutes,
+        checkpoint=str(checkpoint), log=str(log), name=name, overwrite=overwrite, alpha=alpha,
+        block_size=block_size, patience=patience, device=device, max_minutes=max_minutes,
+        **given,
     ))
     (train_chats, val_chats), (train_examples, val_examples) = result.conversations, result.examples
     typer.echo(f"conversations: {train_chats} to train on ({train_examples} examples), {val_chats} "

@@ -85,12 +85,9 @@ def memory_add(
         buffer = ReplayBuffer(replay, block_size)
     batcher = None
     if model is not None:  # model passes bounded by the activations of a padded batch
-        from promethean.context.intake import MemoryAwareBatcher, activation_bytes_per_token
+        from promethean.context.intake import ActivationBoundedBatcher
 
-        batcher = MemoryAwareBatcher(tokenizer.encode_ordinary, token_budget=4096,
-                                     memory_budget=256 * 2**20,
-                                     bytes_per_token=activation_bytes_per_token(model.config),
-                                     max_row_tokens=model.config.context_length)
+        batcher = ActivationBoundedBatcher.for_model(tokenizer, model.config)
     intake = Intake(tree, embedder, tokenizer=tokenizer, replay=buffer, batcher=batcher,
                     surprise=embedder.loss_per_token if model is not None else None,
                     vocab_size=model.config.vocab_size if model is not None else None,

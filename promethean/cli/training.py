@@ -33,7 +33,8 @@ BranchOption = Annotated[Optional[Path], typer.Option(
 
 
 BudgetOption = Annotated[Optional[str], typer.Option(
-    "--memory-budget", help="Memory to fit in (8GB, 512MB): micro-batch and accumulation are "
+    "--memory-budget", help="Device memory to fit in (RAM on a CPU, the GPU's on a GPU; 8GB, "
+    "512MB): micro-batch and accumulation are "
     "chosen to fit, keeping batch_size x grad_accum sequences per step; refused before training "
     "if nothing fits.")]
 
@@ -57,7 +58,7 @@ def _knob_overrides(min_delta: float | None, patience: int | None,
     return [f"{key}={value!r}" for key, value in given.items() if value is not None]
 
 
-def _run_training(config, resume: Path | None, memory_budget: str | None = None,
+def _run_training(config, resume: Path | None, device_memory_budget: str | None = None,
                   overwrite: bool = False, branch: Path | None = None) -> None:
     from promethean.train.trainer import train
 
@@ -67,12 +68,13 @@ def _run_training(config, resume: Path | None, memory_budget: str | None = None,
                                   "checkpoint to branch from.")
         config = config.model_copy(update={"out": str(branch)})
 
-    if memory_budget is not None:
+    if device_memory_budget is not None:
         from promethean.train.memory import fit_to_budget
 
-        config, estimate = fit_to_budget(config, memory_budget)
+        config, estimate = fit_to_budget(config, device_memory_budget)
         typer.echo(
-            f"memory budget {memory_budget}: micro-batch {config.batch_size} x {config.grad_accum} "
+            f"memory budget {device_memory_budget}: micro-batch {config.batch_size} x "
+            f"{config.grad_accum} "
             f"accumulation ({config.batch_size * config.grad_accum} sequences a step), "
             f"estimated peak {estimate.describe()}", err=True,
         )
@@ -97,7 +99,7 @@ def pretrain(
     set_: SetOption = None,
     model_set: ModelSetOption = None,
     resume: ResumeOption = None,
-    memory_budget: BudgetOption = None,
+    device_memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
     branch: BranchOption = None,
     min_delta: MinDeltaOption = None,
@@ -109,8 +111,8 @@ def pretrain(
 
     overrides = [*([f"model={preset!r}"] if preset else []), *(set_ or []),
                  *_knob_overrides(min_delta, patience, max_minutes)]
-    _run_training(load_train_config(config, overrides, model_set or ()), resume, memory_budget,
-                  overwrite, branch)
+    _run_training(load_train_config(config, overrides, model_set or ()), resume,
+                  device_memory_budget, overwrite, branch)
 
 
 @app.command()
@@ -120,7 +122,7 @@ def finetune(
     set_: SetOption = None,
     model_set: ModelSetOption = None,
     resume: ResumeOption = None,
-    memory_budget: BudgetOption = None,
+    device_memory_budget: BudgetOption = None,
     overwrite: RunOverwriteOption = False,
     branch: BranchOption = None,
     min_delta: MinDeltaOption = None,
@@ -134,8 +136,8 @@ def finetune(
     read_checkpoint_record(checkpoint)  # a clear sentence if it is not a checkpoint
     overrides = [*(set_ or []), *_knob_overrides(min_delta, patience, max_minutes),
                  f"model={str(checkpoint)!r}"]
-    _run_training(load_train_config(config, overrides, model_set or ()), resume, memory_budget,
-                  overwrite, branch)
+    _run_training(load_train_config(config, overrides, model_set or ()), resume,
+                  device_memory_budget, overwrite, branch)
 
 
 @app.command()

@@ -11,7 +11,7 @@ memories packed into the chat prompt within a token budget).
 _EXPORTS = {
     "HashedNgramEmbedder": "embed", "ModelEmbedder": "embed",
     "ChatRecord": "intake", "DocumentRecord": "intake", "Intake": "intake",
-    "MemoryAwareBatcher": "intake",
+    "ActivationBoundedBatcher": "intake",
     "SessionMemory": "retrieval", "chat_prompt_with_memory": "retrieval",
     "open_memory": "retrieval", "open_memory_with_embedder": "retrieval",
     "remember_exchange": "retrieval",

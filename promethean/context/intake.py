@@ -7,7 +7,7 @@ Texts arrive as typed records (`ChatRecord`, `DocumentRecord`; pydantic, strict)
    are kept in the memories' metadata, which the tree indexes: a text that was pruned or deleted
    since is no longer a duplicate, and texts another intake added are).
 2. Texts are embedded (the pluggable `Embedder`; mean-pooled hidden states of the loaded model by
-   default, see `context.embed`) in batches packed by `MemoryAwareBatcher`.
+   default, see `context.embed`) in batches packed by `ActivationBoundedBatcher`.
 3. Each text gets a salience in [0, 1], a weighted mean of
    - surprise: the model's loss per token on the text, over ln(vocab size) (1 = as surprising
      as a uniform guess), when a model is at hand;
@@ -22,10 +22,11 @@ Texts arrive as typed records (`ChatRecord`, `DocumentRecord`; pydantic, strict)
    domain's accepted texts are tokenised, joined by end-of-text and cut into full windows of
    block_size + 1 tokens (a remainder shorter than a window is not offered).
 
-`MemoryAwareBatcher` packs texts into batches whose token count stays within `token_budget` and
-whose padded activations (rows x longest x `bytes_per_token`) stay within `memory_budget` bytes;
-texts are sorted by length first, so rows of a batch are of similar length and padding is small.
-A text too long for a batch on its own is cut to fit (and counted as truncated).
+`ActivationBoundedBatcher` packs texts into batches whose token count stays within
+`token_budget` and whose padded activations (rows x longest x `bytes_per_token`) stay within
+`activation_bytes` of RAM (256 MiB by default); texts are sorted by length first, so rows of a
+batch are of similar length and padding is small. A text too long for a batch on its own is cut
+to fit (and counted as truncated).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from promethean.errors import PrometheanError
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 EXACT_BELOW = 5000  # memories up to which novelty is measured by exact search
+DEFAULT_ACTIVATION_BYTES = 256 * 2**20  # RAM a batch of model passes may hold in activations
 
 
 class _Record(BaseModel):
@@ -138,28 +140,37 @@ class Batch:
         return sum(self.truncated_rows)
 
 
-class MemoryAwareBatcher:
-    """Packs texts under a token budget and an activation-memory budget (module docstring)."""
+class ActivationBoundedBatcher:
+    """Packs texts under a token budget and a budget of activation bytes in RAM (module
+    docstring)."""
 
     def __init__(self, encode: Callable[[str], list[int]], token_budget: int = 4096,
-                 memory_budget: int = 256 * 2**20, bytes_per_token: int = 4096,
+                 activation_bytes: int = DEFAULT_ACTIVATION_BYTES, bytes_per_token: int = 4096,
                  max_row_tokens: int | None = None) -> None:
-        if token_budget < 1 or memory_budget < bytes_per_token or bytes_per_token < 1:
+        if token_budget < 1 or activation_bytes < bytes_per_token or bytes_per_token < 1:
             raise PrometheanError(
-                "the batcher needs a token budget of at least 1 and a memory budget of at least "
-                f"one token's activations ({bytes_per_token} bytes)."
+                "the batcher needs a token budget of at least 1 and an activation budget of at "
+                f"least one token's activations ({bytes_per_token} bytes)."
             )
         self.encode, self.token_budget = encode, token_budget
-        self.memory_budget, self.bytes_per_token = memory_budget, bytes_per_token
+        self.activation_bytes, self.bytes_per_token = activation_bytes, bytes_per_token
         self.max_row_tokens = max_row_tokens  # e.g. the model's context length
+
+    @classmethod
+    def for_model(cls, tokenizer, config) -> ActivationBoundedBatcher:
+        """The batcher of the model passes `promethean memory add` and the server's intake
+        make: rows at most the model's context, activations estimated from its shape."""
+        return cls(tokenizer.encode_ordinary, bytes_per_token=activation_bytes_per_token(config),
+                   max_row_tokens=config.context_length)
 
     @property
     def longest_row(self) -> int:
-        longest = min(self.token_budget, self.memory_budget // self.bytes_per_token)
+        longest = min(self.token_budget, self.activation_bytes // self.bytes_per_token)
         return longest if self.max_row_tokens is None else min(longest, self.max_row_tokens)
 
     def fits(self, rows: int, longest: int, tokens: int) -> bool:
-        return tokens <= self.token_budget and rows * longest * self.bytes_per_token <= self.memory_budget
+        return (tokens <= self.token_budget
+                and rows * longest * self.bytes_per_token <= self.activation_bytes)
 
     def batches(self, texts: Sequence[str]) -> list[Batch]:
         encoded = [self.encode(text) for text in texts]
@@ -218,7 +229,7 @@ class Intake:
                  vocab_size: int | None = None, replay=None,
                  weights: SalienceWeights | None = None, near_duplicate: float = 0.95,
                  min_salience: float = 0.0, target_tokens: int = 32,
-                 batcher: MemoryAwareBatcher | None = None, beam: int = 16) -> None:
+                 batcher: ActivationBoundedBatcher | None = None, beam: int = 16) -> None:
         if embedder.dim != tree.dim:
             raise PrometheanError(f"the embedder gives {embedder.dim}-dimensional vectors but the "
                                   f"memory tree holds {tree.dim}-dimensional ones.")
@@ -230,7 +241,7 @@ class Intake:
         self.near_duplicate, self.min_salience = near_duplicate, min_salience
         self.target_tokens, self.beam = target_tokens, beam
         encode = tokenizer.encode_ordinary if tokenizer is not None else str.split
-        self.batcher = batcher or MemoryAwareBatcher(encode)
+        self.batcher = batcher or ActivationBoundedBatcher(encode)
         self._decode = tokenizer.decode if tokenizer is not None else " ".join
 
     def process(self, records: Sequence[ChatRecord | DocumentRecord]) -> IntakeReport:

@@ -49,6 +49,7 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_FORMAT = "promethean-lora-adapter"
 ADAPTER_VERSION = 1
 ADAPTERS_DIR = "adapters"  # inside a checkpoint directory: adapters/<name>/
+IN_PROGRESS_DIR = ".in-progress"  # adapters/.in-progress/<name>/: an interrupted training
 # Every linear layer inside the blocks (attention q/k/v/o, MLP gate/up/down). The output head
 # (`lm_head`) may be added: it lets an adapter shift the output distribution, which a new domain's
 # vocabulary needs most; when tied to the embedding, merging gives the head its own copy.
@@ -562,6 +563,12 @@ def _read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def adapter_directory(checkpoint: str | Path, name: str) -> Path:
     return Path(checkpoint) / ADAPTERS_DIR / check_name(name)
+
+
+def in_progress_directory(checkpoint: str | Path, name: str) -> Path:
+    """Where an adapter's interrupted training keeps what resumes it (chat tuning): a hidden
+    folder, since adapter names start with a letter or digit, and never listed as an adapter."""
+    return Path(checkpoint) / ADAPTERS_DIR / IN_PROGRESS_DIR / check_name(name)
 
 
 def list_adapters(checkpoint: str | Path) -> list[str]:

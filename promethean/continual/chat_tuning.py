@@ -33,8 +33,14 @@ stopping — done so that the adapter learns what the server will later ask of i
    `generate --adapter`, `chat --adapter` and the server (`MODEL:NAME`) find them. If no
    evaluation beat the base model nothing is written.
 
-The loop reuses what `learn`'s LoRA stages use (the adapters, `build_optimizer`, the warmup +
-cosine `lr_at`, `exact_loss`, the progress bar); only the examples and early stopping are its own.
+The steps are `train.loop.run_loop`'s, as every training's are (the warmup + cosine `lr_at`,
+clipping, the non-finite skip, evaluation lines, early stopping, `max_minutes`); it uses what
+`learn`'s LoRA stages use (the adapters, `build_optimizer`, `exact_loss`); only the examples are
+its own. Every `checkpoint_every` steps, and on SIGINT/SIGTERM, what resumes the training (the
+adapter, AdamW's moments, the best weights so far, the RNG and the counters) is written to
+`CHECKPOINT/adapters/.in-progress/NAME`; the same command run again continues from there and
+ends as an uninterrupted run would, and the folder is removed when the training ends. A changed
+chat log or other options start afresh.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,9 +64,10 @@ from promethean.continual.adapters import (
     adapter_directory,
     check_name,
     checkpoint_sha256,
+    in_progress_directory,
 )
 from promethean.data.chat import Turn, encode_conversation, foreign_chat_exchanges
-from promethean.errors import PrometheanError
+from promethean.errors import PrometheanError, TrainingInterrupted
 
 DEFAULT_ADAPTER_NAME = "chat"
 MIN_CONVERSATIONS = 10  # fewer is warned about: too little to learn from without memorising
@@ -68,6 +75,9 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_LR = 2e-3  # as `learn`'s LoRA stages
 IGNORE_INDEX = -100  # what the model's loss skips
 PROMETHEAN_LOG_FORMAT = "Promethean chat log"  # serve --chat-log: one turn per line
+BEST_PREFIX = "best:"  # a resumable state's copy of the best weights so far
+# What may differ between an interrupted training and the command that continues it.
+_RESUMABLE_DIFFERENCES = ("progress", "device", "max_minutes", "checkpoint_every", "overwrite")
 
 
 class ChatLogWarning(UserWarning):
@@ -259,13 +269,17 @@ def _collate(examples: list[ChatExample], pad_id: int, device
     return inputs.to(device), targets.to(device)
 
 
-def _epochs(examples: list[ChatExample], batch_size: int, seed: int, pad_id: int, device
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of the examples, reshuffled every epoch (seeded), forever."""
+def _epochs(examples: list[ChatExample], batch_size: int, seed: int, pad_id: int, device,
+            skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of the examples, reshuffled every epoch (seeded), forever; the first `skip`
+    batches are passed over without being built (a resumed run's position)."""
     generator = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(examples), generator=generator).tolist()
         for start in range(0, len(order), batch_size):
+            if skip:
+                skip -= 1
+                continue
             yield _collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
 
 
@@ -310,8 +324,12 @@ class ChatTuningOptions:
     device: str | None = None
     progress: bool = True
     # A wall-time budget: when spent, the step that spent it is evaluated and training stops
-    # (stopped "max_minutes"); the best adapter so far is written as usual.
+    # (stopped "max_minutes"); the best adapter so far is written as usual. It counts every leg
+    # of a resumed run.
     max_minutes: float | None = None
+    # Every this many steps the training's state is saved to CHECKPOINT/adapters/.in-progress/
+    # NAME, so that the same command run again after a crash or Ctrl-C continues from there.
+    checkpoint_every: int | None = 50
 
 
 @dataclass
@@ -320,7 +338,7 @@ class ChatTuningResult:
     conversations: tuple[int, int]  # train, validation
     examples: tuple[int, int]
     steps: int
-    stopped: str  # "early_stopping" or "max_steps"
+    stopped: str  # "max_steps", "early_stopping" or "max_minutes"
     best_step: int
     best_val_loss: float
     base_val_loss: float
@@ -333,8 +351,9 @@ class ChatTuningResult:
 def _check(options: ChatTuningOptions) -> tuple[int, float]:
     check_name(options.name)
     for flag, value in (("--max-steps", options.max_steps), ("--batch-size", options.batch_size),
-                        ("--eval-every", options.eval_every)):
-        if value < 1:
+                        ("--eval-every", options.eval_every),
+                        ("--checkpoint-every", options.checkpoint_every)):
+        if value is not None and value < 1:
             raise PrometheanError(f"{flag} must be at least 1, got {value}.")
     patience = options.patience if options.patience is not None else \
         _trainer_default("early_stopping_patience")
@@ -351,26 +370,31 @@ def _check(options: ChatTuningOptions) -> tuple[int, float]:
     return patience, min_delta
 
 
+def _fingerprint(options: ChatTuningOptions, base_sha256: str) -> str:
+    """What a resumed training must share with the interrupted one: the options that shape it,
+    the base model, and the chat log's bytes (a log that grew since gives a fresh start)."""
+    kept = {k: v for k, v in asdict(options).items() if k not in _RESUMABLE_DIFFERENCES}
+    digest = hashlib.sha256()
+    with open(options.log, "rb") as log:
+        for block in iter(lambda: log.read(1 << 20), b""):
+            digest.update(block)
+    return json.dumps({**kept, "base_sha256": base_sha256, "log_sha256": digest.hexdigest()},
+                      sort_keys=True, default=str)
+
+
 def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     """Train and save the chat adapter as `options` say (see the module docstring)."""
     from promethean.checkpoint import load_checkpoint, read_checkpoint_record
-    from promethean.continual.learn import _progress
     from promethean.device import resolve_device
-    from promethean.train.config import TrainConfig
-    from promethean.train.loop import (
-        NonFiniteSteps,
-        WallBudget,
-        evaluation_line,
-        optimizer_step,
-        print_line,
-        refuse_a_runaway,
-        set_learning_rate,
-    )
+    from promethean.files import remove_tree
+    from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, check_max_minutes, run_loop
     from promethean.train.optim import build_optimizer
     from promethean.train.schedule import lr_at
+    from promethean.train.state import Progress, read_partial_state, save_partial_state
 
     started = time.perf_counter()
     patience, min_delta = _check(options)
+    check_max_minutes(options.max_minutes)
     checkpoint = Path(options.checkpoint)
     model_config, _ = read_checkpoint_record(checkpoint)  # a sentence if it is not one
     output = adapter_directory(checkpoint, options.name)
@@ -410,7 +434,8 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
                     for e in conversation_examples(c, tokenizer, block_size)]
 
     torch.manual_seed(options.seed)  # the adapter's random A
-    adapters = Adapters(model, base_sha256=checkpoint_sha256(checkpoint))
+    base_sha256 = checkpoint_sha256(checkpoint)
+    adapters = Adapters(model, base_sha256=base_sha256)
     adapters.add(options.name, lora, metadata={"trained_on": "chat log"})
     adapters.to(device)
     trainable = adapters.trainable_parameters(options.name)
@@ -418,60 +443,78 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     optimizer = build_optimizer(adapters, options.lr, 0.0, (0.9, 0.95))
     warmup = max(1, options.max_steps // 10)
 
-    def evaluate() -> float:
-        return validation_loss(model, val_examples, options.batch_size, pad_id, device)
+    def evaluate() -> dict[str, float]:
+        return {"val_loss": validation_loss(model, val_examples, options.batch_size, pad_id,
+                                            device)}
 
-    with adapters.disabled():
-        base_val_loss = evaluate()
-    best_val_loss, best_step, best_weights = base_val_loss, 0, None
-    evaluations: list[dict[str, float]] = []
-    without_improvement, stopped, step = 0, "max_steps", 0
-    batches = _epochs(train_examples, options.batch_size, options.seed, pad_id, device)
-    train_losses: list[float] = []
-    nonfinite = NonFiniteSteps()
-    max_nonfinite = TrainConfig.model_fields["max_nonfinite_in_a_row"].default
-    tokens_since_evaluation, evaluation_started = 0, time.perf_counter()
-    budget = WallBudget(options.max_minutes)
+    # ---- a fresh start, or the interrupted training this same command left
+    state_dir = in_progress_directory(checkpoint, options.name)
+    fingerprint = _fingerprint(options, base_sha256)
+    resumed = read_partial_state(state_dir, fingerprint)
+    best: dict[str, torch.Tensor] = {}
+    if resumed is None:
+        with adapters.disabled():
+            base_val_loss = evaluate()["val_loss"]
+        # The base model is the first to beat: an adapter is kept only when it does better.
+        progress, best_step, evaluations = Progress(best_val_loss=base_val_loss), 0, []
+    else:
+        with torch.no_grad():
+            for key, parameter in trainable.items():
+                parameter.copy_(resumed.tensors[key])
+        best = {key[len(BEST_PREFIX):]: tensor for key, tensor in resumed.tensors.items()
+                if key.startswith(BEST_PREFIX)}
+        optimizer.load_state_dict(resumed.optimizer)
+        progress = resumed.progress
+        base_val_loss = resumed.extra["base_val_loss"]
+        best_step, evaluations = resumed.extra["best_step"], resumed.extra["evaluations"]
+        resumed.restore_rng()
+    batches = _epochs(train_examples, options.batch_size, options.seed, pad_id, device,
+                      skip=progress.step)
+
+    def train_step(step: int) -> TrainedStep:
+        inputs, targets = next(batches)
+        _, loss = model(inputs, targets)
+        loss.backward()
+        return TrainedStep(float(loss.detach()), int((targets != IGNORE_INDEX).sum()))
+
+    def keep_best(progress: Progress) -> None:
+        nonlocal best_step
+        best_step = progress.step
+        best.update({k: p.detach().clone() for k, p in trainable.items()})
+
+    def save_progress(progress: Progress) -> None:
+        save_partial_state(
+            state_dir, fingerprint,
+            {**trainable, **{BEST_PREFIX + key: tensor for key, tensor in best.items()}},
+            optimizer, progress, {"base_val_loss": base_val_loss, "best_step": best_step,
+                                  "evaluations": evaluations})
+
+    plan = LoopPlan(
+        description=f"chat adapter {options.name}", optimizer=optimizer, parameters=parameters,
+        max_steps=options.max_steps,
+        learning_rate=lambda step: lr_at(step, options.lr, options.lr * 0.1, warmup,
+                                         options.max_steps),
+        grad_clip=options.grad_clip, runaway_advice="lower --lr; no adapter was written.",
+        eval_every=options.eval_every, patience=patience, min_delta=min_delta,
+        checkpoint_every=options.checkpoint_every, max_minutes=options.max_minutes,
+        show_progress=options.progress)
     model.train()
-    with _progress(options.progress) as bar:
-        task = bar.add_task(f"chat adapter {options.name}", total=options.max_steps, loss=math.nan)
-        for step in range(1, options.max_steps + 1):
-            rate = lr_at(step - 1, options.lr, options.lr * 0.1, warmup, options.max_steps)
-            set_learning_rate(optimizer, rate)
-            inputs, targets = next(batches)
-            tokens_since_evaluation += int((targets != IGNORE_INDEX).sum())
-            _, loss = model(inputs, targets)
-            loss.backward()
-            optimizer_step(optimizer, parameters, float(loss.detach()), options.grad_clip,
-                           nonfinite)
-            refuse_a_runaway(nonfinite, step, max_nonfinite,
-                             "lower --lr; no adapter was written.")
-            train_losses.append(float(loss.detach()))
-            bar.update(task, completed=step, loss=train_losses[-1])
-            out_of_time = budget.spent()
-            if step % options.eval_every and step != options.max_steps and not out_of_time:
-                continue
-            val_loss = evaluate()
-            evaluations.append({"step": step, "val_loss": val_loss,
-                                "train_loss": sum(train_losses) / len(train_losses)})
-            print_line(bar, options.progress, evaluation_line(
-                step, options.max_steps, evaluations[-1]["train_loss"], val_loss, None, rate,
-                tokens_since_evaluation / max(time.perf_counter() - evaluation_started, 1e-9)))
-            tokens_since_evaluation, evaluation_started = 0, time.perf_counter()
-            train_losses.clear()
-            if best_val_loss - val_loss > min_delta:
-                best_val_loss, best_step, without_improvement = val_loss, step, 0
-                best_weights = {k: p.detach().clone() for k, p in trainable.items()}
-            else:
-                without_improvement += 1
-                if without_improvement >= patience:
-                    stopped = "early_stopping"
-                    break
-            if out_of_time and step != options.max_steps:
-                stopped = "max_minutes"
-                break
+    outcome = run_loop(plan, LoopHooks(
+        train_step, evaluate=evaluate, keep_best=keep_best, save_progress=save_progress,
+        on_evaluation=lambda e: evaluations.append({
+            "step": e["step"], "val_loss": e["val_loss"], "train_loss": e["mean_train_loss"]}),
+    ), progress)
+    if outcome.stopped == "interrupted":
+        save_progress(progress)
+        raise TrainingInterrupted(
+            f"chat tuning of '{options.name}' interrupted by {outcome.signal} at step "
+            f"{progress.step} of {options.max_steps}; its progress is saved in {state_dir}: run "
+            "the same command to continue it.", outcome.signal)
+    step, stopped, best_val_loss = progress.step, outcome.stopped, progress.best_val_loss
+    best_weights = best or None
     model.eval()
     if best_weights is None:
+        remove_tree(state_dir)  # the training has ended: nothing is left to resume
         raise PrometheanError(
             f"no evaluation in {step} steps lowered the validation loss below the base model's "
             f"({base_val_loss:.4f}) by more than {min_delta}, so no adapter was written; try "
@@ -491,6 +534,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         "evaluations": evaluations,
     })
     adapters.save(options.name, output)
+    remove_tree(state_dir)  # what this training wrote to resume from: it has ended
     return ChatTuningResult(
         output=output, conversations=(len(train_conversations), len(val_conversations)),
         examples=(len(train_examples), len(val_examples)), steps=step, stopped=stopped,

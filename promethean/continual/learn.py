@@ -31,14 +31,15 @@ base model itself. A stage:
    `CHECKPOINT/adapters/NAME`, where generate, chat and serve find it by name (a crash between
    the two is repaired by the next stage, which publishes the last committed adapter first).
 
-Why a loop of its own rather than `train.trainer.train`: the trainer loads, saves and resumes a
-plain model checkpoint (its optimizer state is keyed to the model's parameters, its checkpoints
-are whole models), while a LoRA stage trains parameters that live beside the model and saves
-only those; fitting that in would touch the trainer's model loading, saving and resume paths,
-which other work is changing now. This loop reuses the trainer's parts instead (AdamW groups,
-the schedule, the window sampler, exact evaluation, atomic checkpoint writing). A stage is short
-and all-or-nothing: an interrupted or failed stage leaves the run exactly as it was (its staging
-copy is removed by the next write), and is simply run again (there is no mid-stage resume).
+The stage's steps are `train.loop.run_loop`'s, as the trainer's and chat tuning's are (the
+schedule, clipping, the non-finite skip and stop, metrics records, `max_minutes` counting every
+leg); what is the stage's own is its data (replay mixed in), the EWC penalty, and what it saves:
+only the trained parameters, never a model checkpoint, so not the trainer's checkpoints. A stage
+is all-or-nothing: a failed or interrupted stage leaves the run exactly as it was (its staging
+copy is removed by the next write). Every `checkpoint_every` steps, and on SIGINT/SIGTERM (then
+it exits 130/143), the stage's training state is saved to `RUN/stage-in-progress`
+(`train.state.save_partial_state`); the same command run again continues from there and ends
+exactly as an uninterrupted stage would.
 """
 
 from __future__ import annotations
@@ -626,15 +627,3 @@ def _domain_fisher(model, trainable, dataset, options: LearnOptions, device, est
     sampler = WindowSampler(dataset, options.batch_size, options.block_size, "train",
                             seed=options.seed + 104729, device=device)
     return estimate_fisher(model, trainable, iter(sampler), options.fisher_samples)
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(),
-        TextColumn("step {task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled,
-    )

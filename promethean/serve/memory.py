@@ -40,7 +40,7 @@ class ServerMemory:
         """Open (or start) the memory in `directory`, with the intake `promethean memory add`
         uses: the model's surprise is a salience signal when the embedder is the model."""
         from promethean.context.embed import ModelEmbedder, embedder_for
-        from promethean.context.intake import MemoryAwareBatcher, activation_bytes_per_token
+        from promethean.context.intake import ActivationBoundedBatcher
         from promethean.context.retrieval import open_memory_with_embedder
 
         if token_budget < 1 or k < 1:
@@ -60,10 +60,7 @@ class ServerMemory:
         if model is None:
             intake = Intake(tree, embedder, tokenizer=tokenizer)
         else:
-            batcher = MemoryAwareBatcher(tokenizer.encode_ordinary, token_budget=4096,
-                                         memory_budget=256 * 2**20,
-                                         bytes_per_token=activation_bytes_per_token(model.config),
-                                         max_row_tokens=model.config.context_length)
+            batcher = ActivationBoundedBatcher.for_model(tokenizer, model.config)
             intake = Intake(tree, embedder, tokenizer=tokenizer, batcher=batcher,
                             surprise=embedder.loss_per_token, vocab_size=model.config.vocab_size)
         memory = cls(directory, tree, embedder, intake, token_budget, k)

@@ -249,6 +249,8 @@ class LoopHooks:
 
     train_step: Callable[[int], TrainedStep]
     evaluate: Callable[[], dict[str, float]] | None = None  # "val_loss" (+ "val_bits_per_byte")
+    # Each evaluation's record (step, the val_ numbers, mean_train_loss) as it is made.
+    on_evaluation: Callable[[dict[str, Any]], None] | None = None
     keep_best: Callable[[Progress], None] | None = None  # the validation loss just improved
     save_progress: Callable[[Progress], None] | None = None  # a resumable state at this step
     record_fields: Callable[[], dict[str, Any]] | None = None  # more for every metrics record
@@ -296,7 +298,7 @@ def run_loop(plan: LoopPlan, hooks: LoopHooks, progress: Progress) -> LoopOutcom
     stop_flag = StopFlag()
     losses: list[tuple[int, float]] = []
     evaluations: list[dict[str, Any]] = []
-    since_evaluation: list[float] = []
+    since_evaluation = progress.losses_since_evaluation
     stopped = "max_steps"
     window_started, window_tokens = time.perf_counter(), 0
     with stop_flag.installed(), progress_bar(plan.show_progress and plan.is_main) as bar:
@@ -342,6 +344,8 @@ def run_loop(plan: LoopPlan, hooks: LoopHooks, progress: Progress) -> LoopOutcom
                 evaluations.append({"step": progress.step, **{
                     k: v for k, v in record.items() if k.startswith("val_")},
                     "mean_train_loss": mean_train_loss})
+                if hooks.on_evaluation is not None:
+                    hooks.on_evaluation(evaluations[-1])
                 if plan.is_main:
                     print_line(bar, plan.show_progress, evaluation_line(
                         progress.step, plan.max_steps, mean_train_loss, record["val_loss"],

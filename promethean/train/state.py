@@ -44,7 +44,7 @@ STATE_VERSION = 1
 
 @dataclass
 class Progress:
-    """The trainer's own counters, saved in train_state.json."""
+    """The training loop's counters (`train.loop.run_loop`), saved in train_state.json."""
 
     step: int = 0  # optimizer steps taken (skipped ones included)
     tokens: int = 0  # training tokens consumed
@@ -53,6 +53,8 @@ class Progress:
     nonfinite_in_a_row: int = 0
     best_val_loss: float | None = None
     evals_without_improvement: int = 0
+    # The train losses since the last evaluation: the evaluation line's mean over them.
+    losses_since_evaluation: list[float] = field(default_factory=list)
     sampler: dict[str, Any] = field(default_factory=dict)
     # Which run (lineage) this is: kept on resume, new on a fresh start or a branch, so pruning
     # old checkpoints never touches another run's ("" for checkpoints older than run ids).
