@@ -21,7 +21,8 @@ from promethean.continual.adapters import (
 )
 from promethean.continual.ewc import EWC, estimate_fisher
 from promethean.continual.forgetting import draw_heatmap, forgetting_report
-from promethean.continual.learn import LearnOptions, learn, read_run
+from promethean.continual.learn import LearnOptions, learn
+from promethean.continual.run_record import read_run
 from promethean.continual.replay import ReplayBuffer, ReplayMixer
 from promethean.data.batches import TokenDataset, WindowSampler
 from promethean.errors import PrometheanError
@@ -350,7 +351,7 @@ def test_lora_ewc_replay_stages_record_every_domain(domains, tmp_path):
     assert penalties and all(math.isfinite(p) and p > 0 for p in penalties)
     assert ReplayBuffer(run / "replay", 32).describe().keys() == {"alpha", "beta", "gamma"}
     # The stage's recorded loss is what the saved adapter gives.
-    from promethean.continual.learn import evaluate_domains
+    from promethean.continual.run_record import evaluate_domains
 
     model = load_checkpoint(checkpoint).model
     load_adapter_onto(model, checkpoint, "gamma-cl")
@@ -512,7 +513,7 @@ def test_a_from_base_stage_starts_fresh_on_the_base_after_a_continuing_stage(dom
     from safetensors.torch import load_file
 
     import promethean.train.optim as optim_module
-    from promethean.continual.learn import evaluate_domains
+    from promethean.continual.run_record import evaluate_domains
 
     _, checkpoint, data = domains
     run = tmp_path / "mixed"
@@ -564,7 +565,7 @@ def test_a_from_base_stage_starts_fresh_on_the_base_after_a_continuing_stage(dom
 
 
 def test_from_base_stages_leave_each_domain_its_own_adapter(domains, tmp_path):
-    from promethean.continual.learn import evaluate_domains
+    from promethean.continual.run_record import evaluate_domains
 
     _, checkpoint, data = domains
     run = tmp_path / "independent"

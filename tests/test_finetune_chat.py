@@ -19,15 +19,15 @@ from promethean.continual.adapters import (
     ADAPTER_CONFIG_FILE,
     load_adapter_onto,
 )
-from promethean.continual.chat_tuning import (
+from promethean.continual.chat_examples import (
     ChatLogWarning,
-    ChatTuningOptions,
     Conversation,
+    chat_log_formats,
     conversation_examples,
-    finetune_chat,
     read_chat_log,
     split_conversations,
 )
+from promethean.continual.chat_tuning import ChatTuningOptions, finetune_chat
 from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
 from promethean.inference.generate import SamplingParams, generate_text
@@ -152,7 +152,7 @@ def test_other_systems_chat_logs_are_read_one_conversation_a_line(tmp_path):
                                 "OpenAI messages")
     mixed = read_chat_log(write_log(tmp_path / "mixed.jsonl",
                                     card_log(NAMES[:1]) + logged_turns(NAMES[:1])))
-    assert chat_tuning.chat_log_formats(mixed) == "Promethean chat log, user/assistant pairs"
+    assert chat_log_formats(mixed) == "Promethean chat log, user/assistant pairs"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -759,3 +759,54 @@ def test_the_shared_optimizer_step_skips_and_counts_non_finite_steps():
     weight.sum().backward()
     optimizer_step(optimizer, [weight], 0.5, None, counts)
     assert counts == NonFiniteSteps(2, 0)  # a good step ends the streak, not the count
+
+
+def test_run_loop_calls_the_hooks_when_the_plan_says():
+    """The one loop on a toy regression: evaluations every 3 steps and at the end, a resumable
+    save every 4 steps (not at the last), records every 2 steps and at each evaluation, the
+    best kept on improvement only, early stopping after `patience` evaluations without one."""
+    from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, run_loop
+    from promethean.train.state import Progress
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.zeros(3))
+    inputs = torch.randn(16, 3)
+    targets = inputs @ torch.tensor([1.0, -2.0, 0.5])
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    calls, records = [], []
+
+    def train_step(step):
+        loss = ((inputs @ weight - targets) ** 2).mean()
+        loss.backward()
+        calls.append(("train", step))
+        return TrainedStep(float(loss.detach()), tokens=16, fields={"extra": step})
+
+    scripted = iter([3.0, 2.0, 2.5])
+
+    def evaluate():
+        calls.append(("evaluate",))
+        return {"val_loss": next(scripted)}
+
+    hooks = LoopHooks(train_step, evaluate=evaluate,
+                      keep_best=lambda progress: calls.append(("best", progress.step)),
+                      save_progress=lambda progress: calls.append(("save", progress.step)))
+    plan = LoopPlan("toy", optimizer, [weight], max_steps=8, learning_rate=lambda step: 0.1,
+                    log_every=2, eval_every=3, checkpoint_every=4, show_progress=False,
+                    metrics=records.append)
+    progress = Progress()
+    outcome = run_loop(plan, hooks, progress)
+    assert outcome.stopped == "max_steps" and progress.step == 8 and progress.tokens == 128
+    assert [c for c in calls if c[0] != "train"] == [
+        ("evaluate",), ("best", 3), ("save", 4), ("evaluate",), ("best", 6), ("evaluate",)]
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8]
+    assert records[0]["extra"] == 1 and "val_loss" not in records[0]
+    assert records[1]["val_loss"] == 3.0
+    losses = [loss for _, loss in outcome.losses]
+    assert losses == sorted(losses, reverse=True)  # it learns
+    assert records[1]["mean_train_loss"] == pytest.approx(sum(losses[:3]) / 3)
+    assert progress.best_val_loss == 2.0 and progress.evals_without_improvement == 1
+    # The same plan resumed from its counters at step 8 of 12 with patience 1 stops early.
+    scripted = iter([2.0])
+    plan.max_steps, plan.patience = 12, 1
+    outcome = run_loop(plan, hooks, progress)
+    assert (outcome.stopped, progress.step) == ("early_stopping", 9)

@@ -173,7 +173,7 @@ def _intake_records(raw: list, file: Path) -> list:
     """Intake records from JSON lines: the intake's own records, or chat log lines (ours, the
     GPT-2 chat card's user/assistant pairs, OpenAI messages), each conversation one chat record."""
     from promethean.context.intake import ChatRecord, ChatTurn, parse_records
-    from promethean.continual.chat_tuning import PROMETHEAN_LOG_FORMAT
+    from promethean.continual.chat_examples import PROMETHEAN_LOG_FORMAT
     from promethean.data.chat import foreign_chat_exchanges
 
     chats, formats, others = [], set(), []

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from promethean.continual.learn import read_run
+from promethean.continual.run_record import read_run
 from promethean.errors import PrometheanError
 
 HEATMAP_FILE = "forgetting.png"
