@@ -448,6 +448,15 @@ def test_an_interrupted_training_continues_and_ends_as_an_uninterrupted_one(tmp_
     settings = {"max_steps": 30, "eval_every": 4, "checkpoint_every": 5, "patience": 10}
     straight_checkpoint = new_checkpoint(tmp_path / "straight")
     straight = finetune_chat(options(straight_checkpoint, log, **settings))
+
+    def metrics(checkpoint):  # the adapter's metrics.jsonl, less the timings
+        lines = (checkpoint / "adapters" / "chat" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items()
+                 if k not in ("tokens_per_second", "elapsed")} for line in lines]
+
+    logged = metrics(straight_checkpoint)  # every 10 steps and at each evaluation (every 4)
+    assert [line["step"] for line in logged] == [4, 8, 10, 12, 16, 20, 24, 28, 30]
+    assert [line["step"] for line in logged if "val_loss" in line] == [4, 8, 12, 16, 20, 24, 28, 30]
     real_step = loop.optimizer_step
 
     def stopping_at(count, action):
@@ -492,6 +501,7 @@ def test_an_interrupted_training_continues_and_ends_as_an_uninterrupted_one(tmp_
         second = _adapter_tensors(checkpoint, "chat")
         assert first.keys() == second.keys()
         assert all(torch.equal(first[key], second[key]) for key in first)
+        assert metrics(checkpoint) == metrics(straight_checkpoint)
         assert not state.exists()
 
 

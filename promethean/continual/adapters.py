@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,8 +405,10 @@ class Adapters(nn.Module):
         return tied
 
     # ---------------------------------------------------------------------------- save / load
-    def save(self, name: str, directory: str | Path) -> Path:
-        """`adapter_model.safetensors` + `adapter_config.json`, written atomically."""
+    def save(self, name: str, directory: str | Path, *,
+             extra_files: Callable[[Path], None] | None = None) -> Path:
+        """`adapter_model.safetensors` + `adapter_config.json` (and what `extra_files(staging)`
+        adds, e.g. a training's metrics), written atomically."""
         info = self._require(name)
         tensors = {
             key: tensor.detach().to("cpu", torch.float32).contiguous()
@@ -437,6 +439,8 @@ class Adapters(nn.Module):
         with atomic_directory(directory) as scratch:
             save_file(tensors, str(scratch / ADAPTER_FILE), metadata={"format": "pt"})
             (scratch / ADAPTER_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            if extra_files is not None:
+                extra_files(scratch)
             write_checksums(scratch)
         return directory
 

@@ -83,6 +83,7 @@ DEFAULT_ADAPTER_NAME = "chat"
 MIN_CONVERSATIONS = 10  # fewer is warned about: too little to learn from without memorising
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_LR = 2e-3  # as `learn`'s LoRA stages
+METRICS_FILE = "metrics.jsonl"  # in the adapter's directory: the training's records
 BEST_PREFIX = "best:"  # a resumable state's copy of the best weights so far
 # What may differ between an interrupted training and the command that continues it.
 _RESUMABLE_DIFFERENCES = ("progress", "device", "max_minutes", "checkpoint_every", "overwrite")
@@ -182,7 +183,14 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
     from promethean.checkpoint import load_checkpoint, read_checkpoint_record
     from promethean.device import resolve_device
     from promethean.files import remove_tree
-    from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, check_max_minutes, run_loop
+    from promethean.train.loop import (
+        LoopHooks,
+        LoopPlan,
+        TrainedStep,
+        check_max_minutes,
+        json_safe,
+        run_loop,
+    )
     from promethean.train.optim import build_optimizer
     from promethean.train.schedule import lr_at
     from promethean.train.state import Progress, read_partial_state, save_partial_state
@@ -252,6 +260,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
             base_val_loss = evaluate()["val_loss"]
         # The base model is the first to beat: an adapter is kept only when it does better.
         progress, best_step, evaluations = Progress(best_val_loss=base_val_loss), 0, []
+        metric_lines: list[str] = []
     else:
         with torch.no_grad():
             for key, parameter in trainable.items():
@@ -262,6 +271,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         progress = resumed.progress
         base_val_loss = resumed.extra["base_val_loss"]
         best_step, evaluations = resumed.extra["best_step"], resumed.extra["evaluations"]
+        metric_lines = list(resumed.extra["metrics"])
         resumed.restore_rng()
     batches = _epochs(train_examples, options.batch_size, options.seed, pad_id, device,
                       skip=progress.step)
@@ -282,7 +292,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
             state_dir, fingerprint,
             {**trainable, **{BEST_PREFIX + key: tensor for key, tensor in best.items()}},
             optimizer, progress, {"base_val_loss": base_val_loss, "best_step": best_step,
-                                  "evaluations": evaluations})
+                                  "evaluations": evaluations, "metrics": metric_lines})
 
     plan = LoopPlan(
         description=f"chat adapter {options.name}", optimizer=optimizer, parameters=parameters,
@@ -292,7 +302,8 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         grad_clip=options.grad_clip, runaway_advice="lower --lr; no adapter was written.",
         eval_every=options.eval_every, patience=patience, min_delta=min_delta,
         checkpoint_every=options.checkpoint_every, max_minutes=options.max_minutes,
-        show_progress=options.progress)
+        show_progress=options.progress,
+        metrics=lambda record: metric_lines.append(json.dumps(json_safe(record)) + "\n"))
     model.train()
     outcome = run_loop(plan, LoopHooks(
         train_step, evaluate=evaluate, keep_best=keep_best, save_progress=save_progress,
@@ -328,7 +339,8 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         "best_val_loss": best_val_loss, "base_val_loss": base_val_loss,
         "evaluations": evaluations,
     })
-    adapters.save(options.name, output)
+    adapters.save(options.name, output, extra_files=lambda scratch: (
+        scratch / METRICS_FILE).write_text("".join(metric_lines)))
     remove_tree(state_dir)  # what this training wrote to resume from: it has ended
     return ChatTuningResult(
         output=output, conversations=(len(train_conversations), len(val_conversations)),
