@@ -195,16 +195,7 @@ def learn(options: LearnOptions) -> StageResult:
     from promethean.continual.replay import ReplayBuffer, ReplayMixer
     from promethean.data.batches import WindowSampler
     from promethean.device import resolve_device
-    from promethean.train.loop import (
-        LoopHooks,
-        LoopPlan,
-        TrainedStep,
-        json_safe,
-        run_loop,
-    )
-    from promethean.train.optim import build_optimizer
-    from promethean.train.schedule import lr_at
-    from promethean.train.state import Progress, read_partial_state, save_partial_state
+    from promethean.train.state import read_partial_state
 
     started = time.perf_counter()
     _check(options)
@@ -219,25 +210,7 @@ def learn(options: LearnOptions) -> StageResult:
     method = "full" if options.full else "lora"
     device = resolve_device(options.device)
     base_hash = checkpoint_sha256(checkpoint)  # read once: the run's base, or the adapted one
-    # ---- the run record
-    if (run / RUN_FILE).is_file():
-        record = read_run(run)
-        if record["method"] != method:
-            raise PrometheanError(
-                f"{run} is a {record['method']} run; this stage asks for {method} "
-                f"({'drop' if options.full else 'add'} --full, or use another --run)."
-            )
-        if options.base_domain is not None and options.base_domain[0] not in record["domains"]:
-            raise PrometheanError(
-                f"--base-domain belongs to a run's first stage; {run} already has stages."
-            )
-    else:
-        record = {"format": RUN_FORMAT, "version": RUN_VERSION, "method": method,
-                  "base_checkpoint": str(checkpoint), "base_model_sha256": base_hash,
-                  "domains": {}, "stages": []}
-        if options.base_domain is not None:
-            name, data = options.base_domain
-            record["domains"][name] = {"data": data, "learned_at_stage": 0}
+    record = _open_run_record(run, options, method, checkpoint, base_hash)
     is_new_domain = options.domain not in record["domains"]
     stage_index = len(record["stages"]) or 1  # stage 0 is the base model, written below
     previous = record["stages"][-1] if record["stages"] else None
@@ -245,50 +218,8 @@ def learn(options: LearnOptions) -> StageResult:
         # A crash after the last stage committed but before its adapter was published.
         publish_adapter(Path(previous["adapter"]), Path(previous["published"]))
 
-    # ---- the model to learn on
-    if options.full:
-        source = checkpoint
-        if previous is not None and previous.get("checkpoint") and \
-                Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
-            raise PrometheanError(
-                f"the last stage of {run} wrote {previous['checkpoint']}; continue from it "
-                f"(--checkpoint {previous['checkpoint']}) so that the stages follow each other."
-            )
-        loaded = load_checkpoint(source, device=device)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        adapters = None
-        named = {name: p for name, p in model.named_parameters()}
-        for parameter in named.values():
-            parameter.requires_grad_(True)
-        trainable = named
-    else:
-        loaded = load_checkpoint(checkpoint, device=device)
-        model, tokenizer = loaded.model, loaded.tokenizer
-        if base_hash != record["base_model_sha256"]:
-            raise AdapterError(
-                f"{checkpoint} is not the base model of {run} (sha256 {base_hash[:12]}, the run's "
-                f"is {record['base_model_sha256'][:12]}); LoRA stages all adapt the same base."
-            )
-        adapters = Adapters(model, base_sha256=base_hash)
-        name = options.adapter_name or options.domain
-        config = LoraConfig.for_rank(options.lora_rank, options.lora_alpha,
-                                     dropout=options.lora_dropout,
-                                     target_modules=options.target_modules)
-        metadata = {"domain": options.domain, "stage": stage_index, "run": str(run)}
-        if options.from_base:
-            metadata["from_base"] = True
-        # The adapter's random A from the run's seed, not from whatever the process drew before:
-        # the same command gives the same stage in any process (and a resumed stage matches).
-        torch.manual_seed(options.seed + stage_index)
-        adapters.add(name, config, metadata=metadata)  # B = 0: base + it is the base
-        if previous is not None and previous.get("adapter") and not options.from_base:
-            # Each stage's adapter continues the previous one: base + it is the model after it.
-            previous_name = f"previous-{previous['stage']}"
-            adapters.load(previous["adapter"], previous_name, activate=False)
-            adapters.copy_weights(previous_name, name)
-            adapters.delete(previous_name)
-        adapters.to(device)
-        trainable = adapters.trainable_parameters(name)
+    model, tokenizer, adapters, trainable, name = _model_to_learn_on(
+        options, record, previous, checkpoint, base_hash, run, stage_index, device)
 
     # ---- everything the stage writes goes into a staging copy of the run, switched into place
     # in one step at the end (atomic_directory; entries it does not rewrite are carried over by
@@ -397,79 +328,9 @@ def learn(options: LearnOptions) -> StageResult:
                                   seed=options.seed + stage_index)
 
         # ---- train
-        lr = options.lr or (3e-4 if options.full else 2e-3)
-        weight_decay = options.weight_decay
-        if weight_decay is None:
-            weight_decay = 0.1 if options.full else 0.0
-        optimizer = build_optimizer(model if adapters is None else adapters, lr, weight_decay,
-                                    (0.9, 0.95))
-        warmup = (options.warmup_steps if options.warmup_steps is not None
-                  else max(1, options.update_steps // 10))
-        parameters = list(trainable.values())
-        progress, metric_lines = Progress(), []
-        model.train()
-        metrics_path = staging / METRICS_FILE
-        if (run / METRICS_FILE).is_file():
-            shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
-        if resumed is not None:
-            with torch.no_grad():
-                for key, parameter in trainable.items():
-                    parameter.copy_(resumed.tensors[key])
-            optimizer.load_state_dict(resumed.optimizer)
-            progress = resumed.progress
-            sampler.step = progress.step  # the samplers are seeded by step: this is the position
-            if hasattr(batches, "replayed_rows"):
-                batches.replayed_rows = resumed.extra["replayed_rows"]
-            metric_lines = list(resumed.extra["metrics"])
-            resumed.restore_rng()
-
-        def train_step(step: int) -> TrainedStep:
-            inputs, targets = batches.next_batch()
-            _, loss = model(inputs, targets)
-            penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
-            total = loss + penalty if penalty is not None else loss
-            total.backward()
-            return TrainedStep(float(total.detach()), inputs.numel(), float(loss.detach()),
-                               {"ewc_penalty": 0.0 if penalty is None else float(penalty.detach())})
-
-        def save_progress(progress: Progress) -> None:
-            save_partial_state(run / STAGE_PROGRESS_DIR, fingerprint, trainable, optimizer,
-                               progress, {"replayed_rows": getattr(batches, "replayed_rows", 0),
-                                          "metrics": metric_lines})
-
-        with open(metrics_path, "a") as metrics:
-            for line in metric_lines:
-                metrics.write(line)
-
-            def write_metrics(line: dict[str, Any]) -> None:
-                metric_lines.append(json.dumps(json_safe(line)) + "\n")
-                metrics.write(metric_lines[-1])
-                metrics.flush()
-
-            plan = LoopPlan(
-                description=f"{method} {options.domain}", optimizer=optimizer,
-                parameters=parameters, max_steps=options.update_steps,
-                learning_rate=lambda step: lr_at(step, lr, lr * options.min_lr_ratio, warmup,
-                                                 options.update_steps),
-                grad_clip=options.grad_clip,
-                runaway_advice="lower --lr (or --ewc-lambda); the run is as it was before this "
-                               "stage.",
-                checkpoint_every=options.checkpoint_every, max_minutes=options.max_minutes,
-                show_progress=options.progress, metrics=write_metrics)
-            hooks = LoopHooks(train_step, save_progress=save_progress,
-                              record_fields=lambda: {"stage": stage_index,
-                                                     "domain": options.domain})
-            outcome = run_loop(plan, hooks, progress)
-        if outcome.stopped == "interrupted":
-            save_progress(progress)
-            raise TrainingInterrupted(
-                f"stage {stage_index} ({options.domain}) interrupted by {outcome.signal} at step "
-                f"{progress.step} of {options.update_steps}; its progress is saved in "
-                f"{run / STAGE_PROGRESS_DIR}: run the same command to continue it.",
-                outcome.signal)
-        stopped, steps_trained = outcome.stopped, progress.step
-        if stopped == "max_steps":
-            stopped = "update_steps"
+        stopped, steps_trained = _train_stage(options, model, adapters, trainable, batches,
+                                              sampler, ewc, run, staging, fingerprint, resumed,
+                                              f"{method} {options.domain}", stage_index)
         model.eval()
 
         # ---- evaluate, save, consolidate
@@ -493,7 +354,7 @@ def learn(options: LearnOptions) -> StageResult:
             save_checkpoint(staging / stage_dir, model, tokenizer,
                             {"continual_run": str(run), "domain": options.domain,
                              "stage": stage_index, "trained_from": str(checkpoint)})
-            trainable_count = sum(p.numel() for p in parameters)
+            trainable_count = sum(p.numel() for p in trainable.values())
             stage_entry = {"checkpoint": str(output)}
         if ewc is not None:
             fisher = _domain_fisher(model, trainable, new_dataset, options, device, estimate_fisher)
@@ -521,6 +382,170 @@ def learn(options: LearnOptions) -> StageResult:
     if adapters is not None:
         publish_adapter(run / stage_dir, output)
     return StageResult(stage_index, options.domain, output, val, trainable_count, seconds)
+
+
+def _open_run_record(run: Path, options: LearnOptions, method: str, checkpoint: Path,
+                     base_hash: str) -> dict[str, Any]:
+    """The run's record (checked against this stage's method), or a new run's."""
+    if (run / RUN_FILE).is_file():
+        record = read_run(run)
+        if record["method"] != method:
+            raise PrometheanError(
+                f"{run} is a {record['method']} run; this stage asks for {method} "
+                f"({'drop' if options.full else 'add'} --full, or use another --run)."
+            )
+        if options.base_domain is not None and options.base_domain[0] not in record["domains"]:
+            raise PrometheanError(
+                f"--base-domain belongs to a run's first stage; {run} already has stages."
+            )
+    else:
+        record = {"format": RUN_FORMAT, "version": RUN_VERSION, "method": method,
+                  "base_checkpoint": str(checkpoint), "base_model_sha256": base_hash,
+                  "domains": {}, "stages": []}
+        if options.base_domain is not None:
+            name, data = options.base_domain
+            record["domains"][name] = {"data": data, "learned_at_stage": 0}
+    return record
+
+
+def _model_to_learn_on(options: LearnOptions, record: dict, previous: dict | None,
+                       checkpoint: Path, base_hash: str, run: Path, stage_index: int, device):
+    """(model, tokenizer, adapters or None, the trainable parameters by name, the adapter's
+    name or None): the stage's model as the module docstring's step 2 says."""
+    from promethean.checkpoint import load_checkpoint
+
+    name = None
+    if options.full:
+        source = checkpoint
+        if previous is not None and previous.get("checkpoint") and \
+                Path(previous["checkpoint"]).resolve() != checkpoint.resolve():
+            raise PrometheanError(
+                f"the last stage of {run} wrote {previous['checkpoint']}; continue from it "
+                f"(--checkpoint {previous['checkpoint']}) so that the stages follow each other."
+            )
+        loaded = load_checkpoint(source, device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        adapters = None
+        named = {name: p for name, p in model.named_parameters()}
+        for parameter in named.values():
+            parameter.requires_grad_(True)
+        trainable = named
+    else:
+        loaded = load_checkpoint(checkpoint, device=device)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if base_hash != record["base_model_sha256"]:
+            raise AdapterError(
+                f"{checkpoint} is not the base model of {run} (sha256 {base_hash[:12]}, the run's "
+                f"is {record['base_model_sha256'][:12]}); LoRA stages all adapt the same base."
+            )
+        adapters = Adapters(model, base_sha256=base_hash)
+        name = options.adapter_name or options.domain
+        config = LoraConfig.for_rank(options.lora_rank, options.lora_alpha,
+                                     dropout=options.lora_dropout,
+                                     target_modules=options.target_modules)
+        metadata = {"domain": options.domain, "stage": stage_index, "run": str(run)}
+        if options.from_base:
+            metadata["from_base"] = True
+        # The adapter's random A from the run's seed, not from whatever the process drew before:
+        # the same command gives the same stage in any process (and a resumed stage matches).
+        torch.manual_seed(options.seed + stage_index)
+        adapters.add(name, config, metadata=metadata)  # B = 0: base + it is the base
+        if previous is not None and previous.get("adapter") and not options.from_base:
+            # Each stage's adapter continues the previous one: base + it is the model after it.
+            previous_name = f"previous-{previous['stage']}"
+            adapters.load(previous["adapter"], previous_name, activate=False)
+            adapters.copy_weights(previous_name, name)
+            adapters.delete(previous_name)
+        adapters.to(device)
+        trainable = adapters.trainable_parameters(name)
+    return model, tokenizer, adapters, trainable, name
+
+
+def _train_stage(options: LearnOptions, model, adapters, trainable: dict, batches, sampler, ewc,
+                 run: Path, staging: Path, fingerprint: str, resumed, description: str,
+                 stage_index: int) -> tuple[str, int]:
+    """The stage's training (`train.loop.run_loop`), continuing `resumed` when there is one;
+    returns why it stopped ("update_steps" or "max_minutes") and the steps trained. An
+    interruption saves the stage's progress and raises TrainingInterrupted."""
+    from promethean.train.loop import LoopHooks, LoopPlan, TrainedStep, json_safe, run_loop
+    from promethean.train.optim import build_optimizer
+    from promethean.train.schedule import lr_at
+    from promethean.train.state import Progress, save_partial_state
+
+    lr = options.lr or (3e-4 if options.full else 2e-3)
+    weight_decay = options.weight_decay
+    if weight_decay is None:
+        weight_decay = 0.1 if options.full else 0.0
+    optimizer = build_optimizer(model if adapters is None else adapters, lr, weight_decay,
+                                (0.9, 0.95))
+    warmup = (options.warmup_steps if options.warmup_steps is not None
+              else max(1, options.update_steps // 10))
+    parameters = list(trainable.values())
+    progress, metric_lines = Progress(), []
+    model.train()
+    metrics_path = staging / METRICS_FILE
+    if (run / METRICS_FILE).is_file():
+        shutil.copyfile(run / METRICS_FILE, metrics_path)  # a copy: appended to below
+    if resumed is not None:
+        with torch.no_grad():
+            for key, parameter in trainable.items():
+                parameter.copy_(resumed.tensors[key])
+        optimizer.load_state_dict(resumed.optimizer)
+        progress = resumed.progress
+        sampler.step = progress.step  # the samplers are seeded by step: this is the position
+        if hasattr(batches, "replayed_rows"):
+            batches.replayed_rows = resumed.extra["replayed_rows"]
+        metric_lines = list(resumed.extra["metrics"])
+        resumed.restore_rng()
+
+    def train_step(step: int) -> TrainedStep:
+        inputs, targets = batches.next_batch()
+        _, loss = model(inputs, targets)
+        penalty = ewc.penalty(trainable) if ewc is not None and not ewc.empty else None
+        total = loss + penalty if penalty is not None else loss
+        total.backward()
+        return TrainedStep(float(total.detach()), inputs.numel(), float(loss.detach()),
+                           {"ewc_penalty": 0.0 if penalty is None else float(penalty.detach())})
+
+    def save_progress(progress: Progress) -> None:
+        save_partial_state(run / STAGE_PROGRESS_DIR, fingerprint, trainable, optimizer,
+                           progress, {"replayed_rows": getattr(batches, "replayed_rows", 0),
+                                      "metrics": metric_lines})
+
+    with open(metrics_path, "a") as metrics:
+        for line in metric_lines:
+            metrics.write(line)
+
+        def write_metrics(line: dict[str, Any]) -> None:
+            metric_lines.append(json.dumps(json_safe(line)) + "\n")
+            metrics.write(metric_lines[-1])
+            metrics.flush()
+
+        plan = LoopPlan(
+            description=description, optimizer=optimizer,
+            parameters=parameters, max_steps=options.update_steps,
+            learning_rate=lambda step: lr_at(step, lr, lr * options.min_lr_ratio, warmup,
+                                             options.update_steps),
+            grad_clip=options.grad_clip,
+            runaway_advice="lower --lr (or --ewc-lambda); the run is as it was before this "
+                           "stage.",
+            checkpoint_every=options.checkpoint_every, max_minutes=options.max_minutes,
+            show_progress=options.progress, metrics=write_metrics)
+        hooks = LoopHooks(train_step, save_progress=save_progress,
+                          record_fields=lambda: {"stage": stage_index,
+                                                 "domain": options.domain})
+        outcome = run_loop(plan, hooks, progress)
+    if outcome.stopped == "interrupted":
+        save_progress(progress)
+        raise TrainingInterrupted(
+            f"stage {stage_index} ({options.domain}) interrupted by {outcome.signal} at step "
+            f"{progress.step} of {options.update_steps}; its progress is saved in "
+            f"{run / STAGE_PROGRESS_DIR}: run the same command to continue it.",
+            outcome.signal)
+    stopped, steps_trained = outcome.stopped, progress.step
+    if stopped == "max_steps":
+        stopped = "update_steps"
+    return stopped, steps_trained
 
 
 def _domain_fisher(model, trainable, dataset, options: LearnOptions, device, estimate_fisher):
