@@ -95,6 +95,7 @@ BENCHMARKS = (
                     *(("--model-corpus", str(CONTINUAL_BASE)) if (ROOT / CONTINUAL_BASE).is_dir() else ())),
               quick=("--sizes", "10000", "--queries", "20", "--beams", "8", "32")),
     Benchmark("serve", "benchmarks/serve.py"),
+    Benchmark("chat-reuse", "benchmarks/chat_reuse.py"),
 )
 
 

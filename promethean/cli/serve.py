@@ -13,6 +13,7 @@ from promethean.inference import (
     DEFAULT_MAX_ADAPTER_ENGINES,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFIX_CACHE_BYTES,
 )
 from promethean.cli.common import (
     app,
@@ -55,6 +56,10 @@ def serve(
     max_text_chars: Annotated[int, typer.Option(
         help="Longest prompt, message or /chat message, in characters.")] = 100_000,
     max_messages: Annotated[int, typer.Option(help="Most messages in a chat completion.")] = 256,
+    prefix_cache_memory: Annotated[str, typer.Option(
+        help="RAM for finished conversations' keys and values, so that a prompt starting with "
+        "one (a chat's next turn) prefills only what is new; 0 turns reuse off.")
+    ] = f"{DEFAULT_PREFIX_CACHE_BYTES >> 20}MB",
     allow_host: Annotated[Optional[list[str]], typer.Option(
         "--allow-host", help="A Host name to answer to besides the loopback ones (or, bound "
         "elsewhere, the only ones); repeatable.")] = None,
@@ -67,6 +72,10 @@ def serve(
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
     if not 0 <= port <= 65535:
         raise PrometheanError(f"--port must be from 0 to 65535, got {port}.")
+    from promethean.train.memory import parse_memory_size
+
+    prefix_cache_bytes = 0 if prefix_cache_memory.strip() == "0" else \
+        parse_memory_size(prefix_cache_memory)
     keys = list(api_key or [])
     if api_key_file is not None:
         try:
@@ -78,7 +87,7 @@ def serve(
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
                max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
                memory_tokens=memory_tokens, allowed_origins=tuple(allow_origin or ()),
-               allow_hosts=tuple(allow_host or ()),
+               allow_hosts=tuple(allow_host or ()), prefix_cache_bytes=prefix_cache_bytes,
                limits=ServeLimits(max_body_bytes=max_body_bytes,
                                   max_history_tokens=max_chat_history_tokens,
                                   max_chats=max_chats, max_text_chars=max_text_chars,

@@ -14,6 +14,11 @@ left-padded instead. Columns that are padding for every row are trimmed whenever
 (`KVCache.trim_common_padding`), so the slot count stays that of the longest live row. This keeps
 one batched forward per step (the point of batching) rather than a loop over per-row caches.
 
+With `prefix_cache_bytes`, a finished row's cache is kept (`promethean.inference.prefix_cache`)
+and a newcomer whose prompt starts with a kept sequence is prefilled alone, after a copy of the
+reused slots, then joins the batch as any newcomer does: a chat's next turn runs only its new
+tokens. Only on Promethean's kernels (a prepared model on the CPU), where that changes no output.
+
 Sampling (`process_logits`, `pick_tokens`, one generator per request), stop tokens, stop strings
 and streamed text that never splits a UTF-8 character or shows a stop string's beginning early
 are the pieces `promethean.inference.generate` uses for a single batch.
@@ -44,6 +49,7 @@ from promethean.inference.generate import (
     process_logits,
     sampling_generator,
 )
+from promethean.inference.prefix_cache import PrefixStore
 from promethean.model import Transformer
 from promethean.model.cache import KVCache
 from promethean.tokenizer import Tokenizer
@@ -92,6 +98,11 @@ class _Request:
     shown: int = 0  # characters of text already streamed
     stop_at: int | None = None
     finish_reason: str | None = None
+    cached: int = 0  # slots of this row's sequence held in the cache (prompt, then tokens fed)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose keys and values the row's cache holds."""
+        return (self.prompt + self.token_ids)[: self.cached]
 
 
 class RequestHandle:
@@ -191,9 +202,11 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
+        prefix_cache_bytes: int = 0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise PrometheanError("max_batch_size must be at least 1 and max_queue at least 0.")
+        if max_batch_size < 1 or max_queue < 0 or prefix_cache_bytes < 0:
+            raise PrometheanError("max_batch_size must be at least 1, max_queue and the prefix "
+                                  "cache's bytes at least 0.")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -207,6 +220,15 @@ class Engine:
         self._stopped = False
         self._admitting: list[_Request] = []  # taken from the queue, not yet in the batch
         self.peak_batch_size = 0  # the most rows decoded together so far
+        # Finished sequences' caches for prompts that start with them (None: no reuse). Only on
+        # Promethean's kernels, where a prefill split in two gives the logits of a whole one bit
+        # for bit; PyTorch's own matrix products may round a row differently with the row count.
+        from promethean.inference.kernel_layers import runs_on_kernels
+
+        self.prefix_cache_bytes = prefix_cache_bytes
+        self.prefixes = (PrefixStore(prefix_cache_bytes)
+                         if prefix_cache_bytes and runs_on_kernels(model) else None)
+        self.prefilled_tokens = 0  # prompt tokens run through the model (reused ones are not)
         self._thread = threading.Thread(target=self._run, name="promethean-engine", daemon=True)
         self._thread.start()
 
@@ -254,6 +276,16 @@ class Engine:
             self._stopped = True
             self._condition.notify()
         self._thread.join(timeout)
+
+    def reuse_counters(self) -> dict[str, int]:
+        """Prompt tokens prefilled and reused, prefix lookups and hits, and the bytes and
+        sequences the prefix store holds (zeros for those without one)."""
+        stats = self.prefixes.stats if self.prefixes is not None else None
+        return {"prefilled_tokens": self.prefilled_tokens,
+                "reused_tokens": stats.reused_tokens if stats else 0,
+                "lookups": stats.lookups if stats else 0, "hits": stats.hits if stats else 0,
+                "bytes": self.prefixes.nbytes if stats else 0,
+                "sequences": len(self.prefixes) if stats else 0}
 
     @property
     def alive(self) -> bool:
@@ -311,32 +343,53 @@ class Engine:
                 request.handle._push(error)
 
     def _admit(self, requests: list[_Request]) -> None:
-        """Prefill the newcomers together (left-padded, as `generate` batches uneven prompts),
-        pick each one's first token, and merge those still going into the running batch."""
+        """Prefill the newcomers and merge those still going into the running batch: a prompt
+        that starts with a held sequence alone, after the reused slots; the others together
+        (left-padded, as `generate` batches uneven prompts)."""
         starting = []
         for request in requests:
             if request.handle.cancelled or request.budget == 0:
                 self._finish(request, "length" if request.budget == 0 else "cancelled")
             else:
                 starting.append(request)
-        if not starting:
-            return
-        longest = max(len(request.prompt) for request in starting)
-        padding = [longest - len(request.prompt) for request in starting]
-        ids = torch.tensor([[0] * pad + request.prompt for pad, request in zip(padding, starting)],
+        fresh, groups = [], []
+        for request in starting:
+            reused = None
+            if self.prefixes is not None:
+                reused = self.prefixes.lookup(request.prompt, len(request.prompt) + request.budget)
+            if reused is None:
+                fresh.append(request)
+            else:
+                groups.append(([request], *reused))
+        if fresh:
+            groups.insert(0, (fresh, 0, None))
+        for group, reused_tokens, cache in groups:
+            self._prefill(group, reused_tokens, cache)
+
+    def _prefill(self, starting: list[_Request], reused: int, cache: KVCache | None) -> None:
+        """Prefill `starting` (one request after `reused` slots already in `cache`, or several
+        together from nothing), pick each one's first token, and merge those still going into
+        the running batch."""
+        prompts = [request.prompt[reused:] for request in starting]
+        longest = max(len(prompt) for prompt in prompts)
+        padding = [longest - len(prompt) for prompt in prompts]
+        ids = torch.tensor([[0] * pad + prompt for pad, prompt in zip(padding, prompts)],
                            device=self.device)
         left_padding = torch.tensor(padding, device=self.device) if any(padding) else None
-        capacity = longest + max(request.budget for request in starting)
+        capacity = reused + longest + max(request.budget for request in starting)
         try:
-            cache = self.model.new_cache(len(starting), capacity=capacity,
-                                         left_padding=left_padding)
+            if cache is None:
+                cache = self.model.new_cache(len(starting), capacity=capacity,
+                                             left_padding=left_padding)
             logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
         except Exception as error:  # noqa: BLE001 - the newcomers' prefill: theirs alone
             for request in starting:
                 self._fail(request, error)
             return
+        self.prefilled_tokens += sum(len(prompt) for prompt in prompts)
         keep, tokens = [], []
         for row, request in enumerate(starting):
+            request.cached = len(request.prompt)
             try:
                 params = request.params
                 request.generator = sampling_generator(params, self.device)
@@ -344,7 +397,7 @@ class Engine:
                     request.seen = torch.zeros(self.model.config.vocab_size, dtype=torch.bool,
                                                device=self.device)
                     request.seen[torch.tensor(request.prompt, device=self.device)] = True
-                token = self._pick(request, logits[row : row + 1])
+                token = self._pick(request, logits[row : row + 1], filed_from=(cache, row))
             except Exception as error:  # noqa: BLE001 - this request's own values failed it
                 self._fail(request, error)
                 continue
@@ -365,9 +418,22 @@ class Engine:
         with self._condition:
             self._running.extend(starting[row] for row in keep)
 
+    def _file_for_reuse(self, request: _Request, filed_from: tuple[KVCache, int] | None) -> None:
+        """Give a finishing row's cache (row `filed_from[1]` of `filed_from[0]`) to the prefix
+        store, before its last event is sent: the client's next turn then finds the engine done
+        with it."""
+        if self.prefixes is not None and filed_from is not None:
+            cache, row = filed_from
+            try:
+                self.prefixes.put(request.cached_tokens(), cache.row_copy(row))
+            except Exception:  # noqa: BLE001 - reuse is an optimisation: never fail a reply for it
+                pass
+
     def _step(self) -> None:
         self.peak_batch_size = max(self.peak_batch_size, len(self._running))
         logits = self.model(self._last_tokens[:, None], cache=self._cache).logits[:, -1].float()
+        for request in self._running:
+            request.cached += 1
         # Plain greedy rows share one argmax (the same choice as row by row, in one kernel).
         plain = [_is_plain_greedy(request.params) for request in self._running]
         argmax = greedy_tokens(logits).tolist() if any(plain) else None
@@ -375,7 +441,8 @@ class Engine:
         for row, request in enumerate(self._running):
             chosen = argmax[row] if plain[row] else None
             try:
-                token = self._pick(request, logits[row : row + 1], chosen)
+                token = self._pick(request, logits[row : row + 1], chosen,
+                                   filed_from=(self._cache, row))
             except Exception as error:  # noqa: BLE001 - this request's own values failed it
                 self._fail(request, error)
                 continue
@@ -394,12 +461,13 @@ class Engine:
         self._cache.trim_common_padding()
         self._last_tokens = torch.tensor(tokens, device=self.device)
 
-    def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None) -> int:
+    def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None,
+              filed_from: tuple[KVCache, int] | None = None) -> int:
         """Choose a request's next token (or take the `chosen` one), stream it, and finish the
-        request if it is done."""
+        request if it is done (its cache filed for reuse from `filed_from`, its cache and row)."""
         handle = request.handle
         if handle.cancelled:
-            self._finish(request, "cancelled")
+            self._finish(request, "cancelled", filed_from=filed_from)
             return -1
         params = request.params
         if chosen is not None:
@@ -410,7 +478,7 @@ class Engine:
         if handle.first_token_at is None:
             handle.first_token_at = time.monotonic()
         if token in params.stop_token_ids:
-            self._finish(request, "stop")
+            self._finish(request, "stop", filed_from=filed_from)
             return token
         request.token_ids.append(token)
         if params.logprobs is not None:
@@ -423,10 +491,10 @@ class Engine:
             at = request.watcher.find(text)
             if at is not None:
                 request.stop_at = at
-                self._finish(request, "stop", text)
+                self._finish(request, "stop", text, filed_from=filed_from)
                 return token
         if len(request.token_ids) >= request.budget:
-            self._finish(request, "length", text)
+            self._finish(request, "length", text, filed_from=filed_from)
             return token
         self._emit(request, [token], text)
         return token
@@ -457,8 +525,10 @@ class Engine:
         piece = self._visible_text(request, text, final=False)
         request.handle._push(StreamEvent(token_ids=token_ids, text=piece))
 
-    def _finish(self, request: _Request, reason: str, text: str | None = None) -> None:
+    def _finish(self, request: _Request, reason: str, text: str | None = None,
+                filed_from: tuple[KVCache, int] | None = None) -> None:
         request.finish_reason = reason
+        self._file_for_reuse(request, filed_from)
         piece = self._visible_text(request, text, final=True)
         full = None
         if self.tokenizer is not None:

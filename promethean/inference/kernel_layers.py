@@ -73,6 +73,12 @@ class KernelModule(nn.Module):
         return super()._apply(fn, recurse)
 
 
+def runs_on_kernels(model: nn.Module) -> bool:
+    """Whether `model` was prepared onto these layers (`prepare_for_inference` on a CPU with the
+    kernels): then a row's results do not depend on the other rows or tokens computed with it."""
+    return any(isinstance(module, KernelModule) for module in model.modules())
+
+
 class KernelLinear(KernelModule):
     """A projection multiplied by the kernels: the weight packed in panels in `weight_format`
     (fp32, bf16, or int8 with fp32 `scales` per output row), an fp32 bias, and an activation

@@ -162,6 +162,37 @@ class LayerKVCache:
             self.keys = self.keys[rows]
             self.values = self.values[rows]
 
+    # Reuse: a sequence's slots kept after it finished, for prompts that start with it.
+    def row_copy(self, row: int, padding: int) -> LayerKVCache:
+        """Row `row`'s own slots (a copy), its `padding` leading slots dropped: slot 0 is its
+        first real token."""
+        copy = LayerKVCache(self.window, self.capacity)
+        if self.keys is None:
+            return copy
+        start = max(0, padding - self.first_slot)  # held slots that are this row's padding
+        copy.keys = self.keys[row : row + 1, :, start : self.filled].clone()
+        copy.values = self.values[row : row + 1, :, start : self.filled].clone()
+        copy.filled = copy.keys.shape[2]
+        copy.first_slot = self.first_slot + start - padding
+        return copy
+
+    def prefix(self, tokens: int, capacity: int) -> LayerKVCache | None:
+        """This one-row, unpadded cache as a prefill of its first `tokens` slots would have left
+        it (a global layer all of them, in buffers of `capacity`; a windowed one the last
+        `window`), or None when the slots that needs are no longer held."""
+        first = 0 if self.window is None else max(0, tokens - self.window)
+        if self.keys is None or first < self.first_slot or tokens > self.first_slot + self.filled:
+            return None
+        start, count = first - self.first_slot, tokens - first
+        copy = LayerKVCache(self.window, self.capacity)
+        size = max(capacity, count + 1) if self.window is None else count
+        shape = (*self.keys.shape[:2], size, self.keys.shape[3])
+        copy.keys, copy.values = self.keys.new_empty(shape), self.values.new_empty(shape)
+        copy.keys[:, :, :count] = self.keys[:, :, start : start + count]
+        copy.values[:, :, :count] = self.values[:, :, start : start + count]
+        copy.filled, copy.first_slot = count, first
+        return copy
+
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
@@ -212,6 +243,19 @@ class SSMLayerCache:
             self.conv_state = self.conv_state[rows]
         if self.ssm_state is not None:
             self.ssm_state = self.ssm_state[rows]
+
+    def row_copy(self, row: int, padding: int) -> SSMLayerCache:
+        copy = SSMLayerCache()
+        if self.ssm_state is not None:
+            copy.conv_state = self.conv_state[row : row + 1].clone()
+            copy.ssm_state = self.ssm_state[row : row + 1].clone()
+        return copy
+
+    def copied(self) -> SSMLayerCache:
+        copy = SSMLayerCache()
+        if self.ssm_state is not None:
+            copy.conv_state, copy.ssm_state = self.conv_state.clone(), self.ssm_state.clone()
+        return copy
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.conv_state, self.ssm_state) if t is not None)
@@ -339,3 +383,37 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    # ------------------------------------------------------------------------------ reuse
+    def row_copy(self, row: int) -> KVCache:
+        """Sequence `row` alone (a copy, its left padding dropped): the cache a prefill of that
+        sequence by itself leaves, plus what decoding wrote after it."""
+        padding = int(self.padding_per_row()[row])
+        copy = object.__new__(KVCache)
+        copy.batch_size, copy.length = 1, self.length - padding
+        copy._set_left_padding(None)
+        copy.layers = [layer.row_copy(row, padding) for layer in self.layers]
+        return copy
+
+    def prefix(self, tokens: int, capacity: int) -> KVCache | None:
+        """A new one-row cache equal to what prefilling this (one-row, unpadded) cache's first
+        `tokens` slots leaves, with room for `capacity` slots; None when it cannot be had: an
+        SSM layer's state exists only at the end of what it has read (`tokens` must be all of
+        it), and a windowed layer may no longer hold the slots before `tokens`."""
+        if self.batch_size != 1 or self.left_padding is not None or not 0 < tokens <= self.length:
+            return None
+        layers: list[LayerKVCache | SSMLayerCache] = []
+        for layer in self.layers:
+            if isinstance(layer, SSMLayerCache):
+                if tokens != self.length:
+                    return None
+                layers.append(layer.copied())
+                continue
+            copied = layer.prefix(tokens, capacity)
+            if copied is None:
+                return None
+            layers.append(copied)
+        copy = object.__new__(KVCache)
+        copy.batch_size, copy.length, copy.layers = 1, tokens, layers
+        copy._set_left_padding(None)
+        return copy

@@ -51,6 +51,7 @@ from promethean.inference import (
     DEFAULT_MAX_ADAPTER_ENGINES,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFIX_CACHE_BYTES,
 )
 from promethean.inference.engine import Engine, EngineStoppedError, RequestFailedError
 from promethean.model import Transformer
@@ -107,6 +108,7 @@ def create_app(
     allowed_hosts: tuple[str, ...] | None = None,
     limits: ServeLimits | None = None,
     shared_memory: bool = False,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
     directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
@@ -117,7 +119,8 @@ def create_app(
     /chat conversations are per user (the key, and the OpenAI `user` field) unless
     `shared_memory` shares one memory among all."""
     if engine is None:
-        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+        engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
+                        prefix_cache_bytes=prefix_cache_bytes)
     tokenizer = tokenizer or engine.tokenizer
     variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines, dtype)
     access = Access(api_key, allowed_origins, allowed_hosts)
@@ -226,7 +229,8 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(server.metrics.render(variants.queue_depth, variants.running),
+        return PlainTextResponse(server.metrics.render(variants.queue_depth, variants.running,
+                                                       variants.reuse_counters()),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -406,6 +410,7 @@ def build_app(
     allowed_hosts: tuple[str, ...] | None = None,
     limits: ServeLimits | None = None,
     shared_memory: bool = False,
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
 ) -> FastAPI:
     """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
     or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
@@ -431,7 +436,8 @@ def build_app(
                       max_queue=max_queue, checkpoint=checkpoint,
                       max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory,
                       allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
-                      limits=limits, shared_memory=shared_memory)
+                      limits=limits, shared_memory=shared_memory,
+                      prefix_cache_bytes=prefix_cache_bytes)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,

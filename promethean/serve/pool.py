@@ -56,7 +56,8 @@ class ModelVariants:
         if not self.base.alive:
             self.base = Engine(self.base.model, self.base.tokenizer,
                                max_batch_size=self.base.max_batch_size,
-                               max_queue=self.base.max_queue)
+                               max_queue=self.base.max_queue,
+                               prefix_cache_bytes=self.base.prefix_cache_bytes)
         for name, engine in list(self.engines.items()):
             if not engine.alive:
                 self.engines.pop(name)  # rebuilt on its next request
@@ -77,7 +78,8 @@ class ModelVariants:
                                    code="adapter_load_failed")
                 self.engines[adapter] = Engine(model, self.base.tokenizer,
                                                max_batch_size=self.base.max_batch_size,
-                                               max_queue=self.base.max_queue)
+                                               max_queue=self.base.max_queue,
+                                               prefix_cache_bytes=self.base.prefix_cache_bytes)
                 self.handles[adapter] = []
                 self._evict(keep=adapter)
             self.engines[adapter] = self.engines.pop(adapter)  # now the most recently used
@@ -99,6 +101,14 @@ class ModelVariants:
     @property
     def running(self) -> int:
         return self.base.running + sum(e.running for e in list(self.engines.values()))
+
+    def reuse_counters(self) -> dict[str, int]:
+        """`Engine.reuse_counters` summed over every engine."""
+        totals: dict[str, int] = {}
+        for engine in [self.base, *list(self.engines.values())]:
+            for key, value in engine.reuse_counters().items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
 
     def track(self, adapter: str | None, handle: RequestHandle) -> None:
         if adapter is not None:

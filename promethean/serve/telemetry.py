@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Prefix reuse: each metric, the `Engine.reuse_counters` key it shows, its type and its help.
+REUSE_METRICS = (
+    ("prefilled_tokens_total", "prefilled_tokens", "counter",
+     "Prompt tokens run through the model."),
+    ("prefix_reused_tokens_total", "reused_tokens", "counter",
+     "Prompt tokens taken from the prefix cache instead."),
+    ("prefix_lookups_total", "lookups", "counter", "Prompts looked up in the prefix cache."),
+    ("prefix_hits_total", "hits", "counter", "Prompts that reused a cached prefix."),
+    ("prefix_cache_bytes", "bytes", "gauge", "Bytes of finished sequences' caches kept for reuse."),
+    ("prefix_cache_sequences", "sequences", "gauge", "Finished sequences kept for reuse."),
+)
 
 
 class Metrics:
@@ -39,8 +50,9 @@ class Metrics:
                 if seconds <= bound:
                     self.latency_counts[index] += 1
 
-    def render(self, queue_depth: int, running: int) -> str:
-        """The metrics text; `queue_depth` and `running` are summed over every engine."""
+    def render(self, queue_depth: int, running: int, reuse: dict[str, int] | None = None) -> str:
+        """The metrics text; `queue_depth`, `running` and `reuse` (`Engine.reuse_counters`) are
+        summed over every engine."""
         with self._lock:
             lines = ["# HELP promethean_requests_total HTTP requests by route and status.",
                      "# TYPE promethean_requests_total counter"]
@@ -59,6 +71,11 @@ class Metrics:
                 "# HELP promethean_running_requests Requests in the decode batch.",
                 "# TYPE promethean_running_requests gauge",
                 f"promethean_running_requests {running}",
+            ]
+            for name, key, kind, what in REUSE_METRICS if reuse is not None else ():
+                lines += [f"# HELP promethean_{name} {what}", f"# TYPE promethean_{name} {kind}",
+                          f"promethean_{name} {reuse[key]}"]
+            lines += [
                 "# HELP promethean_request_latency_seconds Time from submission to the last token.",
                 "# TYPE promethean_request_latency_seconds histogram",
             ]
