@@ -222,3 +222,61 @@ def test_the_server_reuses_a_resent_conversation_and_reports_it_in_metrics(tmp_p
         counted["promethean_prefix_reused_tokens_total"] == \
         plain_counted["promethean_prefilled_tokens_total"]
     assert 0 < counted["promethean_prefix_cache_bytes"] <= 64 << 20
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30),
+                          st.sampled_from(["ok", "ok", "fails", "cancelled"])),
+                min_size=3, max_size=9))
+def test_a_failing_or_cancelled_request_on_the_reuse_path_fails_alone(requests):
+    """Requests that reuse shared stems, some failing in their own sampling (seed 666), some
+    cancelled at once, all in flight together: each of the others answers what the engine
+    without reuse answers alone, and the engine carries on."""
+    from promethean.inference import engine as engine_module
+    from promethean.inference.engine import RequestFailedError
+
+    model = CHURN_MODEL
+    stems = [torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(s)).tolist()
+             for s in range(3)]
+    prompts = [stems[stem][: BLOCK_TOKENS + tail] + [tail] for stem, tail, _ in requests]
+
+    def params(kind):
+        return SamplingParams(max_new_tokens=6, temperature=0.8, top_k=50,
+                              seed=666 if kind == "fails" else 5)
+
+    plain = Engine(model, max_batch_size=4)
+    try:
+        expected = [plain.generate(prompt, params("ok")).token_ids for prompt in prompts]
+    finally:
+        plain.shutdown()
+    original = engine_module.pick_tokens
+
+    def failing(logits, sampling, generator):
+        if sampling.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, sampling, generator)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "pick_tokens", failing)
+        reusing = Engine(model, max_batch_size=4, prefix_cache_bytes=8 << 20)
+        try:
+            for prompt in prompts[:2]:  # something to reuse before the burst
+                reusing.generate(prompt, params("ok"))
+            handles = [reusing.submit(prompt, params(kind))
+                       for prompt, (_, _, kind) in zip(prompts, requests)]
+            for handle, (_, _, kind) in zip(handles, requests):
+                if kind == "cancelled":
+                    handle.cancel()
+            for handle, want, (_, _, kind) in zip(handles, expected, requests):
+                if kind == "fails":
+                    with pytest.raises(RequestFailedError):
+                        handle.result(timeout=60)
+                elif kind == "ok":
+                    assert handle.result(timeout=60).token_ids == want
+                else:
+                    handle.result(timeout=60)  # ends, cancelled or done, without an error
+            assert reusing.alive and reusing.prefixes.stats.hits >= 1  # the burst did reuse
+            assert reusing.generate(prompts[0], params("ok")).token_ids == expected[0]
+            assert reusing.prefixes.nbytes <= 8 << 20
+        finally:
+            reusing.shutdown()
