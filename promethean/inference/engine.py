@@ -356,7 +356,11 @@ class Engine:
         for request in starting:
             reused = None
             if self.prefixes is not None:
-                reused = self.prefixes.lookup(request.prompt, len(request.prompt) + request.budget)
+                try:
+                    reused = self.prefixes.lookup(request.prompt,
+                                                  len(request.prompt) + request.budget)
+                except Exception:  # noqa: BLE001 - reuse is an optimisation: a miss, then
+                    reused = None
             if reused is None:
                 fresh.append(request)
             else:
