@@ -178,9 +178,10 @@ def test_the_store_evicts_least_recently_used_and_matches_only_what_it_holds():
 
 
 def test_the_server_reuses_a_resent_conversation_and_reports_it_in_metrics(tmp_path):
-    """Four chat turns over /v1/chat/completions, each resending the whole conversation, on a
-    server with reuse and one with --prefix-cache-memory 0: the same replies; /metrics counts
-    the hits and the reused tokens, and the prompt tokens run add up to the other's."""
+    """Four chat turns over /v1/chat/completions, each resending the whole conversation, then
+    three over /chat (the server keeps that conversation), on a server with reuse and one with
+    --prefix-cache-memory 0: the same replies; /metrics counts the hits and the reused tokens,
+    and the prompt tokens run add up to the other's."""
     import httpx
 
     from promethean.checkpoint import save_checkpoint
@@ -205,6 +206,14 @@ def test_the_server_reuses_a_resent_conversation_and_reports_it_in_metrics(tmp_p
                 content = reply.json()["choices"][0]["message"]["content"]
                 replies.append(content)
                 messages.append({"role": "assistant", "content": content})
+            chat_id = None  # /chat (the web page's route) keeps the conversation itself
+            for turn in range(3):
+                body = {"message": f"and then, part {turn}?", "max_tokens": 12,
+                        "temperature": 0, **({"chat_id": chat_id} if chat_id else {})}
+                reply = httpx.post(running.url + "/chat", json=body, timeout=60)
+                assert reply.status_code == 200
+                chat_id = reply.json()["chat_id"]
+                replies.append(reply.json()["response"])
             text = httpx.get(running.url + "/metrics", timeout=10).text
             counters = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
                         if line.startswith("promethean_") and " " in line}
@@ -215,8 +224,8 @@ def test_the_server_reuses_a_resent_conversation_and_reports_it_in_metrics(tmp_p
     reusing, counted = converse(64 << 20)
     plain, plain_counted = converse(0)
     assert reusing == plain
-    assert counted["promethean_prefix_hits_total"] >= 3
-    assert counted["promethean_prefix_lookups_total"] == 4
+    assert counted["promethean_prefix_hits_total"] >= 3 + 2
+    assert counted["promethean_prefix_lookups_total"] == 4 + 3
     assert plain_counted["promethean_prefix_hits_total"] == 0
     assert counted["promethean_prefilled_tokens_total"] + \
         counted["promethean_prefix_reused_tokens_total"] == \
