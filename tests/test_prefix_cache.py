@@ -104,6 +104,10 @@ def test_a_chat_prefills_only_each_new_message_and_answers_the_same(preset):
             assert stats.hits >= 3 and stats.lookups == 5
             assert reusing.prefilled_tokens + stats.reused_tokens == plain.prefilled_tokens
             assert reusing.prefilled_tokens < plain.prefilled_tokens / 2
+            if preset == "tiny-gpt2":  # each turn's sequence stands in for the one before it
+                assert len(reusing.prefixes) == 1 and stats.superseded == 4
+            if preset == "tiny-sssm":  # a state cannot be cut back: every turn is kept
+                assert len(reusing.prefixes) == 5 and stats.superseded == 0
         finally:
             plain.shutdown()
             reusing.shutdown()

@@ -11,7 +11,9 @@ with that chain, so the deepest block held names the candidates; their tokens ar
 one by one (a hash is never trusted alone), and the longest common prefix that leaves at least
 one prompt token to run wins. `KVCache.prefix` cuts a copy of the entry's cache to that length:
 a global attention layer keeps the first slots, a windowed one the last `window` before it, an
-SSM layer only its final state (so a hybrid model reuses an entry only whole).
+SSM layer only its final state (so a hybrid model reuses an entry only whole). A new entry that
+extends a held one and can stand in for all of it (a chat's next turn, on attention layers)
+supersedes it: a long chat holds one sequence, not one per turn.
 
 Reuse changes no output: on the inference kernels (`promethean.inference.quantize`) a token's
 keys and values, and the logits, do not depend on how the sequence was split between prefill
@@ -62,6 +64,7 @@ class PrefixStats:
     prefilled_tokens: int = 0  # prompt tokens prefilled (the engine counts them)
     stored: int = 0  # sequences kept
     evicted: int = 0  # sequences dropped to stay within the budget
+    superseded: int = 0  # sequences dropped because a longer one that starts with them came
 
 
 class PrefixStore:
@@ -87,14 +90,20 @@ class PrefixStore:
         nbytes = cache.nbytes()
         if nbytes > self.budget_bytes:
             return
-        for key, entry in list(self._entries.items()):
-            if entry.tokens == tokens:  # the same sequence again: keep the newer copy
+        chains = block_chain(tokens)
+        # An entry this one extends (a chat's previous turn, the same sequence again) is
+        # superseded when the new cache can stand in for all of it (attention layers; an SSM
+        # state or a window that slid past it cannot): it would only take up the budget.
+        for key in list(self._by_chain.get(chains[0], ())):
+            held = self._entries[key].tokens
+            if len(held) <= len(tokens) and tokens[: len(held)] == held and \
+                    (len(held) == len(tokens) or cache.can_prefix(len(held))):
                 self._drop(key)
+                self.stats.superseded += 1
         while self.nbytes + nbytes > self.budget_bytes and self._entries:
             self._drop(next(iter(self._entries)))
             self.stats.evicted += 1
         key, self._next_id = self._next_id, self._next_id + 1
-        chains = block_chain(tokens)
         self._entries[key] = _Entry(tokens, cache, nbytes, chains)
         for chain in chains:
             self._by_chain.setdefault(chain, set()).add(key)

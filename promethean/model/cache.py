@@ -176,12 +176,20 @@ class LayerKVCache:
         copy.first_slot = self.first_slot + start - padding
         return copy
 
+    def _prefix_start(self, tokens: int) -> int | None:
+        """The first slot a prefill of `tokens` slots leaves held, when this cache still holds
+        every slot from there to `tokens`; else None."""
+        first = 0 if self.window is None else max(0, tokens - self.window)
+        if self.keys is None or first < self.first_slot or tokens > self.first_slot + self.filled:
+            return None
+        return first
+
     def prefix(self, tokens: int, capacity: int) -> LayerKVCache | None:
         """This one-row, unpadded cache as a prefill of its first `tokens` slots would have left
         it (a global layer all of them, in buffers of `capacity`; a windowed one the last
         `window`), or None when the slots that needs are no longer held."""
-        first = 0 if self.window is None else max(0, tokens - self.window)
-        if self.keys is None or first < self.first_slot or tokens > self.first_slot + self.filled:
+        first = self._prefix_start(tokens)
+        if first is None:
             return None
         start, count = first - self.first_slot, tokens - first
         copy = LayerKVCache(self.window, self.capacity)
@@ -395,12 +403,19 @@ class KVCache:
         copy.layers = [layer.row_copy(row, padding) for layer in self.layers]
         return copy
 
+    def can_prefix(self, tokens: int) -> bool:
+        """Whether `prefix(tokens, ...)` can be had (see there), without copying anything."""
+        if self.batch_size != 1 or self.left_padding is not None or not 0 < tokens <= self.length:
+            return False
+        return all(tokens == self.length if isinstance(layer, SSMLayerCache)
+                   else layer._prefix_start(tokens) is not None for layer in self.layers)
+
     def prefix(self, tokens: int, capacity: int) -> KVCache | None:
         """A new one-row cache equal to what prefilling this (one-row, unpadded) cache's first
         `tokens` slots leaves, with room for `capacity` slots; None when it cannot be had: an
         SSM layer's state exists only at the end of what it has read (`tokens` must be all of
         it), and a windowed layer may no longer hold the slots before `tokens`."""
-        if self.batch_size != 1 or self.left_padding is not None or not 0 < tokens <= self.length:
+        if not self.can_prefix(tokens):
             return None
         layers: list[LayerKVCache | SSMLayerCache] = []
         for layer in self.layers:
