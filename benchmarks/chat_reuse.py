@@ -1,6 +1,6 @@
 """A chat that resends its whole conversation every turn, with prefix reuse and without.
 
-    python benchmarks/chat_reuse.py [--rounds 2] [--turns 10] [--write docs/BENCHMARKS.md]
+    python benchmarks/chat_reuse.py [--rounds 4] [--turns 10] [--write docs/BENCHMARKS.md]
         [--json ROWS.json] [--quick]
 
 A chat client (the web page, `/v1/chat/completions`) sends the conversation so far with every
@@ -133,9 +133,10 @@ def render(runs, args, command: str, started, elapsed: float) -> str:
         f"Setup: {args.model} ({args.dtype} weights, random, prepared for inference), two "
         f"engines in one process: with the server's default prefix cache (256 MiB) and "
         f"without. One {args.turns}-turn conversation, each turn a {args.message_tokens}-token "
-        f"message after the whole history and a {args.reply_tokens}-token greedy reply, then "
-        f"{args.think_seconds:g} s before the next message (a person reading); "
-        f"{args.rounds} rounds, the engines alternating; medians over rounds. Both engines "
+        f"message after the whole history and a {args.reply_tokens}-token greedy reply, "
+        + (f"then {args.think_seconds:g} s before the next message (a person reading); "
+           if args.think_seconds else "the next message sent as soon as the reply is complete; ")
+        + f"{args.rounds} rounds, the engines alternating; medians over rounds. Both engines "
         f"gave the same replies in every round.",
         "",
         f"| turn | prompt tokens | prefilled, {REUSE} | prefilled, {PLAIN} | time to first "
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="gpt2-small")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "int8"))
     parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--message-tokens", type=int, default=32)
     parser.add_argument("--reply-tokens", type=int, default=24)
     parser.add_argument("--think-seconds", type=float, default=0.0)
