@@ -297,3 +297,57 @@ def test_a_failing_or_cancelled_request_on_the_reuse_path_fails_alone(requests):
             assert reusing.prefixes.nbytes <= 8 << 20
         finally:
             reusing.shutdown()
+
+
+FUZZ_MODELS = {family: prepare_for_inference(
+    trained_like(build(family, **({"sliding_window": 4} if family == "tiny-gemma3" else {}))),
+    "fp32").eval() for family in ("tiny-llama", "tiny-gemma3", "tiny-sssm")}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(FUZZ_MODELS)),
+       st.lists(st.tuples(st.sampled_from(["join", "step", "leave", "copy"]),
+                          st.integers(0, 2**32)), min_size=2, max_size=14))
+@example("tiny-gemma3", [("join", 1), ("step", 2), ("join", 3), ("step", 4), ("step", 5),
+                         ("copy", 6), ("join", 7), ("leave", 8), ("step", 9), ("copy", 10)])
+@example("tiny-sssm", [("join", 1), ("join", 3), ("step", 4), ("copy", 6), ("copy", 7)])
+def test_a_row_copied_from_any_batch_state_continues_as_a_fresh_prefill(family, operations):
+    """Rows join the batch (prefilled apart, of any length), decode together, leave, in any
+    order; a copy of any row at any point (`row_copy`, then `prefix` at its full length), given
+    one more token, gives the logits of that row's whole sequence prefilled afresh, bit for bit
+    (a window of 4 that has slid; an SSM state)."""
+    import random
+
+    model = FUZZ_MODELS[family]
+    vocab = model.config.vocab_size
+    rows: list[list[int]] = []
+    cache = None
+    with torch.inference_mode():
+        for operation, seed in operations:
+            draw = random.Random(seed)
+            if operation == "join" or cache is None:
+                prompt = [draw.randrange(vocab) for _ in range(draw.randint(1, 20))]
+                joining = model.new_cache(1, capacity=64)
+                model(torch.tensor([prompt]), cache=joining)
+                cache = joining if cache is None else (cache.concat_rows(joining) or cache)
+                rows.append(prompt)
+            elif operation == "step":
+                tokens = [draw.randrange(vocab) for _ in rows]
+                model(torch.tensor(tokens)[:, None], cache=cache)
+                for row, token in zip(rows, tokens):
+                    row.append(token)
+            elif operation == "leave" and len(rows) > 1:
+                keep = sorted(draw.sample(range(len(rows)), len(rows) - 1))
+                cache.select_rows(torch.tensor(keep))
+                cache.trim_common_padding()
+                rows = [rows[index] for index in keep]
+            elif operation == "copy":
+                row = draw.randrange(len(rows))
+                held = cache.row_copy(row)
+                assert held.length == len(rows[row]) and held.left_padding is None
+                restored = held.prefix(len(rows[row]), 64)
+                token = draw.randrange(vocab)
+                got = model(torch.tensor([[token]]), cache=restored).logits[0, -1]
+                fresh = model.new_cache(1, capacity=64)
+                want = model(torch.tensor([rows[row] + [token]]), cache=fresh).logits[0, -1]
+                assert torch.equal(got, want)
