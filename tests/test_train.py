@@ -736,21 +736,22 @@ def test_each_evaluation_prints_one_line_on_stderr(data_dir, tmp_path, capsys, b
 
 def test_the_shared_optimizer_step_skips_and_counts_non_finite_steps():
     """train.loop's step, which the trainer, learn and finetune-chat all take."""
-    from promethean.train.loop import NonFiniteSteps, optimizer_step, refuse_a_runaway
+    from promethean.train.loop import optimizer_step, refuse_a_runaway
+    from promethean.train.state import Progress
 
     weight = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = torch.optim.SGD([weight], lr=0.5)
-    counts = NonFiniteSteps()
+    counts = Progress()
     (weight * torch.tensor([3.0, 4.0])).sum().backward()  # gradient (3, 4): norm 5
     assert optimizer_step(optimizer, [weight], 1.0, 1.0, counts) == pytest.approx(5.0)
     torch.testing.assert_close(weight.detach(), torch.tensor([1.0 - 0.3, -2.0 - 0.4]))
-    assert weight.grad is None and counts == NonFiniteSteps(0, 0)
+    assert weight.grad is None and (counts.skipped_steps, counts.nonfinite_in_a_row) == (0, 0)
     for in_a_row in (1, 2):
         weight.sum().backward()
         before = weight.detach().clone()
         optimizer_step(optimizer, [weight], math.nan, 1.0, counts)
         assert torch.equal(weight.detach(), before)  # a NaN loss is never stepped on
-        assert counts == NonFiniteSteps(in_a_row, in_a_row)
+        assert (counts.skipped_steps, counts.nonfinite_in_a_row) == (in_a_row, in_a_row)
     refuse_a_runaway(counts, 7, 3, "lower the lr.")  # 2 in a row: not yet
     with pytest.raises(PrometheanError) as raised:
         refuse_a_runaway(counts, 7, 2, "lower the lr.")
@@ -758,7 +759,8 @@ def test_the_shared_optimizer_step_skips_and_counts_non_finite_steps():
                                  "infinite loss or gradient; lower the lr.")
     weight.sum().backward()
     optimizer_step(optimizer, [weight], 0.5, None, counts)
-    assert counts == NonFiniteSteps(2, 0)  # a good step ends the streak, not the count
+    # A good step ends the streak, not the count.
+    assert (counts.skipped_steps, counts.nonfinite_in_a_row) == (2, 0)
 
 
 def test_run_loop_calls_the_hooks_when_the_plan_says():

@@ -317,9 +317,8 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
             f"{progress.step} of {options.max_steps}; its progress is saved in {state_dir}: run "
             "the same command to continue it.", outcome.signal)
     step, stopped, best_val_loss = progress.step, outcome.stopped, progress.best_val_loss
-    best_weights = best or None
     model.eval()
-    if best_weights is None:
+    if not best:  # no evaluation beat the base model
         remove_tree(state_dir)  # the training has ended: nothing is left to resume
         raise PrometheanError(
             f"no evaluation in {step} steps lowered the validation loss below the base model's "
@@ -328,7 +327,7 @@ def finetune_chat(options: ChatTuningOptions) -> ChatTuningResult:
         )
     with torch.no_grad():
         for key, parameter in trainable.items():
-            parameter.copy_(best_weights[key])
+            parameter.copy_(best[key])
     log_path = Path(options.log)
     adapters.infos[options.name].metadata.update({
         "chat_log": str(log_path.resolve()),

@@ -280,12 +280,14 @@ class Engine:
     def reuse_counters(self) -> dict[str, int]:
         """Prompt tokens prefilled and reused, prefix lookups and hits, and the bytes and
         sequences the prefix store holds (zeros for those without one)."""
-        stats = self.prefixes.stats if self.prefixes is not None else None
-        return {"prefilled_tokens": self.prefilled_tokens,
-                "reused_tokens": stats.reused_tokens if stats else 0,
-                "lookups": stats.lookups if stats else 0, "hits": stats.hits if stats else 0,
-                "bytes": self.prefixes.nbytes if stats else 0,
-                "sequences": len(self.prefixes) if stats else 0}
+        counters = {"prefilled_tokens": self.prefilled_tokens, "reused_tokens": 0, "lookups": 0,
+                    "hits": 0, "bytes": 0, "sequences": 0}
+        if self.prefixes is not None:
+            stats = self.prefixes.stats
+            counters.update(reused_tokens=stats.reused_tokens, lookups=stats.lookups,
+                            hits=stats.hits, bytes=self.prefixes.nbytes,
+                            sequences=len(self.prefixes))
+        return counters
 
     @property
     def alive(self) -> bool:

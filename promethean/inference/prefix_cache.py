@@ -61,7 +61,6 @@ class PrefixStats:
     lookups: int = 0  # prompts looked up
     hits: int = 0  # prompts that reused a prefix
     reused_tokens: int = 0  # prompt tokens not prefilled thanks to a hit
-    prefilled_tokens: int = 0  # prompt tokens prefilled (the engine counts them)
     stored: int = 0  # sequences kept
     evicted: int = 0  # sequences dropped to stay within the budget
     superseded: int = 0  # sequences dropped because a longer one that starts with them came

@@ -252,17 +252,12 @@ class SSMLayerCache:
         if self.ssm_state is not None:
             self.ssm_state = self.ssm_state[rows]
 
-    def row_copy(self, row: int, padding: int) -> SSMLayerCache:
+    def row_copy(self, row: int, padding: int = 0) -> SSMLayerCache:
+        """Row `row`'s state, a copy (`padding` does not concern a state)."""
         copy = SSMLayerCache()
         if self.ssm_state is not None:
             copy.conv_state = self.conv_state[row : row + 1].clone()
             copy.ssm_state = self.ssm_state[row : row + 1].clone()
-        return copy
-
-    def copied(self) -> SSMLayerCache:
-        copy = SSMLayerCache()
-        if self.ssm_state is not None:
-            copy.conv_state, copy.ssm_state = self.conv_state.clone(), self.ssm_state.clone()
         return copy
 
     def nbytes(self) -> int:
@@ -397,11 +392,16 @@ class KVCache:
         """Sequence `row` alone (a copy, its left padding dropped): the cache a prefill of that
         sequence by itself leaves, plus what decoding wrote after it."""
         padding = int(self.padding_per_row()[row])
-        copy = object.__new__(KVCache)
-        copy.batch_size, copy.length = 1, self.length - padding
-        copy._set_left_padding(None)
-        copy.layers = [layer.row_copy(row, padding) for layer in self.layers]
-        return copy
+        return KVCache._one_row(self.length - padding,
+                                [layer.row_copy(row, padding) for layer in self.layers])
+
+    @classmethod
+    def _one_row(cls, length: int, layers: list[LayerKVCache | SSMLayerCache]) -> KVCache:
+        """A one-row, unpadded cache of these layers, `length` slots consumed."""
+        cache = object.__new__(cls)
+        cache.batch_size, cache.length, cache.layers = 1, length, layers
+        cache._set_left_padding(None)
+        return cache
 
     def can_prefix(self, tokens: int) -> bool:
         """Whether `prefix(tokens, ...)` can be had (see there), without copying anything."""
@@ -417,18 +417,7 @@ class KVCache:
         it), and a windowed layer may no longer hold the slots before `tokens`."""
         if not self.can_prefix(tokens):
             return None
-        layers: list[LayerKVCache | SSMLayerCache] = []
-        for layer in self.layers:
-            if isinstance(layer, SSMLayerCache):
-                if tokens != self.length:
-                    return None
-                layers.append(layer.copied())
-                continue
-            copied = layer.prefix(tokens, capacity)
-            if copied is None:
-                return None
-            layers.append(copied)
-        copy = object.__new__(KVCache)
-        copy.batch_size, copy.length, copy.layers = 1, tokens, layers
-        copy._set_left_padding(None)
-        return copy
+        return KVCache._one_row(tokens, [
+            layer.row_copy(0) if isinstance(layer, SSMLayerCache)
+            else layer.prefix(tokens, capacity)
+            for layer in self.layers])

@@ -56,15 +56,6 @@ from promethean.train.state import Progress
 wall_clock = time.perf_counter
 
 
-@dataclass
-class NonFiniteSteps:
-    """Steps skipped for a NaN or infinite loss or gradient: in all, and in a row now
-    (`Progress` carries the same two fields; `optimizer_step` takes either)."""
-
-    skipped_steps: int = 0
-    nonfinite_in_a_row: int = 0
-
-
 def refuse_a_runaway(counts, step: int, limit: int, advice: str) -> None:
     """Raise when `limit` steps in a row have failed: the run is diverging, not unlucky."""
     if counts.nonfinite_in_a_row >= limit:
@@ -90,8 +81,8 @@ def optimizer_step(
 ) -> float:
     """Take the step whose gradients the caller's backward left: unscale (fp16), clip to
     `grad_clip` (None: measure only), step when `loss` and the norm are finite, clear the
-    gradients. `counts` (a NonFiniteSteps or a Progress) is updated; returns the gradient norm
-    before clipping. `as_float` reads the norm (a DTensor under FSDP)."""
+    gradients. `counts` (a Progress, or anything with its two non-finite counters) is updated;
+    returns the gradient norm before clipping. `as_float` reads the norm (a DTensor under FSDP)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = as_float(torch.nn.utils.clip_grad_norm_(
@@ -180,16 +171,14 @@ class WallBudget:
     """A wall-time budget (`max_minutes`; None is none) that also counts `spent_before` seconds
     (the earlier legs of a resumed run). `elapsed()` reads the clock once."""
 
-    def __init__(self, minutes: float | None, clock: Callable[[], float] | None = None,
-                 spent_before: float = 0.0) -> None:
+    def __init__(self, minutes: float | None, spent_before: float = 0.0) -> None:
         check_max_minutes(minutes)
         self.minutes = minutes
-        self.clock = clock or (lambda: wall_clock())
         self.spent_before = spent_before
-        self.started = self.clock()
+        self.started = wall_clock()  # read at call time: tests replace the module's clock
 
     def elapsed(self) -> float:
-        return self.spent_before + (self.clock() - self.started)
+        return self.spent_before + (wall_clock() - self.started)
 
     def spent_by(self, elapsed: float) -> bool:
         return self.minutes is not None and elapsed >= self.minutes * 60
@@ -287,7 +276,6 @@ class LoopOutcome:
     # "max_steps", "early_stopping", "interrupted", "max_minutes" or "until_step"
     stopped: str
     losses: list[tuple[int, float]]  # (step, train loss) of every step of this leg
-    evaluations: list[dict[str, Any]]  # each evaluation's record (step, val..., mean_train_loss)
     signal: str | None = None  # "SIGINT" or "SIGTERM" when interrupted
 
 
@@ -297,7 +285,6 @@ def run_loop(plan: LoopPlan, hooks: LoopHooks, progress: Progress) -> LoopOutcom
     budget = WallBudget(plan.max_minutes, spent_before=progress.elapsed)
     stop_flag = StopFlag()
     losses: list[tuple[int, float]] = []
-    evaluations: list[dict[str, Any]] = []
     since_evaluation = progress.losses_since_evaluation
     stopped = "max_steps"
     window_started, window_tokens = time.perf_counter(), 0
@@ -341,11 +328,10 @@ def run_loop(plan: LoopPlan, hooks: LoopHooks, progress: Progress) -> LoopOutcom
                 mean_train_loss = sum(finite) / len(finite) if finite else math.nan
                 since_evaluation.clear()
                 record["mean_train_loss"] = mean_train_loss
-                evaluations.append({"step": progress.step, **{
-                    k: v for k, v in record.items() if k.startswith("val_")},
-                    "mean_train_loss": mean_train_loss})
                 if hooks.on_evaluation is not None:
-                    hooks.on_evaluation(evaluations[-1])
+                    hooks.on_evaluation({"step": progress.step, **{
+                        k: v for k, v in record.items() if k.startswith("val_")},
+                        "mean_train_loss": mean_train_loss})
                 if plan.is_main:
                     print_line(bar, plan.show_progress, evaluation_line(
                         progress.step, plan.max_steps, mean_train_loss, record["val_loss"],
@@ -384,5 +370,5 @@ def run_loop(plan: LoopPlan, hooks: LoopHooks, progress: Progress) -> LoopOutcom
                 hooks.save_progress(progress)
             if stopped != "max_steps":
                 break
-    return LoopOutcome(stopped, losses, evaluations,
+    return LoopOutcome(stopped, losses,
                        stop_flag.signal_name if stopped == "interrupted" else None)
