@@ -152,7 +152,7 @@ def test_a_model_off_the_kernels_does_not_reuse():
     engine = Engine(trained_like(build("tiny-gpt2")), prefix_cache_bytes=64 << 20)
     try:
         assert engine.prefixes is None
-        assert engine.reuse_counters()["hits"] == 0
+        assert engine.counters()["hits"] == 0
     finally:
         engine.shutdown()
 

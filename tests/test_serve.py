@@ -371,7 +371,11 @@ def greedy_reference(checkpoint, dtype: str, adapter: str | None, prompt: str) -
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "int8"])
-def test_serve_dtype_prepares_the_base_and_each_adapter_engine(tmp_path, dtype):
+def test_serve_dtype_prepares_the_base_and_serves_adapters_over_it(tmp_path, dtype):
+    """The base is prepared as `dtype` and answers as that model does; an adapter rides on it in
+    a slot (fp32 low-rank updates over the prepared base, no copy of the model), and answers as
+    the adapter's own hooks do within rounding (tests/test_adapter_slots.py): here, as a model
+    prepared alike with that adapter in a slot, and unlike the base."""
     from promethean.inference.quantize import PREPARED_ATTRIBUTE
     from promethean.serve.app import build_app
 
@@ -385,15 +389,35 @@ def test_serve_dtype_prepares_the_base_and_each_adapter_engine(tmp_path, dtype):
             served[model] = client.completions.create(
                 model=model, prompt="Once upon", max_tokens=10, temperature=0).choices[0].text
         variants = app.state.server.variants
-        prepared = {getattr(engine.model, PREPARED_ATTRIBUTE, None)
-                    for engine in [variants.base, *variants.engines.values()]}
-        # One format for every engine (int8 falls back to bf16 where its kernel is missing).
-        assert len(prepared) == 1 and prepared.pop() in (dtype, "bf16")
+        # int8 falls back to bf16 where its kernel is missing.
+        assert getattr(variants.base.model, PREPARED_ATTRIBUTE, None) in (dtype, "bf16")
+        assert variants.batched and not variants.engines  # no model copies
     finally:
         running.stop()
     assert served[MODEL] == greedy_reference(checkpoint, dtype, None, "Once upon")
-    assert served[f"{MODEL}:loud"] == greedy_reference(checkpoint, dtype, "loud", "Once upon")
+    assert served[f"{MODEL}:loud"] == slotted_reference(checkpoint, dtype, "loud", "Once upon")
     assert served[f"{MODEL}:loud"] != served[MODEL]
+
+
+def slotted_reference(checkpoint, dtype: str, adapter: str, prompt: str) -> str:
+    """Greedy text of `adapter` in a slot over the base prepared as `dtype`, alone in an engine
+    of its own."""
+    from promethean.continual.adapters import adapter_directory, checkpoint_sha256, read_adapter
+    from promethean.inference.adapter_slots import slot_adapter
+    from promethean.inference.engine import Engine
+    from promethean.inference.generate import SamplingParams
+    from promethean.inference.quantize import prepare_for_inference
+
+    model = prepare_for_inference(load_checkpoint(checkpoint).model, dtype)
+    saved = read_adapter(adapter_directory(checkpoint, adapter), checkpoint_sha256(checkpoint))
+    weights = slot_adapter(model, adapter, adapter, saved.matrices, saved.config.scaling)
+    engine = Engine(model, ByteTokenizer(), max_adapters=1)
+    try:
+        params = SamplingParams(max_new_tokens=10, temperature=0,
+                                stop_token_ids=(ByteTokenizer().eot_id,))
+        return engine.submit(ByteTokenizer().encode(prompt), params, adapter=weights).result().text
+    finally:
+        engine.shutdown()
 
 
 def test_serve_refuses_an_unknown_dtype(checkpoint):

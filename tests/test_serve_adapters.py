@@ -121,3 +121,113 @@ def test_a_damaged_adapter_is_a_500_that_says_why(tmp_path, checkpoint):
         assert greedy(client, f"{MODEL}:quiet") != greedy(client, MODEL)  # the others still serve
     finally:
         running.stop()
+
+
+# ----------------------------------------------------------- on the CPU kernels: one batch
+@pytest.fixture(scope="module")
+def slotted_server(checkpoint):
+    from promethean.inference.quantize import prepare_for_inference
+
+    loaded = load_checkpoint(checkpoint)
+    app = create_app(prepare_for_inference(loaded.model, "fp32"), loaded.tokenizer,
+                     model_name=MODEL, checkpoint=checkpoint, max_batch_size=8, max_adapters=1)
+    running = RunningServer(app)
+    running.app = app
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def slotted_client(slotted_server):
+    return openai.OpenAI(base_url=slotted_server.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
+def test_on_the_kernels_adapters_share_the_base_engine_and_a_busy_pool_is_a_503(
+        slotted_client, slotted_server):
+    """One slot: while a request for 'loud' holds it, a request for 'quiet' is a 503 with
+    Retry-After that says why (the base and 'loud' still answer); once it is free, 'quiet' takes
+    the slot and answers as it does alone; no engine or model copy is made."""
+    import httpx
+
+    alone = {model: greedy(slotted_client, model)
+             for model in (MODEL, f"{MODEL}:quiet", f"{MODEL}:loud")}  # 'loud' read last
+    assert len(set(alone.values())) == 3
+    variants = slotted_server.app.state.server.variants
+    slots = variants.base.adapters
+    held = slots.acquire(variants.read["loud"][1])  # as a request in flight for 'loud' does
+    try:
+        response = httpx.post(slotted_server.url + "/v1/completions",
+                              json={"model": f"{MODEL}:quiet", "prompt": PROMPT, "max_tokens": 4})
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json()["error"]["code"] == "adapters_busy"
+        assert "all 1 adapter slots are in use" in response.json()["error"]["message"]
+        assert greedy(slotted_client, MODEL) == alone[MODEL]
+        assert greedy(slotted_client, f"{MODEL}:loud") == alone[f"{MODEL}:loud"]  # shares it
+        metrics = httpx.get(slotted_server.url + "/metrics").text
+        assert "promethean_adapter_slots_in_use 1" in metrics
+    finally:
+        slots.release(held)
+    assert greedy(slotted_client, f"{MODEL}:quiet") == alone[f"{MODEL}:quiet"]
+    variants = slotted_server.app.state.server.variants
+    assert variants.batched and not variants.engines
+    metrics = httpx.get(slotted_server.url + "/metrics").text
+    assert "promethean_adapter_slots 1" in metrics
+    assert "promethean_adapter_slots_in_use 0" in metrics
+
+
+def test_on_the_kernels_mixed_requests_answer_as_each_alone(checkpoint):
+    """Base, 'loud' and 'quiet' requests in flight together on one engine with two slots: every
+    reply is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from promethean.inference.quantize import prepare_for_inference
+
+    loaded = load_checkpoint(checkpoint)
+    running = RunningServer(create_app(prepare_for_inference(loaded.model, "fp32"),
+                                       loaded.tokenizer, model_name=MODEL, checkpoint=checkpoint,
+                                       max_batch_size=8, max_adapters=2))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        models = [MODEL, f"{MODEL}:loud", f"{MODEL}:quiet"]
+        alone = {model: greedy(client, model) for model in models}
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda model: (model, greedy(client, model)),
+                                     [models[i % 3] for i in range(6)]))
+        assert all(text == alone[model] for model, text in together)
+    finally:
+        running.stop()
+
+
+def test_on_the_kernels_a_changed_or_damaged_adapter_is_read_again(tmp_path, checkpoint):
+    """An adapter rewritten on disk is served as it is now; a damaged one is a 500 that says
+    why, and the others still serve."""
+    import shutil
+
+    from promethean.continual.adapters import load_adapter_onto
+    from promethean.inference.quantize import prepare_for_inference
+
+    copy = tmp_path / MODEL
+    shutil.copytree(checkpoint, copy)
+    loaded = load_checkpoint(copy)
+    running = RunningServer(create_app(prepare_for_inference(loaded.model, "fp32"),
+                                       loaded.tokenizer, model_name=MODEL, checkpoint=copy,
+                                       max_adapters=2))
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0,
+                               timeout=60)
+        loud, quiet = greedy(client, f"{MODEL}:loud"), greedy(client, f"{MODEL}:quiet")
+        # 'loud' becomes a copy of 'quiet' on disk (saved atomically, as training saves it).
+        model = load_checkpoint(copy).model
+        adapters = load_adapter_onto(model, copy, "quiet", merge=False)
+        adapters.save("quiet", adapter_directory(copy, "loud"))
+        assert greedy(client, f"{MODEL}:loud") == quiet != loud
+        (adapter_directory(copy, "loud") / "adapter_model.safetensors").write_bytes(b"broken")
+        with pytest.raises(openai.InternalServerError) as caught:
+            greedy(client, f"{MODEL}:loud")
+        assert caught.value.body["code"] == "adapter_load_failed"
+        assert "the adapter 'loud' could not be loaded" in caught.value.body["message"]
+        assert greedy(client, f"{MODEL}:quiet") == quiet
+    finally:
+        running.stop()

@@ -11,6 +11,7 @@ from promethean.context.defaults import MEMORY_PROMPT_TOKENS
 from promethean.errors import PrometheanError
 from promethean.inference import (
     DEFAULT_MAX_ADAPTER_ENGINES,
+    DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFIX_CACHE_BYTES,
@@ -37,8 +38,13 @@ def serve(
     chat_log: Annotated[Path, typer.Option(help="JSONL file every chat turn is appended to.")] = Path("chat.jsonl"),
     max_batch_size: Annotated[int, typer.Option(help="Most requests decoded together.")] = DEFAULT_MAX_BATCH_SIZE,
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = DEFAULT_MAX_QUEUE,
+    max_adapters: Annotated[int, typer.Option(
+        help="Most adapters (served as NAME:ADAPTER) held at once on the CPU kernels, sharing the "
+        "base model's batches (no copies); a request for another while all are in use gets 503.")
+    ] = DEFAULT_MAX_ADAPTERS,
     max_adapter_engines: Annotated[int, typer.Option(
-        help="Most adapters (served as NAME:ADAPTER) kept loaded, each a merged copy of the model.")] = DEFAULT_MAX_ADAPTER_ENGINES,
+        help="Off the CPU kernels (a GPU): most adapters kept loaded, each a merged copy of the "
+        "model.")] = DEFAULT_MAX_ADAPTER_ENGINES,
     device: DeviceOption = None,
     serve_dtype: Annotated[str, typer.Option(
         "--dtype", help="Weights to serve with: fp32, bf16 or int8 (adapters are merged in fp32 first).")] = "fp32",
@@ -72,6 +78,8 @@ def serve(
         raise PrometheanError(f"{checkpoint} is not a checkpoint directory.")
     if not 0 <= port <= 65535:
         raise PrometheanError(f"--port must be from 0 to 65535, got {port}.")
+    if max_adapters < 0 or max_adapter_engines < 0:
+        raise PrometheanError("--max-adapters and --max-adapter-engines must be at least 0.")
     from promethean.train.memory import parse_memory_size
 
     prefix_cache_bytes = 0 if prefix_cache_memory.strip() == "0" else \
@@ -85,7 +93,8 @@ def serve(
     run_server(checkpoint, host=host, port=port, api_key=keys or None, chat_log=chat_log,
                shared_memory=shared_memory,
                max_batch_size=max_batch_size, max_queue=max_queue, device=device,
-               max_adapter_engines=max_adapter_engines, dtype=serve_dtype, memory=memory,
+               max_adapter_engines=max_adapter_engines, max_adapters=max_adapters,
+               dtype=serve_dtype, memory=memory,
                memory_tokens=memory_tokens, allowed_origins=tuple(allow_origin or ()),
                allow_hosts=tuple(allow_host or ()), prefix_cache_bytes=prefix_cache_bytes,
                limits=ServeLimits(max_body_bytes=max_body_bytes,

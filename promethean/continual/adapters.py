@@ -565,6 +565,44 @@ def _read_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@dataclass
+class SavedAdapter:
+    """An adapter as saved, read without a model: its config and {module name: (A, B)}."""
+
+    name: str
+    config: LoraConfig
+    matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def read_adapter(directory: str | Path, base_sha256: str) -> SavedAdapter:
+    """The adapter saved in `directory`, checked (checksums, finite values, one A and B per
+    layer it names) and refused, with a sentence, unless it was made for the base model whose
+    `model_sha256` is `base_sha256` (for serving it without a model to load it onto)."""
+    directory = Path(directory)
+    record = read_adapter_config(directory)
+    if record["base_model_sha256"] != base_sha256:
+        raise AdapterError(
+            f"the adapter in {directory} was made for a different base model (sha256 "
+            f"{record['base_model_sha256'][:12]}) than this one ({base_sha256[:12]})."
+        )
+    try:
+        config = LoraConfig(rank=record["r"], alpha=record["lora_alpha"],
+                            dropout=record["lora_dropout"],
+                            target_modules=tuple(record["target_modules"]))
+        modules = [str(module) for module in record["modules"]]
+    except (KeyError, TypeError) as error:
+        raise AdapterError(f"{directory / ADAPTER_CONFIG_FILE} is incomplete ({error}).") from None
+    tensors = _read_adapter_tensors(directory)
+    expected = {f"{module}.lora_{part}" for module in modules for part in "AB"}
+    for key in sorted(set(tensors) ^ expected):
+        where = "is missing" if key in expected else "has"
+        raise AdapterError(f"{directory / ADAPTER_FILE} {where} tensor '{key}'"
+                           f"{'' if key in expected else ', which its config does not name'}.")
+    matrices = {module: (tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"])
+                for module in modules}
+    return SavedAdapter(str(record["name"]), config, matrices)
+
+
 def adapter_directory(checkpoint: str | Path, name: str) -> Path:
     return Path(checkpoint) / ADAPTERS_DIR / check_name(name)
 

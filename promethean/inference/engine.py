@@ -19,6 +19,11 @@ and a newcomer whose prompt starts with a kept sequence is prefilled alone, afte
 reused slots, then joins the batch as any newcomer does: a chat's next turn runs only its new
 tokens. Only on Promethean's kernels (a prepared model on the CPU), where that changes no output.
 
+With `max_adapters`, requests may name a LoRA adapter (`submit(..., adapter=)`): up to that many
+are held side by side in the model's layers (`promethean.inference.adapter_slots`) and rows of
+the base and of several adapters share every prefill and decode step, each row getting its own
+adapter's update. Also only on the kernels; a reused prefix must come from the same adapter.
+
 Sampling (`process_logits`, `pick_tokens`, one generator per request), stop tokens, stop strings
 and streamed text that never splits a UTF-8 character or shows a stop string's beginning early
 are the pieces `promethean.inference.generate` uses for a single batch.
@@ -49,6 +54,7 @@ from promethean.inference.generate import (
     process_logits,
     sampling_generator,
 )
+from promethean.inference.adapter_slots import AdapterSlots, SlotAdapter
 from promethean.inference.prefix_cache import PrefixStore
 from promethean.model import Transformer
 from promethean.model.cache import KVCache
@@ -99,6 +105,8 @@ class _Request:
     stop_at: int | None = None
     finish_reason: str | None = None
     cached: int = 0  # slots of this row's sequence held in the cache (prompt, then tokens fed)
+    slot: int = -1  # the adapter slot of its rows (-1: the base model)
+    namespace: object = None  # its adapter's key: prefixes are reused within an adapter only
 
     def cached_tokens(self) -> list[int]:
         """The tokens whose keys and values the row's cache holds."""
@@ -120,6 +128,7 @@ class RequestHandle:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_events: asyncio.Queue | None = None
+        self._on_done: list = []  # called once, with no arguments, when the request ends
 
     @property
     def cancelled(self) -> bool:
@@ -143,8 +152,11 @@ class RequestHandle:
         if isinstance(item, BaseException):
             self._error = item
         self._events.put(item)
-        if isinstance(item, BaseException) or item.completion is not None:
+        if (isinstance(item, BaseException) or item.completion is not None) and \
+                not self._done.is_set():
             self._done.set()
+            for callback in self._on_done:
+                callback()
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._async_events.put_nowait, item)
@@ -203,10 +215,11 @@ class Engine:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
         prefix_cache_bytes: int = 0,
+        max_adapters: int = 0,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 0 or prefix_cache_bytes < 0:
-            raise PrometheanError("max_batch_size must be at least 1, max_queue and the prefix "
-                                  "cache's bytes at least 0.")
+        if max_batch_size < 1 or max_queue < 0 or prefix_cache_bytes < 0 or max_adapters < 0:
+            raise PrometheanError("max_batch_size must be at least 1, max_queue, the prefix "
+                                  "cache's bytes and max_adapters at least 0.")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -229,6 +242,10 @@ class Engine:
         self.prefixes = (PrefixStore(prefix_cache_bytes)
                          if prefix_cache_bytes and runs_on_kernels(model) else None)
         self.prefilled_tokens = 0  # prompt tokens run through the model (reused ones are not)
+        # LoRA adapters that rows of one batch may each name (None: the base model only).
+        self.max_adapters = max_adapters
+        self.adapters = (AdapterSlots(model, max_adapters)
+                         if max_adapters and runs_on_kernels(model) else None)
         self._thread = threading.Thread(target=self._run, name="promethean-engine", daemon=True)
         self._thread.start()
 
@@ -241,9 +258,11 @@ class Engine:
     def running(self) -> int:
         return len(self._running)
 
-    def submit(self, prompt: list[int], params: SamplingParams = GREEDY) -> RequestHandle:
-        """Queue a prompt (token ids). Raises PrometheanError for a bad prompt and QueueFullError
-        when `max_queue` requests are already waiting."""
+    def submit(self, prompt: list[int], params: SamplingParams = GREEDY,
+               adapter: SlotAdapter | None = None) -> RequestHandle:
+        """Queue a prompt (token ids), for the base model or `adapter`. Raises PrometheanError for
+        a bad prompt, QueueFullError when `max_queue` requests are already waiting, and
+        AdapterSlotsFullError when every adapter slot is held by other requests in flight."""
         context = self.model.config.context_length
         prompt = fit_prompt(prompt, context, crop=False)
         if any(not 0 <= token < self.model.config.vocab_size for token in prompt):
@@ -257,15 +276,27 @@ class Engine:
             budget=min(params.max_new_tokens, context - len(prompt)),
             watcher=watcher,
         )
-        with self._condition:
-            if self._stopped:
-                raise EngineStoppedError("the engine has been shut down.")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFullError(
-                    f"the server is busy: {len(self._waiting)} requests are already waiting."
-                )
-            self._waiting.append(request)
-            self._condition.notify()
+        if adapter is not None:
+            if self.adapters is None:
+                raise PrometheanError("this engine serves no adapters (it needs max_adapters and "
+                                      "a model prepared onto the CPU kernels).")
+            request.slot, request.namespace = self.adapters.acquire(adapter), adapter.key
+            slots = self.adapters
+            handle._on_done.append(lambda: slots.release(request.slot))
+        try:
+            with self._condition:
+                if self._stopped:
+                    raise EngineStoppedError("the engine has been shut down.")
+                if len(self._waiting) >= self.max_queue:
+                    raise QueueFullError(
+                        f"the server is busy: {len(self._waiting)} requests are already waiting."
+                    )
+                self._waiting.append(request)
+                self._condition.notify()
+        except PrometheanError:
+            if request.slot >= 0:
+                self.adapters.release(request.slot)
+            raise
         return handle
 
     def generate(self, prompt: list[int], params: SamplingParams = GREEDY) -> Completion:
@@ -277,16 +308,22 @@ class Engine:
             self._condition.notify()
         self._thread.join(timeout)
 
-    def reuse_counters(self) -> dict[str, int]:
-        """Prompt tokens prefilled and reused, prefix lookups and hits, and the bytes and
-        sequences the prefix store holds (zeros for those without one)."""
+    def counters(self) -> dict[str, int]:
+        """Prompt tokens prefilled and reused, prefix lookups and hits, the bytes and sequences
+        the prefix store holds, and the adapter slots: how many, held by requests now, and the
+        bytes of their matrices (zeros for what this engine does not have)."""
         counters = {"prefilled_tokens": self.prefilled_tokens, "reused_tokens": 0, "lookups": 0,
-                    "hits": 0, "bytes": 0, "sequences": 0}
+                    "hits": 0, "bytes": 0, "sequences": 0, "adapter_slots": 0,
+                    "adapter_slots_in_use": 0, "adapter_bytes": 0}
         if self.prefixes is not None:
             stats = self.prefixes.stats
             counters.update(reused_tokens=stats.reused_tokens, lookups=stats.lookups,
                             hits=stats.hits, bytes=self.prefixes.nbytes,
                             sequences=len(self.prefixes))
+        if self.adapters is not None:
+            counters.update(adapter_slots=self.adapters.capacity,
+                            adapter_slots_in_use=sum(1 for users in self.adapters.users if users),
+                            adapter_bytes=self.adapters.nbytes)
         return counters
 
     @property
@@ -348,6 +385,8 @@ class Engine:
         """Prefill the newcomers and merge those still going into the running batch: a prompt
         that starts with a held sequence alone, after the reused slots; the others together
         (left-padded, as `generate` batches uneven prompts)."""
+        if self.adapters is not None:
+            self.adapters.install_pending()
         starting = []
         for request in requests:
             if request.handle.cancelled or request.budget == 0:
@@ -360,7 +399,8 @@ class Engine:
             if self.prefixes is not None:
                 try:
                     reused = self.prefixes.lookup(request.prompt,
-                                                  len(request.prompt) + request.budget)
+                                                  len(request.prompt) + request.budget,
+                                                  request.namespace)
                 except Exception:  # noqa: BLE001 - reuse is an optimisation: a miss, then
                     reused = None
             if reused is None:
@@ -387,6 +427,7 @@ class Engine:
             if cache is None:
                 cache = self.model.new_cache(len(starting), capacity=capacity,
                                              left_padding=left_padding)
+            self._set_adapter_rows(starting)
             logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
         except Exception as error:  # noqa: BLE001 - the newcomers' prefill: theirs alone
             for request in starting:
@@ -431,12 +472,13 @@ class Engine:
         if self.prefixes is not None and filed_from is not None:
             cache, row = filed_from
             try:
-                self.prefixes.put(request.cached_tokens(), cache.row_copy(row))
+                self.prefixes.put(request.cached_tokens(), cache.row_copy(row), request.namespace)
             except Exception:  # noqa: BLE001 - reuse is an optimisation: never fail a reply for it
                 pass
 
     def _step(self) -> None:
         self.peak_batch_size = max(self.peak_batch_size, len(self._running))
+        self._set_adapter_rows(self._running)
         logits = self.model(self._last_tokens[:, None], cache=self._cache).logits[:, -1].float()
         for request in self._running:
             request.cached += 1
@@ -466,6 +508,11 @@ class Engine:
         self._cache.select_rows(torch.tensor(keep, device=self.device))
         self._cache.trim_common_padding()
         self._last_tokens = torch.tensor(tokens, device=self.device)
+
+    def _set_adapter_rows(self, requests: list[_Request]) -> None:
+        """Tell the model's layers which adapter each row of the next forward uses."""
+        if self.adapters is not None:
+            self.adapters.set_rows([request.slot for request in requests])
 
     def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None,
               filed_from: tuple[KVCache, int] | None = None) -> int:

@@ -81,6 +81,9 @@ class FusedDecode:
     def __init__(self, model: Transformer) -> None:
         config = model.config
         params: list[torch.Tensor | None] = []
+        # The projections that may carry LoRA adapters, in the step's order (csrc/ops.cpp's
+        # kLoraProjections per layer, then the head).
+        self.lora_layers: list[KernelLinear] = []
         self.layer_thetas = []
         self.windows = []
         for block in model.blocks:
@@ -95,6 +98,7 @@ class FusedDecode:
             params += _projection(mlp.up_proj)
             params += _projection(mlp.down_proj)
             params += _norm(block.mlp_post_norm)
+            self.lora_layers += [attention.qkv_proj, attention.o_proj, mlp.up_proj, mlp.down_proj]
             self.layer_thetas.append(attention.rope_theta)
             self.windows.append(attention.window or 0)
         assert len(params) == PARAMS_PER_LAYER * config.n_layer
@@ -116,6 +120,7 @@ class FusedDecode:
             self.shape += [head.out_features, int(final_norm.rms)]
             self.reals += [final_norm.eps]
             modules += [final_norm, head]
+            self.lora_layers.append(head)
         self.params = params
         # The distinct rotary bases the forward pass must provide tables for.
         self.rope_thetas = sorted({theta for theta in self.layer_thetas if theta is not None})
@@ -131,6 +136,7 @@ class FusedDecode:
         memo[id(self)] = clone
         clone.params = [None if tensor is None else copy.deepcopy(tensor, memo)
                         for tensor in self.params]
+        clone.lora_layers = copy.deepcopy(self.lora_layers, memo)
         clone.modules = copy.deepcopy(self.modules, memo)  # the copy's, already in memo
         clone.hooks = _hook_registries(clone.modules)
         return clone
@@ -164,9 +170,17 @@ class FusedDecode:
             for theta in self.layer_thetas:
                 rotary += rotaries[theta] if theta is not None else (None, None)
         keys, values, first_slots, filled = cache.buffers()
+        # The rows' LoRA adapters, where any row has one (promethean.inference.adapter_slots).
+        lora, lora_slots = None, None
+        rows = self.lora_layers[0].adapter_rows
+        if rows is not None and rows.slots is not None:
+            lora = [tensor for layer in self.lora_layers
+                    for tensor in (layer.lora_down, layer.lora_up)]
+            lora_slots = rows.slots
         x = kernels.decode_blocks(
             x, self.params, keys, values, first_slots, filled,
-            self.windows, rotary, cache.left_padding, cache.length, self.shape, self.reals)
+            self.windows, rotary, cache.left_padding, cache.length, self.shape, self.reals,
+            lora, lora_slots)
         cache.mark_written(1)
         return x
 

@@ -79,6 +79,28 @@ def runs_on_kernels(model: nn.Module) -> bool:
     return any(isinstance(module, KernelModule) for module in model.modules())
 
 
+class AdapterRows:
+    """Which adapter slot each sequence of the batch being computed uses (-1: the base model),
+    shared by a model's `KernelLinear`s; `slots` None: no sequence uses one (the plain path).
+    Set by the serving engine before each forward."""
+
+    def __init__(self) -> None:
+        self.slots: torch.Tensor | None = None
+        self._per_row: dict[int, torch.Tensor] = {}
+
+    def set(self, slots: list[int] | None) -> None:
+        self._per_row = {}
+        self.slots = (torch.tensor(slots, dtype=torch.long)
+                      if slots is not None and any(slot >= 0 for slot in slots) else None)
+
+    def of_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The slot of each row of x (batch, ..., features) flattened to rows."""
+        tokens = x[0].numel() // x.shape[-1] if x.shape[0] else 1
+        if tokens not in self._per_row:
+            self._per_row[tokens] = self.slots.repeat_interleave(tokens).contiguous()
+        return self._per_row[tokens]
+
+
 class KernelLinear(KernelModule):
     """A projection multiplied by the kernels: the weight packed in panels in `weight_format`
     (fp32, bf16, or int8 with fp32 `scales` per output row), an fp32 bias, and an activation
@@ -107,10 +129,26 @@ class KernelLinear(KernelModule):
         self.packed = nn.Parameter(kernels.pack_linear(weight, gated), requires_grad=False)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # LoRA adapters held side by side (promethean.inference.adapter_slots): down (slots, in,
+        # R), up (slots, R, weight rows), and the rows' slots of the batch being computed.
+        # Plain attributes: a prepared model's state is its weights.
+        self.lora_down: torch.Tensor | None = None
+        self.lora_up: torch.Tensor | None = None
+        self.adapter_rows: AdapterRows | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.adapter_rows
+        if self.lora_down is not None and rows is not None and rows.slots is not None:
+            lora = (self.lora_down, self.lora_up, rows.of_rows(x))
+            return kernels.linear(x, self.packed, self.out_features, self.scales, self.bias,
+                                  self.activation, lora)
         return kernels.linear(x, self.packed, self.out_features, self.scales, self.bias,
                               self.activation)
+
+    @property
+    def weight_rows(self) -> int:
+        """Rows of the packed weight (a gated layer's gate rows, then its up rows)."""
+        return 2 * self.out_features if self.activation.endswith("_mul") else self.out_features
 
     def weight_bytes(self) -> int:
         """Bytes of weight a product reads (the panels, padding included, and the scales)."""

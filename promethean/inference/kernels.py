@@ -122,12 +122,21 @@ def linear(
     scales: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     activation: str = "none",
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x (..., K) times a packed weight (* scales per weight row) (+ bias), then `activation`, in
     x's dtype (bf16 or fp32). int8 weights need their fp32 `scales`; bias is fp32. A row's result
-    does not depend on the other rows. Only call this where `available()` is true."""
+    does not depend on the other rows. Only call this where `available()` is true.
+
+    `lora` = (down, up, slots) adds LoRA adapters held side by side before the activation: row m
+    of x (flattened to rows) gets (x_m down[s]) up[s] with s = slots[m] (int64, -1: nothing);
+    down is (adapters, K, R), up (adapters, R, weight rows) with the scaling folded in, fp32."""
+    if lora is None:
+        return torch.ops.promethean_kernels.linear(x, packed, out_features, scales, bias,
+                                                   ACTIVATIONS[activation])
+    down, up, slots = lora
     return torch.ops.promethean_kernels.linear(x, packed, out_features, scales, bias,
-                                               ACTIVATIONS[activation])
+                                               ACTIVATIONS[activation], down, up, slots)
 
 
 def norm(
@@ -202,13 +211,17 @@ def decode_blocks(
     query_slot: int,
     shape: list[int],
     reals: list[float],
+    lora: list[torch.Tensor | None] | None = None,
+    lora_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every block of a decode step (see `fused_decode`): x (batch, 1, width) in, the last
     block's output out; the new keys and values are written at index `filled[layer]` of each
-    layer's cache buffers. Only call this where `available()` is true."""
+    layer's cache buffers. `lora`: (down, up) of each layer's qkv, output, up and down
+    projections (then the head's), each row's slot in `lora_slots` (see `linear`). Only call
+    this where `available()` is true."""
     return torch.ops.promethean_kernels.decode_blocks(
         x, params, keys, values, first_slots, filled, windows, rotary, left_padding, query_slot,
-        shape, reals)
+        shape, reals, lora or [], lora_slots)
 
 
 @functools.cache

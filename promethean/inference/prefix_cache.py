@@ -13,7 +13,9 @@ one prompt token to run wins. `KVCache.prefix` cuts a copy of the entry's cache 
 a global attention layer keeps the first slots, a windowed one the last `window` before it, an
 SSM layer only its final state (so a hybrid model reuses an entry only whole). A new entry that
 extends a held one and can stand in for all of it (a chat's next turn, on attention layers)
-supersedes it: a long chat holds one sequence, not one per turn.
+supersedes it: a long chat holds one sequence, not one per turn. Entries live in namespaces:
+the keys and values of the same tokens differ with the LoRA adapter that computed them, so a
+sequence is reused only by a request for the same adapter (the engine names it).
 
 Reuse changes no output: on the inference kernels (`promethean.inference.quantize`) a token's
 keys and values, and the logits, do not depend on how the sequence was split between prefill
@@ -37,11 +39,13 @@ class _Entry:
     cache: KVCache
     nbytes: int
     chains: list[int]  # the chain hash of each full block of `tokens`
+    namespace: object
 
 
-def block_chain(tokens) -> list[int]:
-    """The chain hash of each full block of `tokens`: hash i covers tokens[: (i + 1) * BLOCK]."""
-    chain, previous = [], 0
+def block_chain(tokens, namespace: object = None) -> list[int]:
+    """The chain hash of each full block of `tokens` in `namespace`: hash i covers the namespace
+    and tokens[: (i + 1) * BLOCK]."""
+    chain, previous = [], 0 if namespace is None else hash(("namespace", namespace))
     for start in range(0, len(tokens) - BLOCK_TOKENS + 1, BLOCK_TOKENS):
         previous = hash((previous, tuple(tokens[start : start + BLOCK_TOKENS])))
         chain.append(previous)
@@ -80,21 +84,23 @@ class PrefixStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, tokens, cache: KVCache) -> None:
-        """Keep `cache` (one row, unpadded, holding exactly `tokens`) unless it is shorter than a
-        block or alone larger than the budget; older entries make room."""
+    def put(self, tokens, cache: KVCache, namespace: object = None) -> None:
+        """Keep `cache` (one row, unpadded, holding exactly `tokens`) in `namespace` unless it is
+        shorter than a block or alone larger than the budget; older entries make room."""
         tokens = tuple(tokens)
         if len(tokens) < BLOCK_TOKENS or cache.length != len(tokens):
             return
         nbytes = cache.nbytes()
         if nbytes > self.budget_bytes:
             return
-        chains = block_chain(tokens)
+        chains = block_chain(tokens, namespace)
         # An entry this one extends (a chat's previous turn, the same sequence again) is
         # superseded when the new cache can stand in for all of it (attention layers; an SSM
         # state or a window that slid past it cannot): it would only take up the budget.
         for key in list(self._by_chain.get(chains[0], ())):
             held = self._entries[key].tokens
+            if self._entries[key].namespace != namespace:
+                continue
             if len(held) <= len(tokens) and tokens[: len(held)] == held and \
                     (len(held) == len(tokens) or cache.can_prefix(len(held))):
                 self._drop(key)
@@ -103,7 +109,7 @@ class PrefixStore:
             self._drop(next(iter(self._entries)))
             self.stats.evicted += 1
         key, self._next_id = self._next_id, self._next_id + 1
-        self._entries[key] = _Entry(tokens, cache, nbytes, chains)
+        self._entries[key] = _Entry(tokens, cache, nbytes, chains, namespace)
         for chain in chains:
             self._by_chain.setdefault(chain, set()).add(key)
         self.nbytes += nbytes
@@ -119,19 +125,21 @@ class PrefixStore:
                     del self._by_chain[chain]
         self.nbytes -= entry.nbytes
 
-    def lookup(self, prompt: list[int], capacity: int) -> tuple[int, KVCache] | None:
+    def lookup(self, prompt: list[int], capacity: int,
+               namespace: object = None) -> tuple[int, KVCache] | None:
         """(tokens reused, a fresh cache holding them with room for `capacity` slots) for the
-        longest usable prefix of `prompt` held, leaving at least one prompt token to prefill;
-        None when there is none. The entry becomes the most recently used."""
+        longest usable prefix of `prompt` held in `namespace`, leaving at least one prompt token
+        to prefill; None when there is none. The entry becomes the most recently used."""
         self.stats.lookups += 1
         candidates: set[int] = set()
-        for chain in block_chain(prompt[: len(prompt) - 1]):
+        for chain in block_chain(prompt[: len(prompt) - 1], namespace):
             holders = self._by_chain.get(chain)
             if not holders:
                 break
             candidates = holders
         ranked = sorted(((min(common_prefix(self._entries[key].tokens, prompt), len(prompt) - 1),
-                          key) for key in candidates), reverse=True)
+                          key) for key in candidates
+                         if self._entries[key].namespace == namespace), reverse=True)
         for length, key in ranked:
             if length < BLOCK_TOKENS:
                 break

@@ -1,11 +1,11 @@
 """The HTTP server: an OpenAI-compatible API, the nanoGPT card's `/chat`, health and metrics.
 
 Every route hands its prompt to a continuous-batching `Engine` (promethean.inference.engine);
-the event loop only parses, validates and streams. The base model has one engine; each LoRA
-adapter of the checkpoint (`CKPT/adapters/NAME`, served as model `BASE:NAME`) gets an engine of its
-own over its own copy of the model with the adapter merged in (base decode speed, no per-row
-adapter switching), built on first use; at most `max_adapter_engines` are kept, the least recently
-used idle one being shut down to make room. Errors are JSON bodies in OpenAI's shape,
+the event loop only parses, validates and streams. The LoRA adapters of the checkpoint
+(`CKPT/adapters/NAME`, served as model `BASE:NAME`) share the base model's engine and batches on
+the CPU kernels (up to `max_adapters` held at once; a request for another one while all are in
+use gets 503 with Retry-After); elsewhere each gets an engine over a merged copy of the model
+(at most `max_adapter_engines`; see `pool`). Errors are JSON bodies in OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`, so the official client raises the right
 exception with a readable message. A full engine queue answers 503 with Retry-After at once.
 
@@ -49,6 +49,7 @@ from promethean.data.chat import Turn, assistant_prompt
 from promethean.errors import PrometheanError
 from promethean.inference import (
     DEFAULT_MAX_ADAPTER_ENGINES,
+    DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFIX_CACHE_BYTES,
@@ -109,6 +110,7 @@ def create_app(
     limits: ServeLimits | None = None,
     shared_memory: bool = False,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    max_adapters: int = DEFAULT_MAX_ADAPTERS,
 ) -> FastAPI:
     """The FastAPI app for a model (or for an already running `engine`). With `checkpoint`, the
     directory the model was loaded from, its adapters are served too, as `MODEL_NAME:ADAPTER`
@@ -120,7 +122,8 @@ def create_app(
     `shared_memory` shares one memory among all."""
     if engine is None:
         engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue,
-                        prefix_cache_bytes=prefix_cache_bytes)
+                        prefix_cache_bytes=prefix_cache_bytes,
+                        max_adapters=max_adapters if checkpoint is not None else 0)
     tokenizer = tokenizer or engine.tokenizer
     variants = ModelVariants(engine, model_name, checkpoint, max_adapter_engines, dtype)
     access = Access(api_key, allowed_origins, allowed_hosts)
@@ -230,7 +233,7 @@ def create_app(
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(server.metrics.render(variants.queue_depth, variants.running,
-                                                       variants.reuse_counters()),
+                                                       variants.counters()),
                                  media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -411,6 +414,7 @@ def build_app(
     limits: ServeLimits | None = None,
     shared_memory: bool = False,
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+    max_adapters: int = DEFAULT_MAX_ADAPTERS,
 ) -> FastAPI:
     """The app `promethean serve` runs: the checkpoint loaded and prepared as `dtype` (fp32, bf16
     or int8; see promethean.inference.quantize), and with `memory`, a memory directory that chat
@@ -425,7 +429,7 @@ def build_app(
     from promethean.inference.quantize import prepare_for_inference
 
     # Prepared in every dtype: on the CPU kernels a reply then never depends on the requests it
-    # is batched with (adapters are merged into fresh fp32 copies and prepared alike).
+    # is batched with, nor on the adapters its neighbours use.
     model = prepare_for_inference(loaded.model, dtype)
     server_memory = None
     if memory is not None:
@@ -437,7 +441,7 @@ def build_app(
                       max_adapter_engines=max_adapter_engines, dtype=dtype, memory=server_memory,
                       allowed_origins=allowed_origins, allowed_hosts=allowed_hosts,
                       limits=limits, shared_memory=shared_memory,
-                      prefix_cache_bytes=prefix_cache_bytes)
+                      prefix_cache_bytes=prefix_cache_bytes, max_adapters=max_adapters)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000,

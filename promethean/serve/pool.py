@@ -1,8 +1,14 @@
-"""The engines a server decodes with: the base model has one engine; each LoRA adapter of the
-checkpoint (`CKPT/adapters/NAME`, served as model `BASE:NAME`) gets an engine of its own over its
-own copy of the model with the adapter merged in (base decode speed, no per-row adapter
-switching), built on first use; at most `max_adapter_engines` are kept, the least recently used
-idle one being shut down to make room.
+"""The engines a server decodes with, and its LoRA adapters (`CKPT/adapters/NAME`, served as
+model `BASE:NAME`).
+
+On Promethean's CPU kernels (a model prepared for inference, the engine built with
+`max_adapters`) there is one engine: a request for an adapter runs in the same batches as the
+base's and the other adapters', its rows getting their own low-rank update in every product
+(promethean.inference.adapter_slots); an adapter is read from disk on first use (and again when
+its files change) into one of `max_adapters` slots. Elsewhere (a GPU, a model not prepared) each
+adapter gets an engine of its own over its own copy of the model with the adapter merged in,
+built on first use; at most `max_adapter_engines` are kept, the least recently used idle one
+being shut down to make room.
 """
 
 from __future__ import annotations
@@ -10,8 +16,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from promethean.continual.adapters import check_name, list_adapters, load_adapter_onto
+from promethean.continual.adapters import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    adapter_directory,
+    check_name,
+    checkpoint_sha256,
+    list_adapters,
+    load_adapter_onto,
+    read_adapter,
+)
 from promethean.errors import PrometheanError
+from promethean.inference.adapter_slots import SlotAdapter, slot_adapter
 from promethean.inference.engine import Engine, RequestHandle
 from promethean.model import Transformer
 from promethean.serve.protocol import ApiError
@@ -29,8 +45,17 @@ class ModelVariants:
         self.dtype = dtype  # what the base was prepared as; adapter engines are prepared alike
         self.engines: dict[str, Engine] = {}  # adapter name -> engine, least recently used first
         self.handles: dict[str, list[RequestHandle]] = {}
+        # With slots on the base engine: adapters as read from disk, by name, with the files'
+        # signature they were read at (the most recently used last, as many as there are slots).
+        self.read: dict[str, tuple[tuple, SlotAdapter]] = {}
+        self._base_sha256: str | None = None
         self._loading = asyncio.Lock()
         self.closing = False
+
+    @property
+    def batched(self) -> bool:
+        """Whether adapters share the base engine's batches (slots) rather than own engines."""
+        return self.base.adapters is not None
 
     def names(self) -> list[str]:
         adapters = list_adapters(self.checkpoint) if self.checkpoint is not None else []
@@ -57,7 +82,8 @@ class ModelVariants:
             self.base = Engine(self.base.model, self.base.tokenizer,
                                max_batch_size=self.base.max_batch_size,
                                max_queue=self.base.max_queue,
-                               prefix_cache_bytes=self.base.prefix_cache_bytes)
+                               prefix_cache_bytes=self.base.prefix_cache_bytes,
+                               max_adapters=self.base.max_adapters)
         for name, engine in list(self.engines.items()):
             if not engine.alive:
                 self.engines.pop(name)  # rebuilt on its next request
@@ -65,7 +91,7 @@ class ModelVariants:
         return True
 
     async def engine(self, adapter: str | None) -> Engine:
-        if adapter is None:
+        if adapter is None or self.batched:
             self.revive()
             return self.base
         async with self._loading:  # one build at a time; later callers find it built
@@ -85,6 +111,38 @@ class ModelVariants:
             self.engines[adapter] = self.engines.pop(adapter)  # now the most recently used
             return self.engines[adapter]
 
+    async def slot_adapter(self, adapter: str | None) -> SlotAdapter | None:
+        """What a request for `adapter` hands the base engine (None: the base, or adapters
+        with engines of their own); read from disk when new or changed there."""
+        if adapter is None or not self.batched:
+            return None
+        async with self._loading:
+            try:
+                signature = await asyncio.to_thread(self._signature, adapter)
+                held = self.read.pop(adapter, None)
+                if held is None or held[0] != signature:
+                    held = (signature, await asyncio.to_thread(self._read, adapter, signature))
+            except (PrometheanError, OSError) as error:  # damaged, mismatched, or just removed
+                raise ApiError(500, f"the adapter '{adapter}' could not be loaded: "
+                               f"{str(error).rstrip('.')}.", param="model",
+                               error_type="server_error", code="adapter_load_failed")
+            self.read[adapter] = held
+            while len(self.read) > self.base.max_adapters:
+                self.read.pop(next(iter(self.read)))
+            return held[1]
+
+    def _signature(self, adapter: str) -> tuple:
+        directory = adapter_directory(self.checkpoint, adapter)
+        return tuple((stat.st_mtime_ns, stat.st_size) for stat in
+                     ((directory / name).stat() for name in (ADAPTER_CONFIG_FILE, ADAPTER_FILE)))
+
+    def _read(self, adapter: str, signature: tuple) -> SlotAdapter:
+        if self._base_sha256 is None:
+            self._base_sha256 = checkpoint_sha256(self.checkpoint)
+        saved = read_adapter(adapter_directory(self.checkpoint, adapter), self._base_sha256)
+        return slot_adapter(self.base.model, adapter, (adapter, signature), saved.matrices,
+                            saved.config.scaling)
+
     def _adapted_model(self, adapter: str) -> Transformer:
         # A prepared base cannot take a merge: merge into fresh fp32 weights, then prepare.
         from promethean.checkpoint import load_checkpoint
@@ -102,16 +160,16 @@ class ModelVariants:
     def running(self) -> int:
         return self.base.running + sum(e.running for e in list(self.engines.values()))
 
-    def reuse_counters(self) -> dict[str, int]:
-        """`Engine.reuse_counters` summed over every engine."""
+    def counters(self) -> dict[str, int]:
+        """`Engine.counters` summed over every engine."""
         totals: dict[str, int] = {}
         for engine in [self.base, *list(self.engines.values())]:
-            for key, value in engine.reuse_counters().items():
+            for key, value in engine.counters().items():
                 totals[key] = totals.get(key, 0) + value
         return totals
 
     def track(self, adapter: str | None, handle: RequestHandle) -> None:
-        if adapter is not None:
+        if adapter is not None and adapter in self.handles:  # an engine of its own
             handles = self.handles[adapter]
             handles[:] = [h for h in handles if not h.done]
             handles.append(handle)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from promethean.context.tree import Memory
 from promethean.data.chat import Turn, assistant_prompt, render_turn
 from promethean.errors import PrometheanError
+from promethean.inference.adapter_slots import AdapterSlotsFullError
 from promethean.inference.engine import (
     Engine,
     EngineStoppedError,
@@ -143,10 +144,15 @@ class Server:
     async def submit(self, prompt: list[int], params: SamplingParams,
                      adapter: str | None = None) -> RequestHandle:
         engine = await self.variants.engine(adapter)
+        weights = await self.variants.slot_adapter(adapter)
         try:
-            handle = engine.submit(prompt, params)
+            handle = (engine.submit(prompt, params) if weights is None
+                      else engine.submit(prompt, params, adapter=weights))
         except (QueueFullError, EngineStoppedError) as error:
             raise ApiError(503, str(error), error_type="server_overloaded", code="overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        except AdapterSlotsFullError as error:
+            raise ApiError(503, str(error), error_type="server_overloaded", code="adapters_busy",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
         except PrometheanError as error:
             raise ApiError(400, str(error), param="prompt", code="invalid_value")

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# Prefix reuse: each metric, the `Engine.reuse_counters` key it shows, its type and its help.
-REUSE_METRICS = (
+# The engine's prefix reuse and adapter slots: each metric, the `Engine.counters` key it shows,
+# its type and its help.
+ENGINE_METRICS = (
     ("prefilled_tokens_total", "prefilled_tokens", "counter",
      "Prompt tokens run through the model."),
     ("prefix_reused_tokens_total", "reused_tokens", "counter",
@@ -21,6 +22,10 @@ REUSE_METRICS = (
     ("prefix_hits_total", "hits", "counter", "Prompts that reused a cached prefix."),
     ("prefix_cache_bytes", "bytes", "gauge", "Bytes of finished sequences' caches kept for reuse."),
     ("prefix_cache_sequences", "sequences", "gauge", "Finished sequences kept for reuse."),
+    ("adapter_slots", "adapter_slots", "gauge", "LoRA adapters the engine can hold at once."),
+    ("adapter_slots_in_use", "adapter_slots_in_use", "gauge",
+     "Adapter slots held by requests queued or running."),
+    ("adapter_bytes", "adapter_bytes", "gauge", "Bytes of the held adapters' matrices."),
 )
 
 
@@ -50,8 +55,8 @@ class Metrics:
                 if seconds <= bound:
                     self.latency_counts[index] += 1
 
-    def render(self, queue_depth: int, running: int, reuse: dict[str, int] | None = None) -> str:
-        """The metrics text; `queue_depth`, `running` and `reuse` (`Engine.reuse_counters`) are
+    def render(self, queue_depth: int, running: int, engine: dict[str, int] | None = None) -> str:
+        """The metrics text; `queue_depth`, `running` and `engine` (`Engine.counters`) are
         summed over every engine."""
         with self._lock:
             lines = ["# HELP promethean_requests_total HTTP requests by route and status.",
@@ -72,9 +77,9 @@ class Metrics:
                 "# TYPE promethean_running_requests gauge",
                 f"promethean_running_requests {running}",
             ]
-            for name, key, kind, what in REUSE_METRICS if reuse is not None else ():
+            for name, key, kind, what in ENGINE_METRICS if engine is not None else ():
                 lines += [f"# HELP promethean_{name} {what}", f"# TYPE promethean_{name} {kind}",
-                          f"promethean_{name} {reuse[key]}"]
+                          f"promethean_{name} {engine[key]}"]
             lines += [
                 "# HELP promethean_request_latency_seconds Time from submission to the last token.",
                 "# TYPE promethean_request_latency_seconds histogram",

@@ -50,6 +50,12 @@ struct LinearArgs {
   int64_t pairs;           // bf16 / int8: (K + 1) / 2
   const float* scales;     // int8: per weight row (gated: gate rows, then up rows)
   const float* bias;       // per weight row (gated: gate rows, then up rows), or null
+  // Added to each output after the bias, before the activation: row addend_row[m] of `addend`
+  // (weight rows as the bias, addend_stride apart) for row m of x, or nothing where it is -1 or
+  // `addend` is null. A LoRA adapter's update of that row (see LoraArgs).
+  const float* addend;
+  const int64_t* addend_row;
+  int64_t addend_stride;
   void* y;
   int64_t y_stride;
   bool y_bf16;
@@ -110,10 +116,30 @@ struct ScanArgs {
   int64_t B, T, D, N;
 };
 
+// The low-rank updates of a linear layer's rows for several adapters held side by side in slots
+// (S-LoRA / punica's "gather"): row m of x uses slot row_slot[m] (-1: none) and gets
+// out[m] = (x_m A^T) B^T with A^T = down[slot] (K, R) and B^T = up[slot] (R, N), the adapter's
+// scaling folded into up. fp32, inputs in order 0..K-1 then 0..R-1, one fused multiply-add per
+// term: a row's update depends on its values and its slot alone. An adapter of rank r < R holds
+// zeros in the rest, which add nothing.
+struct LoraArgs {
+  const void* x;
+  bool x_bf16;
+  int64_t x_stride;
+  int64_t K, R, N;        // N: weight rows (gated: gate rows, then up rows)
+  const float* down;      // (slots, K, R)
+  const float* up;        // (slots, R, N)
+  const int64_t* row_slot;
+  float* t;               // (M, R) scratch
+  float* out;             // (M, N), row m's update at row m
+};
+
 // Each instruction set's kernels, over a part of the work (the caller splits it among threads).
 struct Kernels {
   void (*linear)(const LinearArgs&, int64_t panel_begin, int64_t panel_end, int64_t row_begin,
                  int64_t row_end);
+  // Rows [begin, end) of LoraArgs (those whose slot is -1 are left alone).
+  void (*lora)(const LoraArgs&, int64_t row_begin, int64_t row_end);
   float (*quantize_row)(const void* row, bool bf16, int64_t K, int16_t* out);
   void (*norm)(const NormArgs&, int64_t row_begin, int64_t row_end);
   void (*attention)(const AttentionArgs&, int64_t item_begin, int64_t item_end, float* scratch);

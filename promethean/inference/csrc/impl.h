@@ -51,6 +51,8 @@ inline F16 scale_and_bias(const LinearArgs& a, int64_t m, int64_t row0, F16 v, i
     v = v * f16_load_n(a.scales + row0, count);
   }
   if (a.bias != nullptr) v = v + f16_load_n(a.bias + row0, count);
+  if (a.addend != nullptr && a.addend_row[m] >= 0)
+    v = v + f16_load_n(a.addend + a.addend_row[m] * a.addend_stride + row0, count);
   return v;
 }
 
@@ -397,6 +399,37 @@ inline void linear(const LinearArgs& a, int64_t p0, int64_t p1, int64_t r0, int6
 // --------------------------------------------------------------------------- quantize x
 // One row of x to int16 with one scale (its largest |value| maps to 32767); returns the scale.
 // NaNs are left out of the largest value, and an all-zero or non-finite row gets scale 1.
+// ------------------------------------------------------------------------- LoRA updates
+// Vectors run over R (then N), each lane adding its terms in input order: no reduction across
+// lanes, so the sums are those of a scalar loop with fused multiply-adds, on either set.
+inline void lora(const LoraArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t m = r0; m < r1; ++m) {
+    const int64_t slot = a.row_slot[m];
+    if (slot < 0) continue;
+    const float* down = a.down + slot * a.K * a.R;
+    const float* up = a.up + slot * a.R * a.N;
+    float* t = a.t + m * a.R;
+    for (int64_t j = 0; j < a.R; j += kChunk) {
+      const int count = int(min64(kChunk, a.R - j));
+      F16 acc = f16_zero();
+      for (int64_t k = 0; k < a.K; ++k) {
+        const float value = a.x_bf16
+            ? bf16_to_float(static_cast<const uint16_t*>(a.x)[m * a.x_stride + k])
+            : static_cast<const float*>(a.x)[m * a.x_stride + k];
+        acc = fma(f16_set1(value), f16_load_n(down + k * a.R + j, count), acc);
+      }
+      f16_store_n(t + j, acc, count);
+    }
+    float* out = a.out + m * a.N;
+    for (int64_t n = 0; n < a.N; n += kChunk) {
+      const int count = int(min64(kChunk, a.N - n));
+      F16 acc = f16_zero();
+      for (int64_t j = 0; j < a.R; ++j) acc = fma(f16_set1(t[j]), f16_load_n(up + j * a.N + n, count), acc);
+      f16_store_n(out + n, acc, count);
+    }
+  }
+}
+
 inline float quantize_row(const void* row, bool bf16, int64_t K, int16_t* out) {
   F16 peak = f16_zero();
   for (int64_t k = 0; k < K; k += 16) {
@@ -851,7 +884,7 @@ inline float stream_sum(const float* data, int64_t count) {
 }
 
 inline const Kernels make_kernels() {
-  return Kernels{&linear,           &quantize_row, &norm,
+  return Kernels{&linear,           &lora,         &quantize_row, &norm,
                  &attention,        &spike_thresholds, &scan,
                  &activate_elements, &rotary_row,       &stream_sum};
 }

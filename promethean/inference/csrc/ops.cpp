@@ -209,7 +209,38 @@ struct Projection {
   const float* scales;
   const float* bias;
   int32_t activation;
+  // LoRA adapters in slots (LoraArgs) and each row's slot, or null: none for any row.
+  const float* lora_down = nullptr;
+  const float* lora_up = nullptr;
+  int64_t lora_rank = 0;
+  const int64_t* row_slot = nullptr;
 };
+
+// Adds the adapters of `down` (slots, K, R) and `up` (slots, R, weight rows) to a projection,
+// for M rows whose slots are `row_slots` (M int64 values, -1: no adapter).
+void add_lora(Projection& w, const std::optional<at::Tensor>& down,
+              const std::optional<at::Tensor>& up, const at::Tensor& row_slots, int64_t M) {
+  if (!down.has_value()) return;
+  TORCH_CHECK(up.has_value(), "linear: a LoRA needs its down and up matrices");
+  const int64_t weight_rows = is_gated(w.activation) ? 2 * w.outputs : w.outputs;
+  TORCH_CHECK(down->scalar_type() == at::kFloat && up->scalar_type() == at::kFloat &&
+                  down->is_contiguous() && up->is_contiguous() && down->dim() == 3 &&
+                  up->dim() == 3 && down->size(0) == up->size(0) && down->size(1) == w.K &&
+                  up->size(1) == down->size(2) && up->size(2) == weight_rows,
+              "linear: the LoRA slots must be contiguous fp32 (slots, ", w.K, ", R) and (slots, R, ",
+              weight_rows, ")");
+  TORCH_CHECK(row_slots.scalar_type() == at::kLong && row_slots.is_contiguous() &&
+                  row_slots.numel() == M,
+              "linear: one LoRA slot per row of x");
+  const int64_t slots = down->size(0);
+  const int64_t* slot = row_slots.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(slot[m] >= -1 && slot[m] < slots, "linear: a row's LoRA slot is out of range");
+  w.lora_down = down->data_ptr<float>();
+  w.lora_up = up->data_ptr<float>();
+  w.lora_rank = down->size(2);
+  w.row_slot = slot;
+}
 
 Projection projection_of(const at::Tensor& packed, int64_t K, int64_t outputs,
                          const std::optional<at::Tensor>& scales,
@@ -278,6 +309,29 @@ void linear_rows(const Projection& w, const void* x, bool x_bf16, int64_t M, int
   args.y = y;
   args.y_stride = y_stride;
   args.y_bf16 = y_bf16;
+  // The adapters' updates first, from x as given (the epilogue adds them).
+  thread_local std::vector<float> lora_out, lora_t;
+  thread_local std::vector<int64_t> lora_rows;
+  if (w.lora_down != nullptr) {
+    const int64_t weight_rows = is_gated(w.activation) ? 2 * w.outputs : w.outputs;
+    lora_rows.resize(M);
+    bool any = false;
+    for (int64_t m = 0; m < M; ++m) {
+      lora_rows[m] = w.row_slot[m] >= 0 ? m : -1;
+      any = any || w.row_slot[m] >= 0;
+    }
+    if (any) {
+      lora_out.resize(M * weight_rows);
+      lora_t.resize(M * std::max<int64_t>(w.lora_rank, 1));
+      const LoraArgs update{x, x_bf16, x_stride, K, w.lora_rank, weight_rows, w.lora_down,
+                            w.lora_up, w.row_slot, lora_t.data(), lora_out.data()};
+      split(M, M * w.lora_rank * (K + weight_rows),
+            [&](int64_t begin, int64_t end) { k.lora(update, begin, end); });
+      args.addend = lora_out.data();
+      args.addend_row = lora_rows.data();
+      args.addend_stride = weight_rows;
+    }
+  }
   thread_local std::vector<int16_t> quantized;
   thread_local std::vector<float> row_scales, widened;
   thread_local std::vector<uint16_t> narrowed;
@@ -350,15 +404,21 @@ void linear_rows(const Projection& w, const void* x, bool x_bf16, int64_t M, int
 // or fp32). `outputs` is N (gated: the hidden size).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t outputs,
                   const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& bias,
-                  int64_t activation) {
+                  int64_t activation, const std::optional<at::Tensor>& lora_down,
+                  const std::optional<at::Tensor>& lora_up,
+                  const std::optional<at::Tensor>& lora_slots) {
   kernels();
   TORCH_CHECK(x.device().is_cpu(), "linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "linear: x must be bf16 or fp32");
   const int64_t K = x.size(-1);
-  const Projection w = projection_of(packed, K, outputs, scales, bias, activation);
+  Projection w = projection_of(packed, K, outputs, scales, bias, activation);
   auto rows = x.reshape({-1, K});
   const int64_t M = rows.size(0);
+  if (lora_down.has_value()) {
+    TORCH_CHECK(lora_slots.has_value(), "linear: a LoRA needs each row's slot");
+    add_lora(w, lora_down, lora_up, *lora_slots, M);
+  }
   if (rows.stride(1) != 1 || (M > 1 && rows.stride(0) < K)) rows = rows.contiguous();
   auto sizes = x.sizes().vec();
   sizes.back() = outputs;
@@ -689,6 +749,12 @@ enum Param : int64_t {
 enum HeadParam : int64_t { kFinalNormWeight, kFinalNormBias, kHead, kHeadScales, kHeadBias,
                            kHeadParams };
 
+// The projections of a layer that may carry LoRA adapters, in the order of decode_blocks' `lora`.
+constexpr int64_t kLoraProjections = 4;
+inline int64_t lora_projection(Param which) {
+  return which == kQkv ? 0 : which == kOut ? 1 : which == kUp ? 2 : 3;
+}
+
 using OptionalTensors = c10::List<std::optional<at::Tensor>>;
 
 const float* float_data(const std::optional<at::Tensor>& tensor) {
@@ -707,7 +773,8 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
                          at::TensorList keys, at::TensorList values, at::IntArrayRef first_slots,
                          at::IntArrayRef filled, at::IntArrayRef windows,
                          const OptionalTensors& rotary, const std::optional<at::Tensor>& left_padding,
-                         int64_t query_slot, at::IntArrayRef shape_ints, at::ArrayRef<double> reals) {
+                         int64_t query_slot, at::IntArrayRef shape_ints, at::ArrayRef<double> reals,
+                         const OptionalTensors& lora, const std::optional<at::Tensor>& lora_slots) {
   const Kernels& k = kernels();
   // With the final norm and the head (5 more params, shape + [vocab, final rms], reals + [final
   // eps]) the step returns the logits (batch, 1, vocab) instead of the last block's output.
@@ -732,6 +799,11 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
               "decode_blocks: parameters or caches do not match the number of layers");
   TORCH_CHECK(rotary.size() == 0 || int64_t(rotary.size()) == 2 * layers,
               "decode_blocks: rotary tables must be (cos, sin) per layer");
+  // LoRA adapters (see add_lora): (down, up) per projection of each layer in kLoraProjections'
+  // order, then the head's where the step ends with it; none where `lora` is empty.
+  const int64_t lora_count = layers * 2 * kLoraProjections + (with_head ? 2 : 0);
+  TORCH_CHECK(lora.size() == 0 || (int64_t(lora.size()) == lora_count && lora_slots.has_value()),
+              "decode_blocks: the LoRA slots do not match the layers");
   const bool bf16 = input.scalar_type() == at::kBFloat16;
   const int64_t size = input.element_size();
   const int64_t inner = H * D, kv_inner = Hkv * D, qkv_width = inner + 2 * kv_inner;
@@ -767,11 +839,16 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
     norm_rows(from, bf16, B, C, C, params.get(base + weight)->data_ptr<float>(),
               float_data(params.get(base + weight + 1)), eps, rms, to, C);
   };
+  const auto with_lora = [&](Projection& w, int64_t index) {
+    if (lora.size() != 0) add_lora(w, lora.get(2 * index), lora.get(2 * index + 1), *lora_slots, B);
+  };
   const auto project = [&](const char* from, int64_t K, char* to, int64_t base, Param which,
                            int64_t outputs, int64_t activation) {
-    const Projection w = projection_of(*params.get(base + which), K, outputs,
-                                       params.get(base + which + 1), params.get(base + which + 2),
-                                       activation);
+    Projection w = projection_of(*params.get(base + which), K, outputs,
+                                 params.get(base + which + 1), params.get(base + which + 2),
+                                 activation);
+    const int64_t layer = base / kParamsPerLayer;
+    with_lora(w, layer * kLoraProjections + lora_projection(which));
     linear_rows(w, from, bf16, B, K, to, bf16, outputs);
   };
   for (int64_t layer = 0; layer < layers; ++layer) {
@@ -867,9 +944,10 @@ at::Tensor decode_blocks(const at::Tensor& input, const OptionalTensors& params,
   const int64_t base = layers * kParamsPerLayer, vocab = shape_ints[8];
   norm_rows(residual, bf16, B, C, C, params.get(base + kFinalNormWeight)->data_ptr<float>(),
             float_data(params.get(base + kFinalNormBias)), reals[2], shape_ints[9] != 0, h, C);
-  const Projection head = projection_of(*params.get(base + kHead), C, vocab,
-                                        params.get(base + kHeadScales),
-                                        params.get(base + kHeadBias), kNone);
+  Projection head = projection_of(*params.get(base + kHead), C, vocab,
+                                  params.get(base + kHeadScales), params.get(base + kHeadBias),
+                                  kNone);
+  with_lora(head, layers * kLoraProjections);
   at::Tensor logits = at::empty({B, 1, vocab}, x.options());
   linear_rows(head, h, bf16, B, C, logits.data_ptr(), bf16, vocab);
   return logits;
@@ -884,7 +962,8 @@ TORCH_LIBRARY(promethean_kernels, m) {
   m.def("select_instruction_set(str name) -> ()", &promethean_kernels::select_instruction_set);
   m.def("pack_linear(Tensor weight, bool gated) -> Tensor");
   m.def("packed_rows(Tensor packed, Tensor ids, int K, Tensor? scales, bool bf16_out) -> Tensor");
-  m.def("linear(Tensor x, Tensor packed, int outputs, Tensor? scales, Tensor? bias, int activation) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int outputs, Tensor? scales, Tensor? bias, int activation, "
+        "Tensor? lora_down=None, Tensor? lora_up=None, Tensor? lora_slots=None) -> Tensor");
   m.def("norm(Tensor x, Tensor weight, Tensor? bias, float eps, bool rms, bool unit_offset) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("attention(Tensor q, Tensor keys, Tensor values, int query_slot0, int key_slot0, int held, "
@@ -894,7 +973,7 @@ TORCH_LIBRARY(promethean_kernels, m) {
   m.def("activate(Tensor x, int activation) -> Tensor");
   m.def("decode_blocks(Tensor x, Tensor?[] params, Tensor(a!)[] keys, Tensor(b!)[] values, "
         "int[] first_slots, int[] filled, int[] windows, Tensor?[] rotary, Tensor? left_padding, "
-        "int query_slot, int[] shape, float[] reals) -> Tensor");
+        "int query_slot, int[] shape, float[] reals, Tensor?[] lora, Tensor? lora_slots) -> Tensor");
   m.def("stream_read(Tensor buffer) -> float");
   m.def("argmax_rows(Tensor x) -> Tensor");
 }
