@@ -96,6 +96,7 @@ BENCHMARKS = (
               quick=("--sizes", "10000", "--queries", "20", "--beams", "8", "32")),
     Benchmark("serve", "benchmarks/serve.py"),
     Benchmark("chat-reuse", "benchmarks/chat_reuse.py"),
+    Benchmark("serve-adapters", "benchmarks/serve_adapters.py"),
 )
 
 

@@ -78,13 +78,13 @@ class ServerProcess:
     """`promethean serve CHECKPOINT` in a subprocess, ready once /health answers."""
 
     def __init__(self, checkpoint: Path, max_batch_size: int, max_queue: int, log: Path,
-                 dtype: str = "fp32") -> None:
+                 dtype: str = "fp32", extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "promethean", "serve", str(checkpoint), "--port", str(self.port),
              "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue),
-             "--chat-log", str(log), "--dtype", dtype],
+             "--chat-log", str(log), "--dtype", dtype, *extra],
             stdout=subprocess.DEVNULL, stderr=open(log.with_suffix(".stderr"), "w"))
         self.log = log.with_suffix(".stderr")
         deadline = time.monotonic() + 120
@@ -108,8 +108,10 @@ class ServerProcess:
             self.process.kill()
 
 
-async def burst(url: str, requests: int, concurrency: int) -> dict:
-    """`requests` completions by `concurrency` clients; wall seconds, latencies, status codes."""
+async def burst(url: str, requests: int, concurrency: int,
+                models: tuple[str, ...] = ()) -> dict:
+    """`requests` completions by `concurrency` clients (request i for models[i % len(models)],
+    or the server's base model); wall seconds, latencies, status codes."""
     body = {"prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0}
     latencies: list[float] = []
     statuses: collections.Counter = collections.Counter()
@@ -120,10 +122,12 @@ async def burst(url: str, requests: int, concurrency: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         async def worker() -> None:
             nonlocal tokens
-            for _ in remaining:
+            for index in remaining:
                 started = time.perf_counter()
                 try:
-                    response = await client.post("/v1/completions", json=body)
+                    response = await client.post(
+                        "/v1/completions",
+                        json={**body, "model": models[index % len(models)]} if models else body)
                 except httpx.HTTPError as error:
                     statuses[type(error).__name__] += 1
                     continue

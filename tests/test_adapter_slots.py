@@ -92,8 +92,9 @@ CASES = [("tiny-gpt2", "fp32"), ("tiny-gpt2", "bf16"), ("tiny-llama", "fp32"),
          ("tiny-llama", "bf16"), ("tiny-llama", "int8"), ("tiny-gemma3", "fp32"),
          ("tiny-gemma3", "bf16"), ("tiny-sssm", "fp32"), ("tiny-sssm", "bf16")]
 # The largest error against PyTorch's fp32 hooks, as a share of the largest logit: fp32 sums
-# in another order; bf16 rounds activations; int8 quantizes the base weights too.
-TOLERANCE = {"fp32": 1e-5, "bf16": 0.03, "int8": 0.06}
+# in another order; bf16 rounds activations and holds the adapters in bf16; int8 quantizes the
+# base weights too.
+TOLERANCE = {"fp32": 1e-5, "bf16": 0.06, "int8": 0.08}
 
 
 @pytest.mark.parametrize("preset,dtype", CASES)
@@ -168,6 +169,7 @@ def test_slots_are_shared_reused_least_recently_used_and_refused_when_all_are_he
     pool.install_pending()
     assert pool.nbytes == sum(layer.lora_down.numel() * 4 + layer.lora_up.numel() * 4
                               for layer in pool.layers.values() if layer.lora_down is not None)
+    assert pool.dtype == torch.float32  # an fp32 model's adapters stay fp32 (bf16: bf16)
     # The slots hold b and a now, and compute them as slots holding only them do.
     fresh_model, fresh, fresh_laid_out = slotted(base, {"b": saved["b"]}, 1, "fp32")
     fresh.acquire(fresh_laid_out["b"])

@@ -427,8 +427,7 @@ class Engine:
             if cache is None:
                 cache = self.model.new_cache(len(starting), capacity=capacity,
                                              left_padding=left_padding)
-            self._set_adapter_rows(starting)
-            logits = self.model(ids, cache=cache, last_logits_only=True).logits[:, -1].float()
+            logits = self._forward(starting, ids, cache, last_logits_only=True)
         except Exception as error:  # noqa: BLE001 - the newcomers' prefill: theirs alone
             for request in starting:
                 self._fail(request, error)
@@ -478,8 +477,7 @@ class Engine:
 
     def _step(self) -> None:
         self.peak_batch_size = max(self.peak_batch_size, len(self._running))
-        self._set_adapter_rows(self._running)
-        logits = self.model(self._last_tokens[:, None], cache=self._cache).logits[:, -1].float()
+        logits = self._forward(self._running, self._last_tokens[:, None], self._cache)
         for request in self._running:
             request.cached += 1
         # Plain greedy rows share one argmax (the same choice as row by row, in one kernel).
@@ -509,10 +507,17 @@ class Engine:
         self._cache.trim_common_padding()
         self._last_tokens = torch.tensor(tokens, device=self.device)
 
-    def _set_adapter_rows(self, requests: list[_Request]) -> None:
-        """Tell the model's layers which adapter each row of the next forward uses."""
-        if self.adapters is not None:
-            self.adapters.set_rows([request.slot for request in requests])
+    def _forward(self, requests: list[_Request], ids: torch.Tensor, cache: KVCache,
+                 **options) -> torch.Tensor:
+        """The last logits (fp32) of the rows of `requests`, each with its own adapter (the
+        model's layers are told which, and forget it after: the model may serve others)."""
+        if self.adapters is None:
+            return self.model(ids, cache=cache, **options).logits[:, -1].float()
+        self.adapters.set_rows([request.slot for request in requests])
+        try:
+            return self.model(ids, cache=cache, **options).logits[:, -1].float()
+        finally:
+            self.adapters.set_rows(None)
 
     def _pick(self, request: _Request, logits: torch.Tensor, chosen: int | None = None,
               filed_from: tuple[KVCache, int] | None = None) -> int:

@@ -119,16 +119,17 @@ struct ScanArgs {
 // The low-rank updates of a linear layer's rows for several adapters held side by side in slots
 // (S-LoRA / punica's "gather"): row m of x uses slot row_slot[m] (-1: none) and gets
 // out[m] = (x_m A^T) B^T with A^T = down[slot] (K, R) and B^T = up[slot] (R, N), the adapter's
-// scaling folded into up. fp32, inputs in order 0..K-1 then 0..R-1, one fused multiply-add per
-// term: a row's update depends on its values and its slot alone. An adapter of rank r < R holds
-// zeros in the rest, which add nothing.
+// scaling folded into up. fp32, one fused multiply-add per term, each sum in a fixed order
+// (impl.h): a row's update depends on its values and its slot alone. An adapter of rank r < R
+// holds zeros in the rest, which add nothing.
 struct LoraArgs {
   const void* x;
   bool x_bf16;
   int64_t x_stride;
   int64_t K, R, N;        // N: weight rows (gated: gate rows, then up rows)
-  const float* down;      // (slots, K, R)
-  const float* up;        // (slots, R, N)
+  const void* down;       // (slots, K, R)
+  const void* up;         // (slots, R, N)
+  bool weights_bf16;      // down and up are bf16 (else fp32); the sums are fp32 either way
   const int64_t* row_slot;
   float* t;               // (M, R) scratch
   float* out;             // (M, N), row m's update at row m

@@ -400,31 +400,72 @@ inline void linear(const LinearArgs& a, int64_t p0, int64_t p1, int64_t r0, int6
 // One row of x to int16 with one scale (its largest |value| maps to 32767); returns the scale.
 // NaNs are left out of the largest value, and an all-zero or non-finite row gets scale 1.
 // ------------------------------------------------------------------------- LoRA updates
-// Vectors run over R (then N), each lane adding its terms in input order: no reduction across
-// lanes, so the sums are those of a scalar loop with fused multiply-adds, on either set.
+// Vectors run over R (then N), each lane adding its terms in a fixed order: no reduction across
+// lanes, so a lane's sum is that of a scalar loop with fused multiply-adds, on either set.
+// x A^T: four partial sums per lane (inputs k = 0, 4, 8, ... in the first, 1, 5, ... in the
+// second, ...) added as (s0 + s1) + (s2 + s3); four chains hide the multiply-add's latency.
+// t B^T: ranks in order 0..R-1, four output chunks at a time (independent chains).
+inline float lora_input(const LoraArgs& a, int64_t m, int64_t k) {
+  return a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[m * a.x_stride + k])
+                  : static_cast<const float*>(a.x)[m * a.x_stride + k];
+}
+
+// count values of an adapter matrix from element `offset` (fp32, or bf16 widened exactly).
+inline F16 lora_load(const void* base, bool bf16, int64_t offset, int count) {
+  if (bf16) {
+    const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+    return count == kChunk ? f16_load_bf16(p) : f16_load_bf16_n(p, count);
+  }
+  const float* p = static_cast<const float*>(base) + offset;
+  return count == kChunk ? f16_load(p) : f16_load_n(p, count);
+}
+
 inline void lora(const LoraArgs& a, int64_t r0, int64_t r1) {
+  const bool bf16 = a.weights_bf16;
   for (int64_t m = r0; m < r1; ++m) {
     const int64_t slot = a.row_slot[m];
     if (slot < 0) continue;
-    const float* down = a.down + slot * a.K * a.R;
-    const float* up = a.up + slot * a.R * a.N;
+    const int64_t down = slot * a.K * a.R, up = slot * a.R * a.N;  // element offsets
     float* t = a.t + m * a.R;
     for (int64_t j = 0; j < a.R; j += kChunk) {
       const int count = int(min64(kChunk, a.R - j));
-      F16 acc = f16_zero();
-      for (int64_t k = 0; k < a.K; ++k) {
-        const float value = a.x_bf16
-            ? bf16_to_float(static_cast<const uint16_t*>(a.x)[m * a.x_stride + k])
-            : static_cast<const float*>(a.x)[m * a.x_stride + k];
-        acc = fma(f16_set1(value), f16_load_n(down + k * a.R + j, count), acc);
+      F16 s0 = f16_zero(), s1 = s0, s2 = s0, s3 = s0;
+      int64_t k = 0;
+      for (; k + 4 <= a.K; k += 4) {
+        const int64_t at = down + k * a.R + j;
+        s0 = fma(f16_set1(lora_input(a, m, k)), lora_load(a.down, bf16, at, count), s0);
+        s1 = fma(f16_set1(lora_input(a, m, k + 1)), lora_load(a.down, bf16, at + a.R, count), s1);
+        s2 = fma(f16_set1(lora_input(a, m, k + 2)), lora_load(a.down, bf16, at + 2 * a.R, count), s2);
+        s3 = fma(f16_set1(lora_input(a, m, k + 3)), lora_load(a.down, bf16, at + 3 * a.R, count), s3);
       }
-      f16_store_n(t + j, acc, count);
+      const int64_t at = down + k * a.R + j;
+      if (k < a.K) s0 = fma(f16_set1(lora_input(a, m, k)), lora_load(a.down, bf16, at, count), s0);
+      if (k + 1 < a.K) s1 = fma(f16_set1(lora_input(a, m, k + 1)), lora_load(a.down, bf16, at + a.R, count), s1);
+      if (k + 2 < a.K) s2 = fma(f16_set1(lora_input(a, m, k + 2)), lora_load(a.down, bf16, at + 2 * a.R, count), s2);
+      f16_store_n(t + j, (s0 + s1) + (s2 + s3), count);
     }
     float* out = a.out + m * a.N;
-    for (int64_t n = 0; n < a.N; n += kChunk) {
+    int64_t n = 0;
+    for (; n + 4 * kChunk <= a.N; n += 4 * kChunk) {
+      F16 c0 = f16_zero(), c1 = c0, c2 = c0, c3 = c0;
+      for (int64_t j = 0; j < a.R; ++j) {
+        const F16 scale = f16_set1(t[j]);
+        const int64_t row = up + j * a.N + n;
+        c0 = fma(scale, lora_load(a.up, bf16, row, kChunk), c0);
+        c1 = fma(scale, lora_load(a.up, bf16, row + kChunk, kChunk), c1);
+        c2 = fma(scale, lora_load(a.up, bf16, row + 2 * kChunk, kChunk), c2);
+        c3 = fma(scale, lora_load(a.up, bf16, row + 3 * kChunk, kChunk), c3);
+      }
+      f16_store(out + n, c0);
+      f16_store(out + n + kChunk, c1);
+      f16_store(out + n + 2 * kChunk, c2);
+      f16_store(out + n + 3 * kChunk, c3);
+    }
+    for (; n < a.N; n += kChunk) {
       const int count = int(min64(kChunk, a.N - n));
       F16 acc = f16_zero();
-      for (int64_t j = 0; j < a.R; ++j) acc = fma(f16_set1(t[j]), f16_load_n(up + j * a.N + n, count), acc);
+      for (int64_t j = 0; j < a.R; ++j)
+        acc = fma(f16_set1(t[j]), lora_load(a.up, bf16, up + j * a.N + n, count), acc);
       f16_store_n(out + n, acc, count);
     }
   }

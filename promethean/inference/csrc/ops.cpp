@@ -210,8 +210,9 @@ struct Projection {
   const float* bias;
   int32_t activation;
   // LoRA adapters in slots (LoraArgs) and each row's slot, or null: none for any row.
-  const float* lora_down = nullptr;
-  const float* lora_up = nullptr;
+  const void* lora_down = nullptr;
+  const void* lora_up = nullptr;
+  bool lora_bf16 = false;
   int64_t lora_rank = 0;
   const int64_t* row_slot = nullptr;
 };
@@ -223,11 +224,11 @@ void add_lora(Projection& w, const std::optional<at::Tensor>& down,
   if (!down.has_value()) return;
   TORCH_CHECK(up.has_value(), "linear: a LoRA needs its down and up matrices");
   const int64_t weight_rows = is_gated(w.activation) ? 2 * w.outputs : w.outputs;
-  TORCH_CHECK(down->scalar_type() == at::kFloat && up->scalar_type() == at::kFloat &&
-                  down->is_contiguous() && up->is_contiguous() && down->dim() == 3 &&
+  TORCH_CHECK((down->scalar_type() == at::kFloat || down->scalar_type() == at::kBFloat16) &&
+                  up->scalar_type() == down->scalar_type() && down->is_contiguous() && up->is_contiguous() && down->dim() == 3 &&
                   up->dim() == 3 && down->size(0) == up->size(0) && down->size(1) == w.K &&
                   up->size(1) == down->size(2) && up->size(2) == weight_rows,
-              "linear: the LoRA slots must be contiguous fp32 (slots, ", w.K, ", R) and (slots, R, ",
+              "linear: the LoRA slots must be contiguous fp32 or bf16 (slots, ", w.K, ", R) and (slots, R, ",
               weight_rows, ")");
   TORCH_CHECK(row_slots.scalar_type() == at::kLong && row_slots.is_contiguous() &&
                   row_slots.numel() == M,
@@ -236,8 +237,9 @@ void add_lora(Projection& w, const std::optional<at::Tensor>& down,
   const int64_t* slot = row_slots.data_ptr<int64_t>();
   for (int64_t m = 0; m < M; ++m)
     TORCH_CHECK(slot[m] >= -1 && slot[m] < slots, "linear: a row's LoRA slot is out of range");
-  w.lora_down = down->data_ptr<float>();
-  w.lora_up = up->data_ptr<float>();
+  w.lora_down = down->data_ptr();
+  w.lora_up = up->data_ptr();
+  w.lora_bf16 = down->scalar_type() == at::kBFloat16;
   w.lora_rank = down->size(2);
   w.row_slot = slot;
 }
@@ -323,8 +325,9 @@ void linear_rows(const Projection& w, const void* x, bool x_bf16, int64_t M, int
     if (any) {
       lora_out.resize(M * weight_rows);
       lora_t.resize(M * std::max<int64_t>(w.lora_rank, 1));
-      const LoraArgs update{x, x_bf16, x_stride, K, w.lora_rank, weight_rows, w.lora_down,
-                            w.lora_up, w.row_slot, lora_t.data(), lora_out.data()};
+      const LoraArgs update{x,           x_bf16,      x_stride,   K,
+                            w.lora_rank, weight_rows, w.lora_down, w.lora_up,
+                            w.lora_bf16, w.row_slot,  lora_t.data(), lora_out.data()};
       split(M, M * w.lora_rank * (K + weight_rows),
             [&](int64_t begin, int64_t end) { k.lora(update, begin, end); });
       args.addend = lora_out.data();
