@@ -2,9 +2,9 @@
 
 A batch's rows may each name a different adapter, or none: every projection multiplies all rows
 by the base weight once and adds, for each row that has one, its adapter's low-rank update
-`scaling * B A x`, computed in the same call (csrc/api.h's LoraArgs, added before the bias's
-epilogue and the activation, so a gated MLP's gate and up get theirs before act(gate) * up). No
-copy of the model is made: an adapter costs its own matrices only.
+`scaling * B A x`, computed in the same call (csrc/api.h's LoraArgs) and added in the product's
+epilogue after the bias, before the activation, so a gated MLP's gate and up get theirs before
+act(gate) * up. No copy of the model is made: an adapter costs its own matrices only.
 
 `AdapterSlots(model, slots)` holds up to `slots` adapters side by side in every `KernelLinear`
 they touch (`lora_down` (slots, in, R) = A^T, `lora_up` (slots, R, weight rows) = (scaling B)^T
@@ -120,15 +120,16 @@ class SlotAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(u.down.numel() * 4 + u.up.numel() * 4 for u in self.layers.values())
+        return sum(u.down.nbytes + u.up.nbytes for u in self.layers.values())
 
 
 def slot_adapter(model: Transformer, name: str, key: Hashable,
                  matrices: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                 scaling: float) -> SlotAdapter:
+                 scaling: float, dtype: torch.dtype = torch.float32) -> SlotAdapter:
     """Lay out an adapter's matrices ({module name: (A (rank, in), B (out, rank))}, the names
-    `Adapters` saves) for the kernel layers of `model`. A module `model` has no kernel layer
-    for, or matrices of the wrong shape, are refused with a sentence."""
+    `Adapters` saves) for the kernel layers of `model`, kept in `dtype` (an `AdapterSlots`'
+    own, so that what is held for it costs no more than its slot). A module `model` has no
+    kernel layer for, or matrices of the wrong shape, are refused with a sentence."""
     targets = lora_targets(model)
     layers = dict(model.named_modules())
     parts: dict[str, list[tuple[LoraTarget, torch.Tensor, torch.Tensor]]] = {}
@@ -162,7 +163,7 @@ def slot_adapter(model: Transformer, name: str, key: Hashable,
             rows = slice(target.first_row, target.first_row + target.rows)
             up[column : column + rank, rows] = b.detach().float().t() * scaling
             column += rank
-        updates[layer_name] = LayerUpdate(down.contiguous(), up.contiguous())
+        updates[layer_name] = LayerUpdate(down.to(dtype).contiguous(), up.to(dtype).contiguous())
     return SlotAdapter(key, name, updates)
 
 

@@ -141,7 +141,7 @@ class ModelVariants:
             self._base_sha256 = checkpoint_sha256(self.checkpoint)
         saved = read_adapter(adapter_directory(self.checkpoint, adapter), self._base_sha256)
         return slot_adapter(self.base.model, adapter, (adapter, signature), saved.matrices,
-                            saved.config.scaling)
+                            saved.config.scaling, self.base.adapters.dtype)
 
     def _adapted_model(self, adapter: str) -> Transformer:
         # A prepared base cannot take a merge: merge into fresh fp32 weights, then prepare.

@@ -404,7 +404,7 @@ inline void linear(const LinearArgs& a, int64_t p0, int64_t p1, int64_t r0, int6
 // lanes, so a lane's sum is that of a scalar loop with fused multiply-adds, on either set.
 // x A^T: four partial sums per lane (inputs k = 0, 4, 8, ... in the first, 1, 5, ... in the
 // second, ...) added as (s0 + s1) + (s2 + s3); four chains hide the multiply-add's latency.
-// t B^T: ranks in order 0..R-1, four output chunks at a time (independent chains).
+// t B^T: ranks in order 0..R-1, two output chunks of each row at a time.
 inline float lora_input(const LoraArgs& a, int64_t m, int64_t k) {
   return a.x_bf16 ? bf16_to_float(static_cast<const uint16_t*>(a.x)[m * a.x_stride + k])
                   : static_cast<const float*>(a.x)[m * a.x_stride + k];
@@ -420,54 +420,72 @@ inline F16 lora_load(const void* base, bool bf16, int64_t offset, int count) {
   return count == kChunk ? f16_load(p) : f16_load_n(p, count);
 }
 
-inline void lora(const LoraArgs& a, int64_t r0, int64_t r1) {
+// ROWS consecutive rows m0.. of one slot: each vector of the adapter's matrices is loaded once
+// for all of them (a prompt's tokens are consecutive rows of one request), while every row's
+// sums run exactly as they would alone.
+template <int ROWS>
+inline void lora_rows(const LoraArgs& a, int64_t m0, int64_t slot) {
   const bool bf16 = a.weights_bf16;
-  for (int64_t m = r0; m < r1; ++m) {
+  const int64_t down = slot * a.K * a.R, up = slot * a.R * a.N;  // element offsets
+  for (int64_t j = 0; j < a.R; j += kChunk) {
+    const int count = int(min64(kChunk, a.R - j));
+    F16 s[ROWS][4];
+    for (int r = 0; r < ROWS; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = f16_zero();
+    for (int64_t k = 0; k < a.K; ++k) {
+      const F16 w = lora_load(a.down, bf16, down + k * a.R + j, count);
+      for (int r = 0; r < ROWS; ++r)
+        s[r][k & 3] = fma(f16_set1(lora_input(a, m0 + r, k)), w, s[r][k & 3]);
+    }
+    for (int r = 0; r < ROWS; ++r)
+      f16_store_n(a.t + (m0 + r) * a.R + j, (s[r][0] + s[r][1]) + (s[r][2] + s[r][3]), count);
+  }
+  int64_t n = 0;
+  for (; n + 2 * kChunk <= a.N; n += 2 * kChunk) {
+    F16 c[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) c[r][0] = c[r][1] = f16_zero();
+    for (int64_t j = 0; j < a.R; ++j) {
+      const int64_t row = up + j * a.N + n;
+      const F16 w0 = lora_load(a.up, bf16, row, kChunk);
+      const F16 w1 = lora_load(a.up, bf16, row + kChunk, kChunk);
+      for (int r = 0; r < ROWS; ++r) {
+        const F16 scale = f16_set1(a.t[(m0 + r) * a.R + j]);
+        c[r][0] = fma(scale, w0, c[r][0]);
+        c[r][1] = fma(scale, w1, c[r][1]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      f16_store(a.out + (m0 + r) * a.N + n, c[r][0]);
+      f16_store(a.out + (m0 + r) * a.N + n + kChunk, c[r][1]);
+    }
+  }
+  for (; n < a.N; n += kChunk) {
+    const int count = int(min64(kChunk, a.N - n));
+    F16 c[ROWS];
+    for (int r = 0; r < ROWS; ++r) c[r] = f16_zero();
+    for (int64_t j = 0; j < a.R; ++j) {
+      const F16 w = lora_load(a.up, bf16, up + j * a.N + n, count);
+      for (int r = 0; r < ROWS; ++r) c[r] = fma(f16_set1(a.t[(m0 + r) * a.R + j]), w, c[r]);
+    }
+    for (int r = 0; r < ROWS; ++r) f16_store_n(a.out + (m0 + r) * a.N + n, c[r], count);
+  }
+}
+
+inline void lora(const LoraArgs& a, int64_t r0, int64_t r1) {
+  for (int64_t m = r0; m < r1;) {
     const int64_t slot = a.row_slot[m];
-    if (slot < 0) continue;
-    const int64_t down = slot * a.K * a.R, up = slot * a.R * a.N;  // element offsets
-    float* t = a.t + m * a.R;
-    for (int64_t j = 0; j < a.R; j += kChunk) {
-      const int count = int(min64(kChunk, a.R - j));
-      F16 s0 = f16_zero(), s1 = s0, s2 = s0, s3 = s0;
-      int64_t k = 0;
-      for (; k + 4 <= a.K; k += 4) {
-        const int64_t at = down + k * a.R + j;
-        s0 = fma(f16_set1(lora_input(a, m, k)), lora_load(a.down, bf16, at, count), s0);
-        s1 = fma(f16_set1(lora_input(a, m, k + 1)), lora_load(a.down, bf16, at + a.R, count), s1);
-        s2 = fma(f16_set1(lora_input(a, m, k + 2)), lora_load(a.down, bf16, at + 2 * a.R, count), s2);
-        s3 = fma(f16_set1(lora_input(a, m, k + 3)), lora_load(a.down, bf16, at + 3 * a.R, count), s3);
-      }
-      const int64_t at = down + k * a.R + j;
-      if (k < a.K) s0 = fma(f16_set1(lora_input(a, m, k)), lora_load(a.down, bf16, at, count), s0);
-      if (k + 1 < a.K) s1 = fma(f16_set1(lora_input(a, m, k + 1)), lora_load(a.down, bf16, at + a.R, count), s1);
-      if (k + 2 < a.K) s2 = fma(f16_set1(lora_input(a, m, k + 2)), lora_load(a.down, bf16, at + 2 * a.R, count), s2);
-      f16_store_n(t + j, (s0 + s1) + (s2 + s3), count);
+    if (slot < 0) {
+      ++m;
+      continue;
     }
-    float* out = a.out + m * a.N;
-    int64_t n = 0;
-    for (; n + 4 * kChunk <= a.N; n += 4 * kChunk) {
-      F16 c0 = f16_zero(), c1 = c0, c2 = c0, c3 = c0;
-      for (int64_t j = 0; j < a.R; ++j) {
-        const F16 scale = f16_set1(t[j]);
-        const int64_t row = up + j * a.N + n;
-        c0 = fma(scale, lora_load(a.up, bf16, row, kChunk), c0);
-        c1 = fma(scale, lora_load(a.up, bf16, row + kChunk, kChunk), c1);
-        c2 = fma(scale, lora_load(a.up, bf16, row + 2 * kChunk, kChunk), c2);
-        c3 = fma(scale, lora_load(a.up, bf16, row + 3 * kChunk, kChunk), c3);
-      }
-      f16_store(out + n, c0);
-      f16_store(out + n + kChunk, c1);
-      f16_store(out + n + 2 * kChunk, c2);
-      f16_store(out + n + 3 * kChunk, c3);
+    int rows = 1;
+    while (rows < 4 && m + rows < r1 && a.row_slot[m + rows] == slot) ++rows;
+    switch (rows) {
+      case 4: lora_rows<4>(a, m, slot); break;
+      case 3: lora_rows<3>(a, m, slot); break;
+      case 2: lora_rows<2>(a, m, slot); break;
+      default: lora_rows<1>(a, m, slot); break;
     }
-    for (; n < a.N; n += kChunk) {
-      const int count = int(min64(kChunk, a.N - n));
-      F16 acc = f16_zero();
-      for (int64_t j = 0; j < a.R; ++j)
-        acc = fma(f16_set1(t[j]), lora_load(a.up, bf16, up + j * a.N + n, count), acc);
-      f16_store_n(out + n, acc, count);
-    }
+    m += rows;
   }
 }
 
