@@ -237,25 +237,44 @@ def alone(prompt: tuple, adapter: str | None, kind: str, tokens: int):
 @given(st.lists(st.tuples(st.sampled_from([None, "a", "b", "c"]),
                           st.lists(st.integers(0, 255), min_size=1, max_size=12),
                           st.sampled_from(["greedy", "sampled"]), st.integers(1, 6),
-                          st.sampled_from(["ok", "ok", "ok", "cancelled"])),
+                          st.sampled_from(["ok", "ok", "ok", "cancelled", "fails"])),
                 min_size=1, max_size=10))
 def test_mixed_adapter_requests_answer_as_each_does_alone(requests):
     """Requests for the base and three adapters (different ranks and layers) in flight together,
-    some cancelled at once, in 3 slots: every finished one answers the tokens and
-    log-probabilities it answers alone, bit for bit; afterwards no slot is held."""
+    some cancelled at once, some failing in their own sampling, in 3 slots: every other one
+    answers the tokens and log-probabilities it answers alone, bit for bit; afterwards no slot
+    is held and the engine serves on."""
+    from promethean.inference import engine as engine_module
+    from promethean.inference.engine import RequestFailedError
+
     engine, laid_out = ENGINE
-    handles = []
-    for adapter, prompt, kind, tokens, fate in requests:
-        handle = engine.submit(prompt, params_for(kind, tokens),
-                               adapter=laid_out[adapter] if adapter is not None else None)
-        if fate == "cancelled":
-            handle.cancel()
-        handles.append(handle)
-    for handle, (adapter, prompt, kind, tokens, fate) in zip(handles, requests):
-        completion = handle.result(timeout=60)
-        if completion.finish_reason != "cancelled":
-            assert (completion.token_ids, completion.logprobs) == \
-                alone(tuple(prompt), adapter, kind, tokens)
+    original = engine_module.pick_tokens
+
+    def failing(logits, sampling, generator):
+        if sampling.seed == 666:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, sampling, generator)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "pick_tokens", failing)
+        handles = []
+        for adapter, prompt, kind, tokens, fate in requests:
+            params = (SamplingParams(max_new_tokens=tokens, temperature=0.9, seed=666)
+                      if fate == "fails" else params_for(kind, tokens))
+            handle = engine.submit(prompt, params,
+                                   adapter=laid_out[adapter] if adapter is not None else None)
+            if fate == "cancelled":
+                handle.cancel()
+            handles.append(handle)
+        for handle, (adapter, prompt, kind, tokens, fate) in zip(handles, requests):
+            if fate == "fails":
+                with pytest.raises(RequestFailedError):
+                    handle.result(timeout=60)
+                continue
+            completion = handle.result(timeout=60)
+            if completion.finish_reason != "cancelled":
+                assert (completion.token_ids, completion.logprobs) == \
+                    alone(tuple(prompt), adapter, kind, tokens)
     assert engine.adapters.users == [0, 0, 0]
     assert engine.alive
 

@@ -116,20 +116,25 @@ class ModelVariants:
         with engines of their own); read from disk when new or changed there."""
         if adapter is None or not self.batched:
             return None
-        async with self._loading:
-            try:
-                signature = await asyncio.to_thread(self._signature, adapter)
-                held = self.read.pop(adapter, None)
-                if held is None or held[0] != signature:
-                    held = (signature, await asyncio.to_thread(self._read, adapter, signature))
-            except (PrometheanError, OSError) as error:  # damaged, mismatched, or just removed
-                raise ApiError(500, f"the adapter '{adapter}' could not be loaded: "
-                               f"{str(error).rstrip('.')}.", param="model",
-                               error_type="server_error", code="adapter_load_failed")
-            self.read[adapter] = held
-            while len(self.read) > self.base.max_adapters:
-                self.read.pop(next(iter(self.read)))
-            return held[1]
+        try:
+            # Two stat calls, on the event loop: a few microseconds, where a hop to a worker
+            # thread and back would wait for a core the engine is busy on.
+            signature = self._signature(adapter)
+            held = self.read.get(adapter)
+            if held is None or held[0] != signature:
+                async with self._loading:  # one read at a time; later callers find it read
+                    held = self.read.get(adapter)
+                    if held is None or held[0] != signature:
+                        held = (signature, await asyncio.to_thread(self._read, adapter, signature))
+        except (PrometheanError, OSError) as error:  # damaged, mismatched, or just removed
+            raise ApiError(500, f"the adapter '{adapter}' could not be loaded: "
+                           f"{str(error).rstrip('.')}.", param="model",
+                           error_type="server_error", code="adapter_load_failed")
+        self.read.pop(adapter, None)
+        self.read[adapter] = held  # now the most recently used
+        while len(self.read) > self.base.max_adapters:
+            self.read.pop(next(iter(self.read)))
+        return held[1]
 
     def _signature(self, adapter: str) -> tuple:
         directory = adapter_directory(self.checkpoint, adapter)
