@@ -169,7 +169,9 @@ def render(results: dict, args, names, checkpoint: Path, command: str, started,
     worst = min(ratios(r["rates"][MIXED], r["rates"][BASE]) for r in results.values())
     lines += ["", f"Target: mixed adapters at ≥ {TARGET}x the base's requests/s: {worst:.2f}x at "
               f"worst ({'met' if worst >= TARGET else 'not met'}); memory is the base plus the "
-              f"adapters' matrices (no copies). Command: `{command}`"]
+              f"adapters' matrices, twice (the slots, and the copy the server keeps read for "
+              f"when a slot must be written again), with no copy of the model. Command: "
+              f"`{command}`"]
     return "\n".join(lines)
 
 
