@@ -20,12 +20,13 @@ from promethean.inference.adapter_slots import (
 )
 from promethean.inference.engine import Engine
 from promethean.inference.generate import SamplingParams
-from promethean.inference.kernels import available
+from promethean.inference import kernels
 from promethean.inference.quantize import prepare_for_inference
 from tests.conftest import build, trained_like
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.skipif(not available(), reason="the CPU kernels cannot run here")]
+              pytest.mark.skipif(not kernels.available(),
+                                 reason="the CPU kernels cannot run here")]
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EVERY_LAYER = (*ATTENTION, "gate_proj", "up_proj", "down_proj", "lm_head")
@@ -331,3 +332,77 @@ def test_a_prefix_is_reused_by_requests_for_the_same_adapter_only():
         assert (base.token_ids, base.logprobs) == alone(tuple(longer), None, "greedy", 4)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu_tanh", "silu_mul", "softplus"])
+@pytest.mark.parametrize("weight_format", ["fp32", "bf16", "int8"])
+def test_the_products_update_add_each_rows_adapter_before_the_activation(weight_format,
+                                                                          activation):
+    """`kernels.linear` with slots against an fp64 computation of act(x W^T + b + x A^T B^T)
+    (gate and up each getting their rows before act(gate) * up), an odd K, a rank that is not a
+    multiple of 16, bf16 or fp32 slots; rows without an adapter are bit for bit the plain
+    product, and each row alone is bit for bit the row in the batch."""
+    from promethean.inference.kernel_layers import quantize_rows
+
+    gated = activation.endswith("_mul")
+    generator = torch.Generator().manual_seed(7)
+    K, N, R, slots = 37, 70, 11, 3
+    rows = 2 * N if gated else N
+    weight = torch.randn(rows, K, generator=generator) * 0.2
+    bias = torch.randn(rows, generator=generator) * 0.1
+    scales = None
+    if weight_format == "int8":
+        quantized, scales = quantize_rows(weight)
+        packed = kernels.pack_linear(quantized, gated)
+        effective = quantized.double() * scales[:, None].double()
+    else:
+        typed = weight.to(torch.bfloat16) if weight_format == "bf16" else weight
+        packed, effective = kernels.pack_linear(typed, gated), typed.double()
+    x_dtype = torch.float32 if weight_format == "fp32" else torch.bfloat16
+    slot_dtype = torch.float32 if weight_format == "fp32" else torch.bfloat16
+    down = (torch.randn(slots, K, R, generator=generator) * 0.3).to(slot_dtype)
+    up = (torch.randn(slots, R, rows, generator=generator) * 0.3).to(slot_dtype)
+    x = torch.randn(3, 4, K, generator=generator).to(x_dtype)
+    row_slots = torch.tensor([0, -1, 2, 1, 1, 1, -1, 0, 2, 2, 0, -1])
+    got = kernels.linear(x, packed, N, scales, bias, activation, (down, up, row_slots))
+    flat = x.reshape(-1, K).double()
+    pre = flat @ effective.t() + bias.double()
+    for m, slot in enumerate(row_slots.tolist()):
+        if slot >= 0:
+            pre[m] += (flat[m] @ down[slot].double()) @ up[slot].double()
+    functions = {"none": lambda v: v, "softplus": torch.nn.functional.softplus,
+                 "gelu_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}
+    if gated:
+        gate = torch.nn.functional.silu(pre[:, :N]) if activation == "silu_mul" else \
+            torch.nn.functional.gelu(pre[:, :N], approximate="tanh")
+        expected = gate * pre[:, N:]
+    else:
+        expected = functions[activation](pre)
+    tolerance = 1e-5 if x_dtype == torch.float32 else 2e-2
+    error = (got.reshape(-1, N).double() - expected).abs().max().item()
+    assert error <= tolerance * max(1.0, expected.abs().max().item()), error
+    plain = kernels.linear(x, packed, N, scales, bias, activation).reshape(-1, N)
+    assert torch.equal(plain[row_slots < 0], got.reshape(-1, N)[row_slots < 0])
+    alone = torch.cat([kernels.linear(flat[m : m + 1].to(x_dtype), packed, N, scales, bias,
+                                      activation, (down, up, row_slots[m : m + 1]))
+                       for m in range(len(row_slots))])
+    assert torch.equal(alone, got.reshape(-1, N))
+
+
+@pytest.mark.skipif(kernels.available() and kernels.instruction_set() != "avx512",
+                    reason="this CPU lacks AVX-512 with bf16 and VNNI: only the AVX2 kernels "
+                    "run here, so there is no second instruction set to compare with")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rows_with_adapters_give_the_same_logits_on_avx2_as_on_avx512(dtype):
+    base, _, _, saved = with_adapters("tiny-llama", {"a": (4, EVERY_LAYER), "b": (8, ATTENTION)})
+    model, pool, laid_out = slotted(base, saved, 2, dtype)
+    slots = [pool.acquire(laid_out["a"]), -1, pool.acquire(laid_out["b"])]
+    pool.install_pending()
+    prompts = [[5, 17, 3, 99, 42, 7, 1], [8, 250], [1, 2, 3]]
+    wide = run_rows(model, pool, prompts, slots, 4)
+    kernels.use_instruction_set("avx2")
+    try:
+        narrow = run_rows(model, pool, prompts, slots, 4)
+    finally:
+        kernels.use_instruction_set("avx512")
+    assert torch.equal(wide, narrow)
