@@ -1,3 +1,4 @@
+import contextlib
 import sysconfig
 from pathlib import Path
 
@@ -28,6 +29,27 @@ def build(preset: str, seed: int = 0, **overrides) -> Transformer:
         config = config.with_overrides(**overrides)
     torch.manual_seed(seed)
     return Transformer(config).eval()
+
+
+FAILING_SEED = 666
+
+
+@contextlib.contextmanager
+def sampling_fails_for_failing_seed():
+    """While inside, the engine's sampling raises (as a NaN in a request's logits makes it) for
+    requests whose seed is FAILING_SEED, and only for them: a failure of one request's own."""
+    from promethean.inference import engine as engine_module
+
+    original = engine_module.pick_tokens
+
+    def failing(logits, sampling, generator):
+        if sampling.seed == FAILING_SEED:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return original(logits, sampling, generator)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module, "pick_tokens", failing)
+        yield
 
 
 @pytest.fixture

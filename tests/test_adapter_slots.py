@@ -22,7 +22,12 @@ from promethean.inference.engine import Engine
 from promethean.inference.generate import SamplingParams
 from promethean.inference import kernels
 from promethean.inference.quantize import prepare_for_inference
-from tests.conftest import build, trained_like
+from tests.conftest import (
+    FAILING_SEED,
+    build,
+    sampling_fails_for_failing_seed,
+    trained_like,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not kernels.available(),
@@ -245,22 +250,13 @@ def test_mixed_adapter_requests_answer_as_each_does_alone(requests):
     some cancelled at once, some failing in their own sampling, in 3 slots: every other one
     answers the tokens and log-probabilities it answers alone, bit for bit; afterwards no slot
     is held and the engine serves on."""
-    from promethean.inference import engine as engine_module
     from promethean.inference.engine import RequestFailedError
 
     engine, laid_out = ENGINE
-    original = engine_module.pick_tokens
-
-    def failing(logits, sampling, generator):
-        if sampling.seed == 666:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return original(logits, sampling, generator)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_module, "pick_tokens", failing)
+    with sampling_fails_for_failing_seed():
         handles = []
         for adapter, prompt, kind, tokens, fate in requests:
-            params = (SamplingParams(max_new_tokens=tokens, temperature=0.9, seed=666)
+            params = (SamplingParams(max_new_tokens=tokens, temperature=0.9, seed=FAILING_SEED)
                       if fate == "fails" else params_for(kind, tokens))
             handle = engine.submit(prompt, params,
                                    adapter=laid_out[adapter] if adapter is not None else None)

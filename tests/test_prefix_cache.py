@@ -11,7 +11,12 @@ from promethean.inference.engine import Engine
 from promethean.inference.generate import SamplingParams
 from promethean.inference.prefix_cache import BLOCK_TOKENS, PrefixStore
 from promethean.inference.quantize import prepare_for_inference
-from tests.conftest import build, trained_like
+from tests.conftest import (
+    FAILING_SEED,
+    build,
+    sampling_fails_for_failing_seed,
+    trained_like,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -246,7 +251,6 @@ def test_a_failing_or_cancelled_request_on_the_reuse_path_fails_alone(requests):
     """Requests that reuse shared stems, some failing in their own sampling (seed 666), some
     cancelled at once, all in flight together: each of the others answers what the engine
     without reuse answers alone, and the engine carries on."""
-    from promethean.inference import engine as engine_module
     from promethean.inference.engine import RequestFailedError
 
     model = CHURN_MODEL
@@ -256,22 +260,14 @@ def test_a_failing_or_cancelled_request_on_the_reuse_path_fails_alone(requests):
 
     def params(kind):
         return SamplingParams(max_new_tokens=6, temperature=0.8, top_k=50,
-                              seed=666 if kind == "fails" else 5)
+                              seed=FAILING_SEED if kind == "fails" else 5)
 
     plain = Engine(model, max_batch_size=4)
     try:
         expected = [plain.generate(prompt, params("ok")).token_ids for prompt in prompts]
     finally:
         plain.shutdown()
-    original = engine_module.pick_tokens
-
-    def failing(logits, sampling, generator):
-        if sampling.seed == 666:
-            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-        return original(logits, sampling, generator)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine_module, "pick_tokens", failing)
+    with sampling_fails_for_failing_seed():
         reusing = Engine(model, max_batch_size=4, prefix_cache_bytes=8 << 20)
         try:
             for prompt in prompts[:2]:  # something to reuse before the burst

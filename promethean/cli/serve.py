@@ -40,7 +40,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get 503.")] = DEFAULT_MAX_QUEUE,
     max_adapters: Annotated[int, typer.Option(
         help="Most adapters (served as NAME:ADAPTER) held at once on the CPU kernels, sharing the "
-        "base model's batches (no copies); a request for another while all are in use gets 503.")
+        "base model's batches (no copies); a request for another while all are in use gets 503; "
+        "0: each adapter gets a merged copy of the model instead, as off the kernels.")
     ] = DEFAULT_MAX_ADAPTERS,
     max_adapter_engines: Annotated[int, typer.Option(
         help="Off the CPU kernels (a GPU): most adapters kept loaded, each a merged copy of the "
