@@ -97,6 +97,7 @@ BENCHMARKS = (
     Benchmark("serve", "benchmarks/serve.py"),
     Benchmark("chat-reuse", "benchmarks/chat_reuse.py"),
     Benchmark("serve-adapters", "benchmarks/serve_adapters.py"),
+    Benchmark("kv-memory", "benchmarks/kv_memory.py"),
 )
 
 

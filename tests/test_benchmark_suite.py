@@ -224,7 +224,7 @@ def test_the_kernels_that_run_are_named_and_a_failure_is_reported_not_raised(mon
 def test_every_script_names_the_cpu_through_the_shared_line():
     """Each benchmark script's section starts with benchmarks.common.measured_line."""
     for name in ("decode", "prepare", "train", "ssm", "context", "serve", "chat_reuse",
-                 "serve_adapters"):
+                 "serve_adapters", "kv_memory"):
         source = (ROOT / "benchmarks" / f"{name}.py").read_text()
         assert "measured_line(info, started, " in source, name
         assert "cores of an {info['cpu']}" not in source, name

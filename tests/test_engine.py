@@ -141,3 +141,28 @@ def test_bad_prompts_are_refused_with_a_clear_error(engine_for):
         engine.submit([], greedy(5))
     with pytest.raises(PrometheanError, match="context"):
         engine.submit([1] * model.config.context_length, greedy(5))
+
+
+def test_the_cache_gauges_count_the_batch_caches_bytes_and_the_tokens_its_rows_hold(one_thread):
+    """Two uneven requests together: the peak bytes are the padded batch cache's (rows x slots x
+    a token's keys and values, computed here from the config), the peak tokens what the rows
+    hold; idle, the current gauges read zero."""
+    model = build("tiny-gpt2")
+    config = model.config
+    engine = Engine(model, max_batch_size=2)
+    try:
+        params = [SamplingParams(max_new_tokens=6, temperature=0),
+                  SamplingParams(max_new_tokens=3, temperature=0)]
+        handles = [engine.submit([1] * 10, params[0]), engine.submit([2] * 4, params[1])]
+        for handle in handles:
+            handle.result(timeout=60)
+        counters = engine.counters()
+    finally:
+        engine.shutdown()
+    token = 2 * config.n_layer * config.kv_heads * config.head_size * 4  # fp32 keys and values
+    if engine.peak_batch_size == 2:  # admitted together: one prefill of 2 rows, 10 + 6 slots
+        assert counters["peak_kv_bytes"] == 2 * 16 * token
+        # Step 2, the second request's last: 10 + 2 and 4 + 2 tokens (prompt, then those fed).
+        assert counters["peak_kv_tokens"] == 12 + 6
+    assert counters["peak_kv_bytes"] >= counters["peak_kv_tokens"] * token
+    assert counters["kv_bytes"] == 0 and counters["kv_tokens"] == 0

@@ -233,6 +233,9 @@ class Engine:
         self._stopped = False
         self._admitting: list[_Request] = []  # taken from the queue, not yet in the batch
         self.peak_batch_size = 0  # the most rows decoded together so far
+        # The batch cache's bytes after each step (its buffers, padding and room included), the
+        # tokens its rows hold, and the peaks of both: what a paged cache would need is the tokens.
+        self.kv_bytes = self.kv_tokens = self.peak_kv_bytes = self.peak_kv_tokens = 0
         # Finished sequences' caches for prompts that start with them (None: no reuse). Only on
         # Promethean's kernels, where a prefill split in two gives the logits of a whole one bit
         # for bit; PyTorch's own matrix products may round a row differently with the row count.
@@ -310,11 +313,15 @@ class Engine:
 
     def counters(self) -> dict[str, int]:
         """Prompt tokens prefilled and reused, prefix lookups and hits, the bytes and sequences
-        the prefix store holds, and the adapter slots: how many, held by requests now, and the
-        bytes of their matrices (zeros for what this engine does not have)."""
+        the prefix store holds, the adapter slots (how many, held by requests now, the bytes of
+        their matrices), and the batch cache's bytes and tokens held, now and at their peak
+        (zeros for what this engine does not have)."""
         counters = {"prefilled_tokens": self.prefilled_tokens, "reused_tokens": 0, "lookups": 0,
                     "hits": 0, "bytes": 0, "sequences": 0, "adapter_slots": 0,
-                    "adapter_slots_in_use": 0, "adapter_bytes": 0}
+                    "adapter_slots_in_use": 0, "adapter_bytes": 0,
+                    "kv_bytes": self.kv_bytes if self._running else 0,
+                    "kv_tokens": self.kv_tokens if self._running else 0,
+                    "peak_kv_bytes": self.peak_kv_bytes, "peak_kv_tokens": self.peak_kv_tokens}
         if self.prefixes is not None:
             stats = self.prefixes.stats
             counters.update(reused_tokens=stats.reused_tokens, lookups=stats.lookups,
@@ -480,6 +487,7 @@ class Engine:
         logits = self._forward(self._running, self._last_tokens[:, None], self._cache)
         for request in self._running:
             request.cached += 1
+        self._measure_cache()
         # Plain greedy rows share one argmax (the same choice as row by row, in one kernel).
         plain = [_is_plain_greedy(request.params) for request in self._running]
         argmax = greedy_tokens(logits).tolist() if any(plain) else None
@@ -506,6 +514,12 @@ class Engine:
         self._cache.select_rows(torch.tensor(keep, device=self.device))
         self._cache.trim_common_padding()
         self._last_tokens = torch.tensor(tokens, device=self.device)
+
+    def _measure_cache(self) -> None:
+        self.kv_bytes = self._cache.nbytes()
+        self.kv_tokens = sum(request.cached for request in self._running)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
+        self.peak_kv_tokens = max(self.peak_kv_tokens, self.kv_tokens)
 
     def _forward(self, requests: list[_Request], ids: torch.Tensor, cache: KVCache,
                  **options) -> torch.Tensor:

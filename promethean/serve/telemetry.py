@@ -26,6 +26,11 @@ ENGINE_METRICS = (
     ("adapter_slots_in_use", "adapter_slots_in_use", "gauge",
      "Adapter slots held by requests queued or running."),
     ("adapter_bytes", "adapter_bytes", "gauge", "Bytes of the held adapters' matrices."),
+    ("kv_cache_bytes", "kv_bytes", "gauge",
+     "Bytes of the running batch's keys and values (padding and room included)."),
+    ("kv_cache_tokens", "kv_tokens", "gauge", "Tokens whose keys and values the running rows hold."),
+    ("kv_cache_peak_bytes", "peak_kv_bytes", "gauge", "The most bytes the batch cache has held."),
+    ("kv_cache_peak_tokens", "peak_kv_tokens", "gauge", "The most tokens the running rows have held."),
 )
 
 
