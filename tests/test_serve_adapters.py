@@ -1,9 +1,13 @@
 """Adapters over HTTP: `/v1/models` lists `BASE:ADAPTER`, a request naming one generates with it,
 and an unknown one is a 404 the official client reports as NotFoundError."""
 
+import time
+
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from promethean.checkpoint import load_checkpoint, save_checkpoint
 from promethean.continual.adapters import Adapters, adapter_directory, checkpoint_sha256
@@ -231,3 +235,52 @@ def test_on_the_kernels_a_changed_or_damaged_adapter_is_read_again(tmp_path, che
         assert greedy(client, f"{MODEL}:quiet") == quiet
     finally:
         running.stop()
+
+
+SLOTTED_ALONE: dict = {}
+
+
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([MODEL, f"{MODEL}:loud", f"{MODEL}:quiet",
+                                           f"{MODEL}:missing", f"{MODEL}:", "other:loud"]),
+                          st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]),
+                                  min_size=1, max_size=12),
+                          st.integers(-1, 8)),
+                min_size=1, max_size=8))
+def test_a_burst_of_mixed_requests_each_gets_its_own_answer_or_error(slotted_server, requests):
+    """Requests for the base, both adapters, unknown models, bad max_tokens, all at once over
+    HTTP on one engine with one adapter slot: each gets its reply as it does alone, or its own
+    4xx (a 404 naming what is served, a 400 for the bad value), or a 503 busy when its adapter
+    found the slot held; never a 500, and the engine serves on with no slot left held."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    def send(request):
+        model, prompt, max_tokens = request
+        response = httpx.post(slotted_server.url + "/v1/completions", timeout=60,
+                              json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                    "temperature": 0})
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(send, requests))
+    for (model, prompt, max_tokens), (status, body) in zip(requests, answers):
+        known = model in (MODEL, f"{MODEL}:loud", f"{MODEL}:quiet")
+        if not known:
+            assert status == 404 and body["error"]["code"] == "model_not_found"
+        elif max_tokens < 1:
+            assert status == 400
+        elif status == 503:
+            assert model != MODEL and body["error"]["code"] == "adapters_busy"
+        else:
+            assert status == 200, body
+            key = (model, prompt, max_tokens)
+            if key not in SLOTTED_ALONE:
+                SLOTTED_ALONE[key] = send(key)[1]["choices"][0]["text"]
+            assert body["choices"][0]["text"] == SLOTTED_ALONE[key]
+    slots = slotted_server.app.state.server.variants.base.adapters
+    deadline = time.monotonic() + 10
+    while any(slots.users) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slots.users == [0]
