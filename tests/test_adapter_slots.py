@@ -402,3 +402,28 @@ def test_rows_with_adapters_give_the_same_logits_on_avx2_as_on_avx512(dtype):
     finally:
         kernels.use_instruction_set("avx512")
     assert torch.equal(wide, narrow)
+
+
+def test_a_saved_adapter_is_read_without_a_model_and_refused_for_another_base(tmp_path):
+    """`read_adapter` gives back what `Adapters.save` wrote; another base's sha256, or a tensor
+    removed from the file, is refused with a sentence."""
+    from safetensors.torch import load_file, save_file
+
+    from promethean.continual.adapters import AdapterError, model_sha256, read_adapter
+    from promethean.files import write_checksums
+
+    base, _, adapters, saved = with_adapters("tiny-llama", {"a": (4, ATTENTION)})
+    adapters.save("a", tmp_path / "a")
+    read = read_adapter(tmp_path / "a", adapters.base_sha256)
+    assert read.name == "a" and read.config.scaling == saved["a"][1]
+    assert read.matrices.keys() == saved["a"][0].keys()
+    for module, (a, b) in saved["a"][0].items():
+        assert torch.equal(read.matrices[module][0], a) and torch.equal(read.matrices[module][1], b)
+    with pytest.raises(AdapterError, match="was made for a different base model"):
+        read_adapter(tmp_path / "a", model_sha256(build("tiny-llama", seed=9)))
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    del tensors["blocks.0.attn.q_proj.lora_B"]
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    write_checksums(tmp_path / "a")
+    with pytest.raises(AdapterError, match="is missing tensor 'blocks.0.attn.q_proj.lora_B'"):
+        read_adapter(tmp_path / "a", adapters.base_sha256)
