@@ -114,12 +114,22 @@ def cleanup() -> None:
 
 @contextlib.contextmanager
 def session(device: torch.device) -> Iterator[DistributedContext]:
-    """`init(device)`, and the process group destroyed afterwards whatever happens."""
+    """`init(device)`, and the process group destroyed afterwards whatever happens. After a
+    normal end every rank first waits for the others: a rank that tore its group down while a
+    peer was still finishing was seen to abort at exit under gloo ("terminate called without an
+    active exception", once in a loaded CI run), failing a training that had completed. After an
+    error there is no wait (the peers may never come; torchrun ends them)."""
     context = init(device)
     try:
         yield context
-    finally:
+    except BaseException:
         if context.enabled:
+            cleanup()
+        raise
+    if context.enabled:
+        try:
+            dist.barrier()
+        finally:
             cleanup()
 
 
